@@ -1,0 +1,225 @@
+//! Outbound HTTP through the host (`quern:handler/http`).
+//!
+//! The host enforces the manifest's allowlist, timeouts, retries and body cap;
+//! this module adds a request builder and JSON helpers that turn HTTP outcomes
+//! into the job's [`Failure`]: 429 and 5xx are transient (`retry`, keeping the
+//! upstream's `Retry-After`), other 4xx are permanent (`fail`).
+
+use crate::{Failure, fail, retry, retry_after};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use crate::bindings::quern::handler::http::{Error, Request, Response};
+
+/// Sends a request as is.
+pub fn send(request: &Request) -> Result<Response, Error> {
+    crate::bindings::quern::handler::http::send(request)
+}
+
+/// Starts a GET request.
+pub fn get(url: impl Into<String>) -> RequestBuilder {
+    RequestBuilder::new("GET", url)
+}
+
+/// Starts a POST request.
+pub fn post(url: impl Into<String>) -> RequestBuilder {
+    RequestBuilder::new("POST", url)
+}
+
+/// Builds a [`Request`].
+#[derive(Debug, Clone)]
+pub struct RequestBuilder {
+    request: Request,
+}
+
+impl RequestBuilder {
+    pub fn new(method: &str, url: impl Into<String>) -> Self {
+        Self {
+            request: Request {
+                method: method.to_string(),
+                url: url.into(),
+                headers: Vec::new(),
+                body: None,
+                timeout_ms: None,
+                idempotent: None,
+            },
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.request.headers.push((name.to_string(), value.into()));
+        self
+    }
+
+    pub fn bearer(self, token: &str) -> Self {
+        self.header("authorization", format!("Bearer {token}"))
+    }
+
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.request.body = Some(body.into());
+        self
+    }
+
+    /// Sets a JSON body and its content type.
+    pub fn json<B: Serialize + ?Sized>(self, body: &B) -> Result<Self, Failure> {
+        let bytes = serde_json::to_vec(body).map_err(|error| fail(format!("could not encode request body: {error}")))?;
+        Ok(self.header("content-type", "application/json").body(bytes))
+    }
+
+    pub fn timeout_ms(mut self, timeout_ms: u32) -> Self {
+        self.request.timeout_ms = Some(timeout_ms);
+        self
+    }
+
+    /// Declares whether sending twice is harmless (see the WIT `request` docs).
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.request.idempotent = Some(idempotent);
+        self
+    }
+
+    pub fn build(self) -> Request {
+        self.request
+    }
+
+    /// Sends the request; the error is the host's, unclassified.
+    pub fn send(&self) -> Result<Response, Error> {
+        send(&self.request)
+    }
+
+    /// Sends the request and decodes a successful JSON response; every other
+    /// outcome becomes a [`Failure`] (see [`check_status`], [`failure_from_error`]).
+    pub fn send_json<T: DeserializeOwned>(&self) -> Result<T, Failure> {
+        let response = self.send().map_err(|error| failure_from_error(&self.request, &error))?;
+        decode_json(&self.request, &response)
+    }
+}
+
+/// GETs `url` and decodes its JSON response.
+pub fn get_json<T: DeserializeOwned>(url: &str) -> Result<T, Failure> {
+    get(url).send_json()
+}
+
+/// POSTs `body` as JSON to `url` and decodes its JSON response.
+pub fn post_json<T: DeserializeOwned, B: Serialize + ?Sized>(url: &str, body: &B) -> Result<T, Failure> {
+    post(url).json(body)?.send_json()
+}
+
+/// Decodes a response: 2xx as JSON of `T`, anything else per [`check_status`].
+pub fn decode_json<T: DeserializeOwned>(request: &Request, response: &Response) -> Result<T, Failure> {
+    check_status(request, response)?;
+    serde_json::from_slice(&response.body).map_err(|error| {
+        retry(format!(
+            "{} {} answered {} with a body that is not the expected JSON: {error}; body starts: {}",
+            request.method,
+            request.url,
+            response.status,
+            snippet(&response.body)
+        ))
+    })
+}
+
+/// Turns a non-2xx response into a failure: 429 and 5xx are transient (with
+/// the upstream's `Retry-After`, in seconds, as the delay), other statuses are
+/// permanent.
+pub fn check_status(request: &Request, response: &Response) -> Result<(), Failure> {
+    let status = response.status;
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let reason = format!(
+        "{} {} answered {status}: {}",
+        request.method,
+        request.url,
+        snippet(&response.body)
+    );
+    if status == 429 || status >= 500 {
+        Err(match retry_after_ms(response) {
+            Some(delay_ms) => retry_after(reason, delay_ms),
+            None => retry(reason),
+        })
+    } else {
+        Err(fail(reason))
+    }
+}
+
+/// The response's `Retry-After`, in milliseconds, when it is a number of seconds.
+pub fn retry_after_ms(response: &Response) -> Option<u64> {
+    header(response, "retry-after")?.trim().parse::<u64>().ok().map(|seconds| seconds * 1000)
+}
+
+/// The first value of a response header (names compare case-insensitively).
+pub fn header<'a>(response: &'a Response, name: &str) -> Option<&'a str> {
+    response
+        .headers
+        .iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value.as_str())
+}
+
+/// Classifies a host error: refusals and malformed requests are permanent;
+/// connect errors, timeouts and broken connections are transient.
+pub fn failure_from_error(request: &Request, error: &Error) -> Failure {
+    let target = format!("{} {}", request.method, request.url);
+    match error {
+        Error::Denied(message) => fail(format!("{target} denied: {message}")),
+        Error::InvalidRequest(message) => fail(format!("{target} is invalid: {message}")),
+        Error::BodyTooLarge(message) => fail(format!("{target}: {message}")),
+        Error::Connect(message) => retry(format!("{target} could not connect: {message}")),
+        Error::Timeout(message) => retry(format!("{target} timed out: {message}")),
+        Error::Protocol(message) => retry(format!("{target} failed: {message}")),
+    }
+}
+
+/// The start of a body, for error messages.
+pub fn snippet(body: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
+    if body.len() > MAX { format!("{text}…") } else { text.into_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, headers: &[(&str, &str)], body: &str) -> Response {
+        Response {
+            status,
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn rate_limit_is_transient_and_keeps_retry_after() {
+        let request = get("http://upstream/x").build();
+        match check_status(&request, &response(429, &[("Retry-After", "2")], "slow down")) {
+            Err(Failure::Retry(retry)) => {
+                assert_eq!(retry.delay_ms, Some(2000));
+                assert!(retry.reason.contains("429"), "{}", retry.reason);
+            }
+            other => panic!("expected retry, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn client_error_is_permanent() {
+        let request = get("http://upstream/x").build();
+        assert!(matches!(
+            check_status(&request, &response(400, &[], "bad")),
+            Err(Failure::Fail(reason)) if reason.contains("400: bad")
+        ));
+    }
+
+    #[test]
+    fn server_error_is_transient() {
+        let request = get("http://upstream/x").build();
+        assert!(matches!(check_status(&request, &response(503, &[], "")), Err(Failure::Retry(_))));
+    }
+
+    #[test]
+    fn denial_is_permanent_and_timeout_transient() {
+        let request = get("http://upstream/x").build();
+        assert!(matches!(failure_from_error(&request, &Error::Denied("no".into())), Failure::Fail(_)));
+        assert!(matches!(failure_from_error(&request, &Error::Timeout("slow".into())), Failure::Retry(_)));
+    }
+}

@@ -1,0 +1,180 @@
+//! Write quern job handlers.
+//!
+//! A handler is a WebAssembly component built from a crate like this one:
+//!
+//! ```ignore
+//! use quern_sdk::{Failure, Handler, JobInfo};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Input { name: String }
+//!
+//! struct Greet;
+//! impl Handler for Greet {
+//!     type Input = Input;
+//!     type Output = serde_json::Value;
+//!     fn handle(_job: &JobInfo, input: Input) -> Result<Self::Output, Failure> {
+//!         Ok(serde_json::json!({ "greeting": format!("hello, {}", input.name) }))
+//!     }
+//! }
+//! quern_sdk::export_handler!(Greet);
+//! ```
+//!
+//! Input that does not deserialize into `Handler::Input` fails the job
+//! permanently with `invalid input: <serde's message>`, so handlers only ever
+//! see well-formed input. Everything except [`run`] and [`parse_input`] calls
+//! into the host and so only works inside quern; keep pure logic in plain
+//! functions and test it with `cargo test` on the host target.
+
+pub mod http;
+mod log;
+
+/// The generated bindings of the `quern:handler` world (see `wit/` at the root
+/// of the repository).
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "quern:handler/handler",
+        pub_export_macro: true,
+        export_macro_name: "export_world",
+        default_bindings_module: "quern_sdk::bindings",
+    });
+}
+
+pub use bindings::quern::handler::types::{Failure, Job, Retry};
+pub use serde_json;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// What a handler knows of the job it runs, besides its input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    pub id: String,
+    pub job_type: String,
+    pub attempt: u32,
+    pub max_attempts: u32,
+}
+
+impl JobInfo {
+    /// Whether this is the job's last attempt: a `retry` now ends it as failed.
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt >= self.max_attempts
+    }
+}
+
+/// A job type: typed input in, typed output out.
+pub trait Handler {
+    type Input: DeserializeOwned;
+    type Output: Serialize;
+    fn handle(job: &JobInfo, input: Self::Input) -> Result<Self::Output, Failure>;
+}
+
+/// A permanent failure: the job ends now and is not retried.
+pub fn fail(reason: impl Into<String>) -> Failure {
+    Failure::Fail(reason.into())
+}
+
+/// A transient failure: the job runs again after quern's backoff.
+pub fn retry(reason: impl Into<String>) -> Failure {
+    Failure::Retry(Retry { reason: reason.into(), delay_ms: None })
+}
+
+/// A transient failure that must not run again sooner than `delay_ms`.
+pub fn retry_after(reason: impl Into<String>, delay_ms: u64) -> Failure {
+    Failure::Retry(Retry { reason: reason.into(), delay_ms: Some(delay_ms) })
+}
+
+/// Parses a job's JSON input, turning any problem into a permanent failure
+/// that carries serde's message (which names the field and position).
+pub fn parse_input<T: DeserializeOwned>(input: &str) -> Result<T, Failure> {
+    serde_json::from_str(input).map_err(|error| fail(format!("invalid input: {error}")))
+}
+
+/// Runs `H` on one job: parse, handle, encode. This is what
+/// [`export_handler!`] exports; it calls no host function itself.
+pub fn run<H: Handler>(job: Job) -> Result<String, Failure> {
+    let input: H::Input = parse_input(&job.input)?;
+    let info = JobInfo {
+        id: job.id,
+        job_type: job.job_type,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+    };
+    let output = H::handle(&info, input)?;
+    serde_json::to_string(&output).map_err(|error| fail(format!("could not encode the result: {error}")))
+}
+
+/// Reports progress to whoever follows the job (`percent` is clamped to 100).
+pub fn progress(percent: u8, message: &str) {
+    bindings::quern::handler::host::progress(percent.min(100), message);
+}
+
+/// Reads a configuration value granted to this handler in its manifest.
+pub fn config(key: &str) -> Option<String> {
+    bindings::quern::handler::host::config(key)
+}
+
+/// Reads a granted configuration value that the handler cannot work without;
+/// its absence is a deployment mistake, so the job fails permanently.
+pub fn required_config(key: &str) -> Result<String, Failure> {
+    config(key).ok_or_else(|| fail(format!("configuration key {key} is not set or not granted to this handler")))
+}
+
+/// Exports a [`Handler`] as the component's `handle` function.
+#[macro_export]
+macro_rules! export_handler {
+    ($handler:ty) => {
+        const _: () = {
+            struct QuernExport;
+            impl $crate::bindings::Guest for QuernExport {
+                fn handle(job: $crate::Job) -> ::core::result::Result<::std::string::String, $crate::Failure> {
+                    $crate::run::<$handler>(job)
+                }
+            }
+            $crate::bindings::export_world!(QuernExport with_types_in $crate::bindings);
+        };
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Input {
+        #[allow(dead_code)]
+        count: u32,
+    }
+
+    fn message(failure: Failure) -> String {
+        match failure {
+            Failure::Fail(reason) => reason,
+            Failure::Retry(retry) => panic!("expected a permanent failure, got retry: {}", retry.reason),
+        }
+    }
+
+    #[test]
+    fn invalid_input_fails_permanently_naming_the_field() {
+        let error = message(parse_input::<Input>(r#"{"count": "three"}"#).unwrap_err());
+        assert!(error.starts_with("invalid input: "), "{error}");
+        assert!(error.contains("expected u32"), "{error}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let error = message(parse_input::<Input>("{}").unwrap_err());
+        assert!(error.contains("missing field `count`"), "{error}");
+    }
+
+    #[test]
+    fn malformed_json_names_line_and_column() {
+        let error = message(parse_input::<Input>("{\"count\": 1,").unwrap_err());
+        assert!(error.contains("line 1 column"), "{error}");
+    }
+}
+
+#[doc(hidden)]
+pub fn log_at(level: &str, message: &str) {
+    log::write(level, message);
+}

@@ -1,0 +1,26 @@
+//! The `quern` command.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(error) => {
+            // Help and version are not errors; a usage error is a host error (3).
+            let _ = error.print();
+            return if error.use_stderr() { cli::EXIT_HOST_ERROR.into() } else { ExitCode::SUCCESS };
+        }
+    };
+    cli::init_logging();
+    match cli::dispatch(args) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            cli::EXIT_HOST_ERROR.into()
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Shared by the integration tests: where the built components are, a
+//! runtime with a shared compile cache, polling with a deadline, and a real
+//! HTTP upstream on a loopback port that plays a script and records requests.
+#![allow(dead_code)] // each test file uses part of this
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::Response;
+use quern::runtime::registry::read_component;
+use quern::runtime::{HandlerVersion, Runtime, RuntimeSettings};
+
+/// A built component under `handlers-dist/` (built by `cargo xtask build-handlers`).
+pub fn dist(relative: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../handlers-dist").join(relative);
+    assert!(
+        path.exists(),
+        "{} is missing: build the handlers first with `cargo xtask build-handlers`",
+        path.display()
+    );
+    path
+}
+
+/// Compiled components shared by every test run (keyed by content hash).
+pub fn cache_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("quern-compiled")
+}
+
+pub fn settings() -> RuntimeSettings {
+    RuntimeSettings {
+        cache_dir: Some(cache_dir()),
+        max_instances: 16,
+        config: quern::runtime::config::ConfigSource::empty(),
+        ..RuntimeSettings::default()
+    }
+}
+
+pub fn runtime() -> Arc<Runtime> {
+    Arc::new(Runtime::new(settings()).expect("runtime"))
+}
+
+/// Loads a component under `handlers-dist/` with its manifest.
+pub fn load(runtime: &Runtime, relative: &str) -> HandlerVersion {
+    let (bytes, manifest) = read_component(&dist(relative)).expect("read component");
+    runtime.load(&bytes, manifest).expect("load component")
+}
+
+/// Polls `check` until it returns `Some`, or panics after `deadline`.
+pub async fn poll_until<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(started.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One scripted answer of the [`Upstream`].
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn new(status: u16, body: &str) -> Self {
+        Self { status, headers: Vec::new(), body: body.to_string(), delay: Duration::ZERO }
+    }
+
+    pub fn header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.push((name, value.to_string()));
+        self
+    }
+
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+/// A request the upstream received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub body: String,
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct Script {
+    replies: VecDeque<Reply>,
+    /// Served once the script runs out.
+    fallback: Option<Reply>,
+    received: Vec<Received>,
+}
+
+/// A real HTTP server on 127.0.0.1:<random port>.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    script: Arc<Mutex<Script>>,
+}
+
+impl Upstream {
+    /// Starts a server that answers `replies` in order, then `fallback` forever.
+    pub async fn start(replies: Vec<Reply>, fallback: Reply) -> Self {
+        let script = Arc::new(Mutex::new(Script {
+            replies: replies.into(),
+            fallback: Some(fallback),
+            received: Vec::new(),
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let app = axum::Router::new().fallback(answer).with_state(script.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("serve");
+        });
+        Self { addr, script }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.script.lock().unwrap().received.clone()
+    }
+}
+
+async fn answer(State(script): State<Arc<Mutex<Script>>>, method: Method, uri: Uri, _: HeaderMap, body: Bytes) -> Response {
+    let reply = {
+        let mut script = script.lock().unwrap();
+        script.received.push(Received {
+            method: method.to_string(),
+            path: uri.path().to_string(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+            at: Instant::now(),
+        });
+        script.replies.pop_front().or_else(|| script.fallback.clone()).expect("a fallback reply")
+    };
+    tokio::time::sleep(reply.delay).await;
+    let mut response = Response::builder().status(StatusCode::from_u16(reply.status).expect("status"));
+    for (name, value) in &reply.headers {
+        response = response.header(*name, value);
+    }
+    response.body(Body::from(reply.body)).expect("response")
+}
