@@ -10,5 +10,7 @@
 pub mod bench;
 pub mod config;
 pub mod manifest;
+pub mod queue;
 pub mod runtime;
+pub mod store;
 pub mod testing;

@@ -16,6 +16,8 @@ use axum::response::Response;
 use quern::runtime::registry::read_component;
 use quern::runtime::{HandlerVersion, Runtime, RuntimeSettings};
 
+pub mod db;
+
 /// A built component under `handlers-dist/` (built by `cargo xtask build-handlers`).
 pub fn dist(relative: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../handlers-dist").join(relative);

@@ -1,0 +1,343 @@
+//! The only place that speaks SQL. [`Store`] is the seam between the queue's
+//! rules (in `queue/`) and a database; `sqlite.rs` and `postgres.rs` implement
+//! it, and one conformance suite (`host/tests/queue_conformance.rs`) runs
+//! against both.
+//!
+//! A store performs state transitions atomically and checks who holds a job;
+//! it does not decide anything (when to retry, what a lapsed lease means):
+//! that is the queue's.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub use self::postgres::PostgresStore;
+pub use self::sqlite::SqliteStore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Processing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [Self::Pending, Self::Processing, Self::Completed, Self::Failed, Self::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == text)
+    }
+
+    /// Completed, failed or cancelled: nothing more happens to the job.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A pipeline step that runs after a job completes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub input: Value,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Job {
+    pub id: Uuid,
+    pub user_id: String,
+    pub job_type: String,
+    pub input: Value,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub status: JobStatus,
+    pub priority: i16,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub worker_id: Option<String>,
+    pub handler_version: Option<String>,
+    pub progress_percent: i16,
+    pub progress_message: Option<String>,
+    pub processing_time_ms: Option<i32>,
+    pub parent_id: Option<Uuid>,
+    pub root_id: Option<Uuid>,
+    pub next_steps: Vec<Step>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// A job to insert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub user_id: String,
+    pub job_type: String,
+    pub input: Value,
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub next_steps: Vec<Step>,
+    pub parent_id: Option<Uuid>,
+    pub root_id: Option<Uuid>,
+}
+
+/// How one attempt ended, as recorded in `quern_job_attempts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    Completed,
+    Retry,
+    Failed,
+    Cancelled,
+    LeaseExpired,
+    Released,
+}
+
+impl AttemptOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Retry => "retry",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::LeaseExpired => "lease_expired",
+            Self::Released => "released",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Completed, Self::Retry, Self::Failed, Self::Cancelled, Self::LeaseExpired, Self::Released]
+            .into_iter()
+            .find(|outcome| outcome.as_str() == text)
+    }
+}
+
+/// One recorded attempt.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttemptRecord {
+    pub attempt: i32,
+    pub worker_id: String,
+    pub handler_version: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: DateTime<Utc>,
+    pub outcome: AttemptOutcome,
+    pub error: Option<String>,
+}
+
+/// The end of an attempt held by `worker_id`.
+#[derive(Debug, Clone)]
+pub struct AttemptEnd {
+    pub job_id: Uuid,
+    pub worker_id: String,
+    /// The attempt number the claim gave the job; a mismatch means the job was
+    /// reclaimed meanwhile and this end is stale.
+    pub attempt: i32,
+    pub handler_version: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub transition: Transition,
+}
+
+/// What an attempt's end does to its job.
+#[derive(Debug, Clone)]
+pub enum Transition {
+    /// `completed` with the result; `next`, a pipeline's next job, is inserted
+    /// in the same transaction.
+    Complete { result: Value, processing_time_ms: i32, next: Option<NewJob> },
+    /// Back to `pending`, to run at `run_at`. `outcome` is `Retry` or `LeaseExpired`.
+    Retry { error: String, run_at: DateTime<Utc>, outcome: AttemptOutcome },
+    /// `failed`. `outcome` is `Failed` or `LeaseExpired`.
+    Fail { error: String, outcome: AttemptOutcome },
+    /// The job was cancelled while it ran: only the attempt is recorded.
+    Cancelled,
+    /// Shutdown: back to `pending` at once, the attempt not counted.
+    Release,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was pending or processing and is now cancelled; a running instance
+    /// is interrupted by its worker.
+    Cancelled { was_running: bool },
+    /// It had already ended; nothing changed.
+    AlreadyFinished(JobStatus),
+    NotFound,
+}
+
+/// A cached result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheEntry {
+    pub response: Value,
+    pub hit_count: i64,
+    pub last_hit_at: Option<DateTime<Utc>>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A worker's row in `quern_workers`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerRow {
+    pub id: String,
+    pub host: String,
+    pub started_at: DateTime<Utc>,
+    pub last_heartbeat_at: DateTime<Utc>,
+    pub active_jobs: i32,
+    pub concurrency: i32,
+    pub version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("user {user_id} already has {limit} unfinished jobs, the most allowed; wait for one to finish")]
+    TooManyActiveJobs { user_id: String, limit: u32 },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row in {table}: {message}")]
+    Corrupt { table: &'static str, message: String },
+    #[error("unsupported DATABASE_URL `{0}`: use sqlite://path/to/file.db or postgres://user@host/db")]
+    UnsupportedUrl(String),
+}
+
+/// Waits until jobs may be ready to claim: a NOTIFY on Postgres, an
+/// in-process signal on SQLite. Wake-ups may be spurious or missed; the worker
+/// also polls.
+#[async_trait]
+pub trait Wakeups: Send {
+    async fn wait(&mut self);
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+
+    /// Applies pending migrations.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Inserts a job. With `max_unfinished_per_user`, refuses atomically when
+    /// the user already has that many pending or processing jobs.
+    async fn enqueue(&self, job: &NewJob, now: DateTime<Utc>, max_unfinished_per_user: Option<u32>)
+    -> Result<Job, StoreError>;
+
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
+
+    /// A user's jobs, newest first.
+    async fn jobs_of_user(&self, user_id: &str, limit: u32) -> Result<Vec<Job>, StoreError>;
+
+    /// Claims up to `limit` due pending jobs, most urgent first, for
+    /// `worker_id`: each becomes `processing` with its attempt counted and a
+    /// lease until `lease_until`. No job is handed to two claimers.
+    async fn claim(
+        &self,
+        worker_id: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>, StoreError>;
+
+    /// Ends an attempt. Returns `false`, writing nothing, when `worker_id`
+    /// no longer holds that attempt (the job was cancelled or reclaimed);
+    /// [`Transition::Cancelled`] is the exception: it records the attempt of a
+    /// job cancelled while it ran.
+    async fn finish_attempt(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<bool, StoreError>;
+
+    /// Extends the leases of `ids` that `worker_id` still holds; returns the
+    /// ids it no longer holds (cancelled, reaped), whose instances should stop.
+    async fn renew_leases(
+        &self,
+        worker_id: &str,
+        ids: &[Uuid],
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, StoreError>;
+
+    /// Of `ids`, those `worker_id` no longer holds. Read-only: checked often.
+    async fn released(&self, worker_id: &str, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError>;
+
+    /// Processing jobs whose lease lapsed before `now`.
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, StoreError>;
+
+    /// Cancels a pending or processing job.
+    async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError>;
+
+    async fn set_progress(&self, id: Uuid, worker_id: &str, percent: i16, message: &str) -> Result<(), StoreError>;
+
+    async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>, StoreError>;
+
+    /// A live cached result; counts the hit atomically.
+    async fn cache_hit(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Value>, StoreError>;
+
+    /// A cache row as it is, without counting a hit.
+    async fn cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError>;
+
+    async fn cache_put(
+        &self,
+        key: &str,
+        job_type: &str,
+        response: &Value,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes expired cache rows; returns how many.
+    async fn purge_cache(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    async fn upsert_worker(&self, worker: &WorkerRow) -> Result<(), StoreError>;
+
+    async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError>;
+
+    /// Counts of jobs by status.
+    async fn count_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError>;
+
+    /// A source of wake-ups for workers.
+    async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError>;
+}
+
+/// Opens the store a `DATABASE_URL` names: `sqlite://…` (or a plain path) or
+/// `postgres://…`.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(url).await?))
+    } else if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        Ok(Arc::new(SqliteStore::open(std::path::Path::new(path)).await?))
+    } else if !url.contains("://") {
+        Ok(Arc::new(SqliteStore::open(std::path::Path::new(url)).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.split('@').next_back().unwrap_or(url).to_string()))
+    }
+}
+
+pub(crate) fn corrupt(table: &'static str, message: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { table, message: message.to_string() }
+}

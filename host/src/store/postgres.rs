@@ -1,0 +1,542 @@
+//! [`Store`] on PostgreSQL (plain or Supabase): many workers on many machines
+//! coordinate through it alone, with `FOR UPDATE SKIP LOCKED` claims and
+//! LISTEN/NOTIFY wake-ups.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{
+    AttemptEnd, AttemptOutcome, AttemptRecord, CacheEntry, CancelOutcome, Job, JobStatus, NewJob, Store, StoreError,
+    Transition, Wakeups, WorkerRow, corrupt,
+};
+
+/// The channel enqueues notify and workers listen on.
+const CHANNEL: &str = "quern_jobs";
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse()?;
+        Self::connect_with(options).await
+    }
+
+    /// Connects with explicit options (tests set a private `search_path`).
+    pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_with(options.application_name("quern"))
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+const JOB_COLUMNS: &str = "id, user_id, type, input, result, error, status, priority, attempts, max_attempts, run_at, \
+     lease_expires_at, worker_id, handler_version, progress_percent, progress_message, processing_time_ms, parent_id, \
+     root_id, next_steps, created_at, updated_at, started_at, completed_at";
+
+fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
+    let status: String = row.try_get("status")?;
+    let next_steps: Value = row.try_get("next_steps")?;
+    Ok(Job {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        job_type: row.try_get("type")?,
+        input: row.try_get("input")?,
+        result: row.try_get("result")?,
+        error: row.try_get("error")?,
+        status: JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?,
+        priority: row.try_get("priority")?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        run_at: row.try_get("run_at")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        worker_id: row.try_get("worker_id")?,
+        handler_version: row.try_get("handler_version")?,
+        progress_percent: row.try_get("progress_percent")?,
+        progress_message: row.try_get("progress_message")?,
+        processing_time_ms: row.try_get("processing_time_ms")?,
+        parent_id: row.try_get("parent_id")?,
+        root_id: row.try_get("root_id")?,
+        next_steps: serde_json::from_value(next_steps).map_err(|e| corrupt("quern_jobs", e))?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        started_at: row.try_get("started_at")?,
+        completed_at: row.try_get("completed_at")?,
+    })
+}
+
+async fn insert_job(tx: &mut Transaction<'_, Postgres>, job: &NewJob, now: DateTime<Utc>) -> Result<Job, StoreError> {
+    let next_steps = serde_json::to_value(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id, \
+         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) RETURNING {JOB_COLUMNS}"
+    )))
+    .bind(job.id)
+    .bind(&job.user_id)
+    .bind(&job.job_type)
+    .bind(&job.input)
+    .bind(job.priority)
+    .bind(job.max_attempts)
+    .bind(job.run_at)
+    .bind(next_steps)
+    .bind(job.parent_id)
+    .bind(job.root_id)
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await?;
+    // Delivered at commit, to every listening worker.
+    sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&mut **tx).await?;
+    job_from_row(&row)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../migrations/postgres").run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn enqueue(
+        &self,
+        job: &NewJob,
+        now: DateTime<Utc>,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<Job, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(limit) = max_unfinished_per_user {
+            // Serialises enqueues of one user only, so two cannot both slip
+            // under the limit; other users are not held up.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7919))")
+                .bind(&job.user_id)
+                .execute(&mut *tx)
+                .await?;
+            let unfinished: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM quern_jobs WHERE user_id = $1 AND status IN ('pending', 'processing')",
+            )
+            .bind(&job.user_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if unfinished >= i64::from(limit) {
+                return Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit });
+            }
+        }
+        let inserted = insert_job(&mut tx, job, now).await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn jobs_of_user(&self, user_id: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+        )))
+        .bind(user_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn claim(
+        &self,
+        worker_id: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "WITH next AS (
+                 SELECT id FROM quern_jobs
+                 WHERE status = 'pending' AND run_at <= $1
+                 ORDER BY priority, run_at, created_at
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE quern_jobs AS j
+             SET status = 'processing', worker_id = $3, attempts = j.attempts + 1, started_at = $1,
+                 lease_expires_at = $4, updated_at = $1, progress_percent = 0, progress_message = NULL
+             FROM next WHERE j.id = next.id
+             RETURNING {}",
+            JOB_COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ")
+        )))
+        .bind(now)
+        .bind(i64::from(limit))
+        .bind(worker_id)
+        .bind(lease_until)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+        jobs.sort_by_key(|job| (job.priority, job.run_at, job.created_at));
+        Ok(jobs)
+    }
+
+    async fn finish_attempt(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let held = "WHERE id = $1 AND status = 'processing' AND worker_id = $2 AND attempts = $3";
+        let (updated, outcome, error) = match &end.transition {
+            Transition::Complete { result, processing_time_ms, .. } => {
+                let sql = format!(
+                    "UPDATE quern_jobs SET status = 'completed', result = $4, error = NULL, processing_time_ms = $5, \
+                     handler_version = $6, progress_percent = 100, completed_at = $7, updated_at = $7, \
+                     lease_expires_at = NULL {held}"
+                );
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(end.job_id)
+                    .bind(&end.worker_id)
+                    .bind(end.attempt)
+                    .bind(result)
+                    .bind(processing_time_ms)
+                    .bind(&end.handler_version)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                (done.rows_affected(), AttemptOutcome::Completed, None)
+            }
+            Transition::Retry { error, run_at, outcome } => {
+                let sql = format!(
+                    "UPDATE quern_jobs SET status = 'pending', error = $4, run_at = $5, handler_version = $6, \
+                     worker_id = NULL, lease_expires_at = NULL, updated_at = $7 {held}"
+                );
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(end.job_id)
+                    .bind(&end.worker_id)
+                    .bind(end.attempt)
+                    .bind(error)
+                    .bind(run_at)
+                    .bind(&end.handler_version)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                (done.rows_affected(), *outcome, Some(error.as_str()))
+            }
+            Transition::Fail { error, outcome } => {
+                let sql = format!(
+                    "UPDATE quern_jobs SET status = 'failed', error = $4, handler_version = $5, completed_at = $6, \
+                     updated_at = $6, lease_expires_at = NULL {held}"
+                );
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(end.job_id)
+                    .bind(&end.worker_id)
+                    .bind(end.attempt)
+                    .bind(error)
+                    .bind(&end.handler_version)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                (done.rows_affected(), *outcome, Some(error.as_str()))
+            }
+            Transition::Cancelled => {
+                let done = sqlx::query(
+                    "UPDATE quern_jobs SET lease_expires_at = NULL, handler_version = $4, updated_at = $5 \
+                     WHERE id = $1 AND status = 'cancelled' AND worker_id = $2 AND attempts = $3",
+                )
+                .bind(end.job_id)
+                .bind(&end.worker_id)
+                .bind(end.attempt)
+                .bind(&end.handler_version)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                (done.rows_affected(), AttemptOutcome::Cancelled, Some("cancelled while running"))
+            }
+            Transition::Release => {
+                let sql = format!(
+                    "UPDATE quern_jobs SET status = 'pending', attempts = attempts - 1, worker_id = NULL, \
+                     lease_expires_at = NULL, run_at = $4, updated_at = $4 {held}"
+                );
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(end.job_id)
+                    .bind(&end.worker_id)
+                    .bind(end.attempt)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(done.rows_affected() == 1);
+            }
+        };
+        if updated != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO quern_job_attempts (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (job_id, attempt) DO NOTHING",
+        )
+        .bind(end.job_id)
+        .bind(end.attempt)
+        .bind(&end.worker_id)
+        .bind(&end.handler_version)
+        .bind(end.started_at)
+        .bind(now)
+        .bind(outcome.as_str())
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+        if let Transition::Complete { next: Some(next), .. } = &end.transition {
+            insert_job(&mut tx, next, now).await?;
+        }
+        if matches!(end.transition, Transition::Retry { .. }) {
+            sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn renew_leases(
+        &self,
+        worker_id: &str,
+        ids: &[Uuid],
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let renewed: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE quern_jobs SET lease_expires_at = $3 \
+             WHERE id = ANY($1) AND status = 'processing' AND worker_id = $2 RETURNING id",
+        )
+        .bind(ids)
+        .bind(worker_id)
+        .bind(lease_until)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.iter().filter(|id| !renewed.contains(id)).copied().collect())
+    }
+
+    async fn released(&self, worker_id: &str, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM quern_jobs WHERE id = ANY($1) AND status = 'processing' AND worker_id = $2",
+        )
+        .bind(ids)
+        .bind(worker_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.iter().filter(|id| !held.contains(id)).copied().collect())
+    }
+
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE status = 'processing' AND lease_expires_at < $1 \
+             ORDER BY lease_expires_at LIMIT $2"
+        )))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM quern_jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(status) = status else { return Ok(CancelOutcome::NotFound) };
+        let status = JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?;
+        if status.is_finished() {
+            return Ok(CancelOutcome::AlreadyFinished(status));
+        }
+        sqlx::query(
+            "UPDATE quern_jobs SET status = 'cancelled', completed_at = $2, updated_at = $2, error = 'cancelled' WHERE id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(CancelOutcome::Cancelled { was_running: status == JobStatus::Processing })
+    }
+
+    async fn set_progress(&self, id: Uuid, worker_id: &str, percent: i16, message: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE quern_jobs SET progress_percent = $3, progress_message = $4 \
+             WHERE id = $1 AND worker_id = $2 AND status = 'processing'",
+        )
+        .bind(id)
+        .bind(worker_id)
+        .bind(percent)
+        .bind(message)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT attempt, worker_id, handler_version, started_at, ended_at, outcome, error \
+             FROM quern_job_attempts WHERE job_id = $1 ORDER BY attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let outcome: String = row.try_get("outcome")?;
+                Ok(AttemptRecord {
+                    attempt: row.try_get("attempt")?,
+                    worker_id: row.try_get("worker_id")?,
+                    handler_version: row.try_get("handler_version")?,
+                    started_at: row.try_get("started_at")?,
+                    ended_at: row.try_get("ended_at")?,
+                    outcome: AttemptOutcome::parse(&outcome)
+                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    error: row.try_get("error")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn cache_hit(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Value>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE quern_cache SET hit_count = hit_count + 1, last_hit_at = $2 \
+             WHERE cache_key = $1 AND expires_at > $2 RETURNING response",
+        )
+        .bind(key)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
+        let row = sqlx::query("SELECT response, hit_count, last_hit_at, expires_at FROM quern_cache WHERE cache_key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(CacheEntry {
+                response: row.try_get("response")?,
+                hit_count: row.try_get("hit_count")?,
+                last_hit_at: row.try_get("last_hit_at")?,
+                expires_at: row.try_get("expires_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn cache_put(
+        &self,
+        key: &str,
+        job_type: &str,
+        response: &Value,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (cache_key) DO UPDATE SET response = EXCLUDED.response, expires_at = EXCLUDED.expires_at",
+        )
+        .bind(key)
+        .bind(job_type)
+        .bind(response)
+        .bind(expires_at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn purge_cache(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM quern_cache WHERE expires_at <= $1").bind(now).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn upsert_worker(&self, worker: &WorkerRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO quern_workers (id, host, started_at, last_heartbeat_at, active_jobs, concurrency, version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET host = EXCLUDED.host, \
+             started_at = EXCLUDED.started_at, last_heartbeat_at = EXCLUDED.last_heartbeat_at, \
+             active_jobs = EXCLUDED.active_jobs, concurrency = EXCLUDED.concurrency, version = EXCLUDED.version",
+        )
+        .bind(&worker.id)
+        .bind(&worker.host)
+        .bind(worker.started_at)
+        .bind(worker.last_heartbeat_at)
+        .bind(worker.active_jobs)
+        .bind(worker.concurrency)
+        .bind(&worker.version)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, host, started_at, last_heartbeat_at, active_jobs, concurrency, version FROM quern_workers ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(WorkerRow {
+                    id: row.try_get("id")?,
+                    host: row.try_get("host")?,
+                    started_at: row.try_get("started_at")?,
+                    last_heartbeat_at: row.try_get("last_heartbeat_at")?,
+                    active_jobs: row.try_get("active_jobs")?,
+                    concurrency: row.try_get("concurrency")?,
+                    version: row.try_get("version")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT status, count(*) AS n FROM quern_jobs GROUP BY status").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let status: String = row.try_get("status")?;
+                let status = JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?;
+                Ok((status, row.try_get("n")?))
+            })
+            .collect()
+    }
+
+    async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(Box::new(PgWakeups { listener }))
+    }
+}
+
+struct PgWakeups {
+    listener: PgListener,
+}
+
+#[async_trait]
+impl Wakeups for PgWakeups {
+    async fn wait(&mut self) {
+        // `recv` reconnects by itself after a dropped connection; an error
+        // here means the database is away, and the worker's poll carries on.
+        if let Err(error) = self.listener.recv().await {
+            tracing::warn!(%error, "listening for new jobs failed; relying on polling until it recovers");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! [`Store`] on an embedded SQLite file: the zero-setup default. WAL mode, a
+//! busy timeout, and one writer connection (SQLite allows one writer at a time;
+//! queueing writers in-process beats retrying on `SQLITE_BUSY`). Readers use
+//! their own pool. Wake-ups are an in-process signal.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, Sqlite, Transaction};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{
+    AttemptEnd, AttemptOutcome, AttemptRecord, CacheEntry, CancelOutcome, Job, JobStatus, NewJob, Store, StoreError,
+    Transition, Wakeups, WorkerRow, corrupt,
+};
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    enqueued: watch::Sender<u64>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+        }
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+        let reader = SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
+        let (enqueued, _) = watch::channel(0);
+        Ok(Self { writer, reader, enqueued })
+    }
+
+    fn wake_workers(&self) {
+        self.enqueued.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        // IMMEDIATE takes the write lock up front, so a transaction that reads
+        // then writes never fails to upgrade when another process writes.
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn ms(at: DateTime<Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+fn at(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    Utc.timestamp_millis_opt(ms).single().ok_or_else(|| corrupt("quern_jobs", format!("timestamp {ms}")))
+}
+
+fn at_opt(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
+    ms.map(at).transpose()
+}
+
+fn uuid(text: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(text).map_err(|e| corrupt("quern_jobs", e))
+}
+
+fn json(text: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt("quern_jobs", e))
+}
+
+const JOB_COLUMNS: &str = "id, user_id, type, input, result, error, status, priority, attempts, max_attempts, run_at, \
+     lease_expires_at, worker_id, handler_version, progress_percent, progress_message, processing_time_ms, parent_id, \
+     root_id, next_steps, created_at, updated_at, started_at, completed_at";
+
+fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
+    let status: String = row.try_get("status")?;
+    let id: String = row.try_get("id")?;
+    let parent_id: Option<String> = row.try_get("parent_id")?;
+    let root_id: Option<String> = row.try_get("root_id")?;
+    let result: Option<String> = row.try_get("result")?;
+    let next_steps: String = row.try_get("next_steps")?;
+    Ok(Job {
+        id: uuid(&id)?,
+        user_id: row.try_get("user_id")?,
+        job_type: row.try_get("type")?,
+        input: json(&row.try_get::<String, _>("input")?)?,
+        result: result.as_deref().map(json).transpose()?,
+        error: row.try_get("error")?,
+        status: JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?,
+        priority: row.try_get("priority")?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        run_at: at(row.try_get("run_at")?)?,
+        lease_expires_at: at_opt(row.try_get("lease_expires_at")?)?,
+        worker_id: row.try_get("worker_id")?,
+        handler_version: row.try_get("handler_version")?,
+        progress_percent: row.try_get("progress_percent")?,
+        progress_message: row.try_get("progress_message")?,
+        processing_time_ms: row.try_get("processing_time_ms")?,
+        parent_id: parent_id.as_deref().map(uuid).transpose()?,
+        root_id: root_id.as_deref().map(uuid).transpose()?,
+        next_steps: serde_json::from_str(&next_steps).map_err(|e| corrupt("quern_jobs", e))?,
+        created_at: at(row.try_get("created_at")?)?,
+        updated_at: at(row.try_get("updated_at")?)?,
+        started_at: at_opt(row.try_get("started_at")?)?,
+        completed_at: at_opt(row.try_get("completed_at")?)?,
+    })
+}
+
+async fn insert_job(tx: &mut Transaction<'_, Sqlite>, job: &NewJob, now: DateTime<Utc>) -> Result<Job, StoreError> {
+    let next_steps = serde_json::to_string(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id, \
+         created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11) RETURNING {JOB_COLUMNS}"
+    )))
+    .bind(job.id.to_string())
+    .bind(&job.user_id)
+    .bind(&job.job_type)
+    .bind(job.input.to_string())
+    .bind(job.priority)
+    .bind(job.max_attempts)
+    .bind(ms(job.run_at))
+    .bind(next_steps)
+    .bind(job.parent_id.map(|id| id.to_string()))
+    .bind(job.root_id.map(|id| id.to_string()))
+    .bind(ms(now))
+    .fetch_one(&mut **tx)
+    .await?;
+    job_from_row(&row)
+}
+
+/// `?, ?, ?` for an `IN (…)` list of `n` values.
+fn placeholders(n: usize, first: usize) -> String {
+    (first..first + n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../migrations/sqlite").run(&self.writer).await?;
+        Ok(())
+    }
+
+    async fn enqueue(
+        &self,
+        job: &NewJob,
+        now: DateTime<Utc>,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<Job, StoreError> {
+        let mut tx = self.begin().await?;
+        if let Some(limit) = max_unfinished_per_user {
+            let unfinished: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM quern_jobs WHERE user_id = ?1 AND status IN ('pending', 'processing')",
+            )
+            .bind(&job.user_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if unfinished >= i64::from(limit) {
+                return Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit });
+            }
+        }
+        let inserted = insert_job(&mut tx, job, now).await?;
+        tx.commit().await?;
+        self.wake_workers();
+        Ok(inserted)
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id = ?1")))
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn jobs_of_user(&self, user_id: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE user_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
+        )))
+        .bind(user_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn claim(
+        &self,
+        worker_id: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>, StoreError> {
+        // One statement, so one write lock: atomic against every other claimer.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE quern_jobs
+             SET status = 'processing', worker_id = ?3, attempts = attempts + 1, started_at = ?1,
+                 lease_expires_at = ?4, updated_at = ?1, progress_percent = 0, progress_message = NULL
+             WHERE id IN (
+                 SELECT id FROM quern_jobs
+                 WHERE status = 'pending' AND run_at <= ?1
+                 ORDER BY priority, run_at, created_at
+                 LIMIT ?2
+             )
+             RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(ms(now))
+        .bind(i64::from(limit))
+        .bind(worker_id)
+        .bind(ms(lease_until))
+        .fetch_all(&self.writer)
+        .await?;
+        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+        jobs.sort_by_key(|job| (job.priority, job.run_at, job.created_at));
+        Ok(jobs)
+    }
+
+    async fn finish_attempt(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let held = "WHERE id = ?1 AND status = 'processing' AND worker_id = ?2 AND attempts = ?3";
+        let id = end.job_id.to_string();
+        let (updated, outcome, error) = match &end.transition {
+            Transition::Complete { result, processing_time_ms, .. } => {
+                let sql = format!(
+                    "UPDATE quern_jobs SET status = 'completed', result = ?4, error = NULL, processing_time_ms = ?5, \
+                     handler_version = ?6, progress_percent = 100, completed_at = ?7, updated_at = ?7, \
+                     lease_expires_at = NULL {held}"
+                );
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(&id)
+                    .bind(&end.worker_id)
+                    .bind(end.attempt)
+                    .bind(result.to_string())
+                    .bind(processing_time_ms)
+                    .bind(&end.handler_version)
+                    .bind(ms(now))
+                    .execute(&mut *tx)
+                    .await?;
+                (done.rows_affected(), AttemptOutcome::Completed, None)
+            }
+            Transition::Retry { error, run_at, outcome } => {
+                let sql = format!(
+                    "UPDATE quern_jobs SET status = 'pending', error = ?4, run_at = ?5, handler_version = ?6, \
+                     worker_id = NULL, lease_expires_at = NULL, updated_at = ?7 {held}"
+                );
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(&id)
+                    .bind(&end.worker_id)
+                    .bind(end.attempt)
+                    .bind(error)
+                    .bind(ms(*run_at))
+                    .bind(&end.handler_version)
+                    .bind(ms(now))
+                    .execute(&mut *tx)
+                    .await?;
+                (done.rows_affected(), *outcome, Some(error.as_str()))
+            }
+            Transition::Fail { error, outcome } => {
+                let sql = format!(
+                    "UPDATE quern_jobs SET status = 'failed', error = ?4, handler_version = ?5, completed_at = ?6, \
+                     updated_at = ?6, lease_expires_at = NULL {held}"
+                );
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(&id)
+                    .bind(&end.worker_id)
+                    .bind(end.attempt)
+                    .bind(error)
+                    .bind(&end.handler_version)
+                    .bind(ms(now))
+                    .execute(&mut *tx)
+                    .await?;
+                (done.rows_affected(), *outcome, Some(error.as_str()))
+            }
+            Transition::Cancelled => {
+                let done = sqlx::query(
+                    "UPDATE quern_jobs SET lease_expires_at = NULL, handler_version = ?4, updated_at = ?5 \
+                     WHERE id = ?1 AND status = 'cancelled' AND worker_id = ?2 AND attempts = ?3",
+                )
+                .bind(&id)
+                .bind(&end.worker_id)
+                .bind(end.attempt)
+                .bind(&end.handler_version)
+                .bind(ms(now))
+                .execute(&mut *tx)
+                .await?;
+                (done.rows_affected(), AttemptOutcome::Cancelled, Some("cancelled while running"))
+            }
+            Transition::Release => {
+                let sql = format!(
+                    "UPDATE quern_jobs SET status = 'pending', attempts = attempts - 1, worker_id = NULL, \
+                     lease_expires_at = NULL, run_at = ?4, updated_at = ?4 {held}"
+                );
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(&id)
+                    .bind(&end.worker_id)
+                    .bind(end.attempt)
+                    .bind(ms(now))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                self.wake_workers();
+                return Ok(done.rows_affected() == 1);
+            }
+        };
+        if updated != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO quern_job_attempts (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (job_id, attempt) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(end.attempt)
+        .bind(&end.worker_id)
+        .bind(&end.handler_version)
+        .bind(ms(end.started_at))
+        .bind(ms(now))
+        .bind(outcome.as_str())
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+        if let Transition::Complete { next: Some(next), .. } = &end.transition {
+            insert_job(&mut tx, next, now).await?;
+        }
+        tx.commit().await?;
+        if matches!(end.transition, Transition::Retry { .. } | Transition::Complete { next: Some(_), .. }) {
+            self.wake_workers();
+        }
+        Ok(true)
+    }
+
+    async fn renew_leases(
+        &self,
+        worker_id: &str,
+        ids: &[Uuid],
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "UPDATE quern_jobs SET lease_expires_at = ?1 \
+             WHERE status = 'processing' AND worker_id = ?2 AND id IN ({}) RETURNING id",
+            placeholders(ids.len(), 3)
+        );
+        let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(ms(lease_until)).bind(worker_id);
+        for id in ids {
+            query = query.bind(id.to_string());
+        }
+        let renewed = query.fetch_all(&self.writer).await?;
+        Ok(ids.iter().filter(|id| !renewed.contains(&id.to_string())).copied().collect())
+    }
+
+    async fn released(&self, worker_id: &str, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT id FROM quern_jobs WHERE status = 'processing' AND worker_id = ?1 AND id IN ({})",
+            placeholders(ids.len(), 2)
+        );
+        let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(worker_id);
+        for id in ids {
+            query = query.bind(id.to_string());
+        }
+        let held = query.fetch_all(&self.reader).await?;
+        Ok(ids.iter().filter(|id| !held.contains(&id.to_string())).copied().collect())
+    }
+
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE status = 'processing' AND lease_expires_at < ?1 \
+             ORDER BY lease_expires_at LIMIT ?2"
+        )))
+        .bind(ms(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM quern_jobs WHERE id = ?1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(status) = status else { return Ok(CancelOutcome::NotFound) };
+        let status = JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?;
+        if status.is_finished() {
+            return Ok(CancelOutcome::AlreadyFinished(status));
+        }
+        sqlx::query(
+            "UPDATE quern_jobs SET status = 'cancelled', completed_at = ?2, updated_at = ?2, error = 'cancelled' WHERE id = ?1",
+        )
+        .bind(id.to_string())
+        .bind(ms(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(CancelOutcome::Cancelled { was_running: status == JobStatus::Processing })
+    }
+
+    async fn set_progress(&self, id: Uuid, worker_id: &str, percent: i16, message: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE quern_jobs SET progress_percent = ?3, progress_message = ?4 \
+             WHERE id = ?1 AND worker_id = ?2 AND status = 'processing'",
+        )
+        .bind(id.to_string())
+        .bind(worker_id)
+        .bind(percent)
+        .bind(message)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT attempt, worker_id, handler_version, started_at, ended_at, outcome, error \
+             FROM quern_job_attempts WHERE job_id = ?1 ORDER BY attempt",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let outcome: String = row.try_get("outcome")?;
+                Ok(AttemptRecord {
+                    attempt: row.try_get("attempt")?,
+                    worker_id: row.try_get("worker_id")?,
+                    handler_version: row.try_get("handler_version")?,
+                    started_at: at(row.try_get("started_at")?)?,
+                    ended_at: at(row.try_get("ended_at")?)?,
+                    outcome: AttemptOutcome::parse(&outcome)
+                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    error: row.try_get("error")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn cache_hit(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Value>, StoreError> {
+        let response: Option<String> = sqlx::query_scalar(
+            "UPDATE quern_cache SET hit_count = hit_count + 1, last_hit_at = ?2 \
+             WHERE cache_key = ?1 AND expires_at > ?2 RETURNING response",
+        )
+        .bind(key)
+        .bind(ms(now))
+        .fetch_optional(&self.writer)
+        .await?;
+        response.as_deref().map(json).transpose()
+    }
+
+    async fn cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
+        let row = sqlx::query("SELECT response, hit_count, last_hit_at, expires_at FROM quern_cache WHERE cache_key = ?1")
+            .bind(key)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|row| {
+            Ok(CacheEntry {
+                response: json(&row.try_get::<String, _>("response")?)?,
+                hit_count: row.try_get("hit_count")?,
+                last_hit_at: at_opt(row.try_get("last_hit_at")?)?,
+                expires_at: at(row.try_get("expires_at")?)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn cache_put(
+        &self,
+        key: &str,
+        job_type: &str,
+        response: &Value,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (cache_key) DO UPDATE SET response = excluded.response, expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(job_type)
+        .bind(response.to_string())
+        .bind(ms(expires_at))
+        .bind(ms(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn purge_cache(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM quern_cache WHERE expires_at <= ?1").bind(ms(now)).execute(&self.writer).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn upsert_worker(&self, worker: &WorkerRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO quern_workers (id, host, started_at, last_heartbeat_at, active_jobs, concurrency, version) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO UPDATE SET host = excluded.host, \
+             started_at = excluded.started_at, last_heartbeat_at = excluded.last_heartbeat_at, \
+             active_jobs = excluded.active_jobs, concurrency = excluded.concurrency, version = excluded.version",
+        )
+        .bind(&worker.id)
+        .bind(&worker.host)
+        .bind(ms(worker.started_at))
+        .bind(ms(worker.last_heartbeat_at))
+        .bind(worker.active_jobs)
+        .bind(worker.concurrency)
+        .bind(&worker.version)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, host, started_at, last_heartbeat_at, active_jobs, concurrency, version FROM quern_workers ORDER BY id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(WorkerRow {
+                    id: row.try_get("id")?,
+                    host: row.try_get("host")?,
+                    started_at: at(row.try_get("started_at")?)?,
+                    last_heartbeat_at: at(row.try_get("last_heartbeat_at")?)?,
+                    active_jobs: row.try_get("active_jobs")?,
+                    concurrency: row.try_get("concurrency")?,
+                    version: row.try_get("version")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT status, count(*) AS n FROM quern_jobs GROUP BY status").fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|row| {
+                let status: String = row.try_get("status")?;
+                let status = JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?;
+                Ok((status, row.try_get("n")?))
+            })
+            .collect()
+    }
+
+    async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError> {
+        Ok(Box::new(SqliteWakeups { receiver: self.enqueued.subscribe() }))
+    }
+}
+
+struct SqliteWakeups {
+    receiver: watch::Receiver<u64>,
+}
+
+#[async_trait]
+impl Wakeups for SqliteWakeups {
+    async fn wait(&mut self) {
+        if self.receiver.changed().await.is_err() {
+            // The store is gone; nothing will ever wake us. Let the poll decide.
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! The queue's contract, stated once and run against SQLite and PostgreSQL
+//! (each test on a fresh database file or schema).
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use quern::manifest::Manifest;
+use quern::queue::worker::{Worker, WorkerSettings};
+use quern::queue::{EnqueueRequest, Queue, QueueError, QueueSettings};
+use quern::runtime::Outcome;
+use quern::runtime::registry::{Registry, read_component};
+use quern::store::{AttemptEnd, AttemptOutcome, CancelOutcome, JobStatus, Step, Transition};
+use serde_json::{Value, json};
+use support::db::Db;
+use support::dist;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = super::Db::sqlite().await;
+                    super::$name(&db).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = super::Db::postgres().await;
+                    super::$name(&db).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    claim_marks_jobs_processing_with_a_lease,
+    claim_takes_the_most_urgent_and_oldest_first,
+    claim_skips_jobs_that_are_not_due,
+    concurrent_claimers_never_share_a_job,
+    retry_returns_the_job_to_pending_after_a_backoff,
+    attempts_exhausted_fail_the_job_keeping_every_error,
+    a_lapsed_lease_is_reaped_back_to_pending,
+    a_lapsed_lease_on_the_last_attempt_fails_the_job,
+    a_stale_attempt_end_writes_nothing,
+    cancel_pending_is_immediate,
+    cancel_of_a_finished_job_is_refused,
+    worker_completes_a_job_recording_result_and_version,
+    worker_cancels_a_running_job_within_a_second,
+    worker_stops_a_job_cancelled_by_a_direct_status_update,
+    worker_retries_a_job_no_sooner_than_the_delay_it_asked_for,
+    worker_writes_cacheable_results_and_hits_are_counted,
+    cache_hits_are_counted_atomically,
+    expired_cache_entries_miss_and_are_purged,
+    per_user_limit_holds_under_concurrent_enqueues,
+    pipeline_runs_the_next_step_with_the_previous_result,
+    pipeline_stops_when_a_step_fails,
+    enqueue_refuses_bad_requests_with_clear_errors,
+);
+
+fn queue(db: &Db, settings: QueueSettings) -> Arc<Queue> {
+    Arc::new(Queue::new(db.store.clone(), settings))
+}
+
+fn request(user: &str, job_type: &str, input: Value) -> EnqueueRequest {
+    EnqueueRequest { user_id: user.into(), job_type: job_type.into(), input, ..EnqueueRequest::default() }
+}
+
+fn lease() -> chrono::Duration {
+    chrono::Duration::seconds(30)
+}
+
+async fn claim_marks_jobs_processing_with_a_lease(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let job = queue.enqueue(request("u1", "echo", json!({"a": 1}))).await.unwrap();
+    assert_eq!(job.status, JobStatus::Pending);
+    assert_eq!((job.priority, job.attempts, job.max_attempts), (5, 0, 3));
+
+    let now = Utc::now();
+    let claimed = db.store.claim("w1", 10, now, now + lease()).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let claimed = &claimed[0];
+    assert_eq!((claimed.id, claimed.status, claimed.attempts), (job.id, JobStatus::Processing, 1));
+    assert_eq!(claimed.worker_id.as_deref(), Some("w1"));
+    assert!(claimed.lease_expires_at.unwrap() > now);
+    assert!(db.store.claim("w2", 10, now, now + lease()).await.unwrap().is_empty(), "a claimed job is not claimed again");
+}
+
+async fn claim_takes_the_most_urgent_and_oldest_first(db: &Db) {
+    let queue = queue(db, QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() });
+    let mut ids = Vec::new();
+    for priority in [5, 9, 1, 5, 3] {
+        let job = queue.enqueue(EnqueueRequest { priority: Some(priority), ..request("u1", "echo", json!({})) }).await.unwrap();
+        ids.push(job.id);
+    }
+    let now = Utc::now();
+    let claimed: Vec<Uuid> = db.store.claim("w1", 3, now, now + lease()).await.unwrap().iter().map(|j| j.id).collect();
+    assert_eq!(claimed, vec![ids[2], ids[4], ids[0]], "priority 1, then 3, then the older of the two 5s");
+    let rest: Vec<Uuid> = db.store.claim("w1", 10, now, now + lease()).await.unwrap().iter().map(|j| j.id).collect();
+    assert_eq!(rest, vec![ids[3], ids[1]]);
+}
+
+async fn claim_skips_jobs_that_are_not_due(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
+    let now = Utc::now();
+    let claimed = db.store.claim("w1", 1, now, now + lease()).await.unwrap();
+    let later = now + chrono::Duration::seconds(60);
+    let end = end_of(&claimed[0], "w1", Transition::Retry { error: "busy".into(), run_at: later, outcome: AttemptOutcome::Retry });
+    assert!(db.store.finish_attempt(&end, now).await.unwrap());
+    assert!(db.store.claim("w1", 1, now, now + lease()).await.unwrap().is_empty(), "not due yet");
+    let due = db.store.claim("w1", 1, later, later + lease()).await.unwrap();
+    assert_eq!(due[0].id, job.id);
+}
+
+async fn concurrent_claimers_never_share_a_job(db: &Db) {
+    const JOBS: usize = 5_000;
+    const CLAIMERS: usize = 20;
+    let queue = queue(db, QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() });
+    let mut enqueued = HashSet::new();
+    for n in 0..JOBS {
+        enqueued.insert(queue.enqueue(request(&format!("u{}", n % 50), "echo", json!({"n": n}))).await.unwrap().id);
+    }
+    let mut claimers = tokio::task::JoinSet::new();
+    for c in 0..CLAIMERS {
+        let store = db.store.clone();
+        claimers.spawn(async move {
+            let worker = format!("w{c}");
+            let mut mine = Vec::new();
+            loop {
+                let now = Utc::now();
+                let batch = store.claim(&worker, 25, now, now + chrono::Duration::seconds(30)).await.unwrap();
+                if batch.is_empty() {
+                    return mine;
+                }
+                for job in batch {
+                    assert_eq!(job.attempts, 1, "each job is claimed once, on its first attempt");
+                    let end = end_of(&job, &worker, Transition::Complete { result: json!({}), processing_time_ms: 0, next: None });
+                    assert!(store.finish_attempt(&end, Utc::now()).await.unwrap());
+                    mine.push(job.id);
+                }
+            }
+        });
+    }
+    let mut processed = Vec::new();
+    while let Some(result) = claimers.join_next().await {
+        processed.extend(result.unwrap());
+    }
+    let unique: HashSet<Uuid> = processed.iter().copied().collect();
+    assert_eq!(processed.len(), JOBS, "every job processed exactly once");
+    assert_eq!(unique, enqueued, "none skipped, none invented");
+    let counts = db.store.count_by_status().await.unwrap();
+    assert_eq!(counts, vec![(JobStatus::Completed, JOBS as i64)]);
+}
+
+async fn retry_returns_the_job_to_pending_after_a_backoff(db: &Db) {
+    let queue = queue(db, QueueSettings { retry_base: Duration::from_millis(2000), ..QueueSettings::default() });
+    queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
+    let now = Utc::now();
+    let job = db.store.claim("w1", 1, now, now + lease()).await.unwrap().remove(0);
+    let transition = queue.transition(&job, Outcome::Retry { reason: "upstream 503".into(), delay: None }, Duration::ZERO, now);
+    let Transition::Retry { run_at, .. } = transition.clone() else { panic!("expected a retry, got {transition:?}") };
+    let wait = (run_at - now).num_milliseconds();
+    assert!((1600..=2400).contains(&wait), "first retry after 2 s ± 20 %, got {wait} ms");
+    assert!(db.store.finish_attempt(&end_of(&job, "w1", transition), now).await.unwrap());
+
+    let stored = db.store.get(job.id).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.attempts), (JobStatus::Pending, 1));
+    assert_eq!(stored.error.as_deref(), Some("upstream 503"));
+    let attempts = db.store.attempts(job.id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!((attempts[0].outcome, attempts[0].error.as_deref()), (AttemptOutcome::Retry, Some("upstream 503")));
+
+    // The second retry waits twice as long.
+    let again = db.store.claim("w1", 1, run_at, run_at + lease()).await.unwrap().remove(0);
+    assert_eq!(again.attempts, 2);
+    let Transition::Retry { run_at: second, .. } = queue.transition(&again, Outcome::Retry { reason: "x".into(), delay: None }, Duration::ZERO, run_at)
+    else {
+        panic!("expected a second retry")
+    };
+    let wait = (second - run_at).num_milliseconds();
+    assert!((3200..=4800).contains(&wait), "second retry after 4 s ± 20 %, got {wait} ms");
+}
+
+async fn attempts_exhausted_fail_the_job_keeping_every_error(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let job = queue.enqueue(EnqueueRequest { max_attempts: Some(2), ..request("u1", "echo", json!({})) }).await.unwrap();
+    let mut now = Utc::now();
+    for attempt in 1..=2 {
+        let claimed = db.store.claim("w1", 1, now, now + lease()).await.unwrap().remove(0);
+        assert_eq!(claimed.attempts, attempt);
+        let reason = format!("timeout {attempt}");
+        let transition = queue.transition(&claimed, Outcome::Retry { reason, delay: None }, Duration::ZERO, now);
+        if let Transition::Retry { run_at, .. } = &transition {
+            now = *run_at;
+        }
+        assert!(db.store.finish_attempt(&end_of(&claimed, "w1", transition), now).await.unwrap());
+    }
+    let failed = db.store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert_eq!(failed.error.as_deref(), Some("timeout 2 (attempt 2 of 2; no attempts left)"));
+    let errors: Vec<Option<String>> = db.store.attempts(job.id).await.unwrap().into_iter().map(|a| a.error).collect();
+    assert_eq!(errors, vec![Some("timeout 1".into()), Some("timeout 2 (attempt 2 of 2; no attempts left)".into())]);
+}
+
+async fn a_lapsed_lease_is_reaped_back_to_pending(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
+    let now = Utc::now();
+    let lapsed = now - chrono::Duration::seconds(1);
+    assert_eq!(db.store.claim("dead-worker", 1, now, lapsed).await.unwrap().len(), 1);
+    assert_eq!(queue.reap_expired_leases().await.unwrap(), 1);
+    let reaped = db.store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(reaped.status, JobStatus::Pending);
+    assert!(reaped.error.as_deref().unwrap().contains("worker dead-worker stopped heartbeating"));
+    assert_eq!(db.store.attempts(job.id).await.unwrap()[0].outcome, AttemptOutcome::LeaseExpired);
+    assert_eq!(queue.reap_expired_leases().await.unwrap(), 0, "reaping twice changes nothing");
+}
+
+async fn a_lapsed_lease_on_the_last_attempt_fails_the_job(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let job = queue.enqueue(EnqueueRequest { max_attempts: Some(1), ..request("u1", "echo", json!({})) }).await.unwrap();
+    let now = Utc::now();
+    let lapsed = now - chrono::Duration::seconds(1);
+    assert_eq!(db.store.claim("dead-worker", 1, now, lapsed).await.unwrap().len(), 1);
+    queue.reap_expired_leases().await.unwrap();
+    let failed = db.store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert!(failed.error.as_deref().unwrap().contains("no attempts left"));
+}
+
+async fn a_stale_attempt_end_writes_nothing(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
+    let now = Utc::now();
+    let claimed = db.store.claim("w1", 1, now, now + lease()).await.unwrap().remove(0);
+    let complete = || Transition::Complete { result: json!({"late": true}), processing_time_ms: 1, next: None };
+    assert!(!db.store.finish_attempt(&end_of(&claimed, "w2", complete()), now).await.unwrap(), "another worker's end");
+    let mut stale = end_of(&claimed, "w1", complete());
+    stale.attempt = 7;
+    assert!(!db.store.finish_attempt(&stale, now).await.unwrap(), "another attempt's end");
+    assert_eq!(db.store.get(job.id).await.unwrap().unwrap().status, JobStatus::Processing);
+}
+
+async fn cancel_pending_is_immediate(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
+    assert_eq!(queue.cancel(job.id).await.unwrap(), CancelOutcome::Cancelled { was_running: false });
+    assert_eq!(db.store.get(job.id).await.unwrap().unwrap().status, JobStatus::Cancelled);
+    let now = Utc::now();
+    assert!(db.store.claim("w1", 1, now, now + lease()).await.unwrap().is_empty());
+}
+
+async fn cancel_of_a_finished_job_is_refused(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
+    let now = Utc::now();
+    let claimed = db.store.claim("w1", 1, now, now + lease()).await.unwrap().remove(0);
+    let done = Transition::Complete { result: json!({}), processing_time_ms: 1, next: None };
+    db.store.finish_attempt(&end_of(&claimed, "w1", done), now).await.unwrap();
+    let error = queue.cancel(job.id).await.unwrap_err();
+    assert!(matches!(error, QueueError::AlreadyFinished { status: JobStatus::Completed, .. }));
+    assert!(error.to_string().contains("already ended as completed"), "{error}");
+    assert!(matches!(queue.cancel(Uuid::now_v7()).await, Err(QueueError::NotFound(_))));
+}
+
+async fn worker_completes_a_job_recording_result_and_version(db: &Db) {
+    let running = start_worker(db, QueueSettings::default()).await;
+    let job = running.queue.enqueue(request("u1", "echo", json!({"a": 1}))).await.unwrap();
+    let done = wait_for_status(db, job.id, JobStatus::Completed).await;
+    assert_eq!(done.result.as_ref().unwrap()["echo"], json!({"a": 1}));
+    assert_eq!(done.handler_version.as_deref(), Some(&*running.registry.get("echo").unwrap().version));
+    assert!(done.processing_time_ms.is_some());
+    assert_eq!(done.progress_percent, 100);
+    let attempts = db.store.attempts(job.id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].outcome, AttemptOutcome::Completed);
+    let workers = db.store.workers().await.unwrap();
+    assert_eq!(workers.len(), 1);
+    assert_eq!(workers[0].concurrency, 4);
+    running.stop().await;
+}
+
+async fn worker_cancels_a_running_job_within_a_second(db: &Db) {
+    let running = start_worker(db, QueueSettings::default()).await;
+    let job = running.queue.enqueue(request("u1", "hostile", json!({"mode": "spin"}))).await.unwrap();
+    wait_for_status(db, job.id, JobStatus::Processing).await;
+    let cancelled_at = Instant::now();
+    assert_eq!(running.queue.cancel(job.id).await.unwrap(), CancelOutcome::Cancelled { was_running: true });
+    let attempt = wait_for_attempt(db, job.id).await;
+    assert!(cancelled_at.elapsed() < Duration::from_secs(1), "interrupted after {:?}", cancelled_at.elapsed());
+    assert_eq!(attempt.outcome, AttemptOutcome::Cancelled);
+    let job = db.store.get(job.id).await.unwrap().unwrap();
+    assert_eq!((job.status, job.result), (JobStatus::Cancelled, None));
+    running.stop().await;
+}
+
+async fn worker_stops_a_job_cancelled_by_a_direct_status_update(db: &Db) {
+    let running = start_worker(db, QueueSettings::default()).await;
+    let job = running.queue.enqueue(request("u1", "hostile", json!({"mode": "spin"}))).await.unwrap();
+    wait_for_status(db, job.id, JobStatus::Processing).await;
+    // What the customer's React hook does through Supabase.
+    let cancelled_at = Instant::now();
+    let updated = db.execute(&format!("UPDATE quern_jobs SET status = 'cancelled' WHERE id = '{}'", job.id)).await;
+    assert_eq!(updated, 1);
+    let attempt = wait_for_attempt(db, job.id).await;
+    assert!(cancelled_at.elapsed() < Duration::from_secs(1), "interrupted after {:?}", cancelled_at.elapsed());
+    assert_eq!(attempt.outcome, AttemptOutcome::Cancelled);
+    assert_eq!(db.store.get(job.id).await.unwrap().unwrap().result, None);
+    running.stop().await;
+}
+
+async fn worker_retries_a_job_no_sooner_than_the_delay_it_asked_for(db: &Db) {
+    let settings = QueueSettings { retry_base: Duration::from_millis(50), ..QueueSettings::default() };
+    let running = start_worker(db, settings).await;
+    let input = json!({"mode": "retry", "reason": "rate limited", "delay_ms": 1500});
+    let job = running.queue.enqueue(EnqueueRequest { max_attempts: Some(2), ..request("u1", "hostile", input) }).await.unwrap();
+    let failed = wait_for_status(db, job.id, JobStatus::Failed).await;
+    let attempts = db.store.attempts(job.id).await.unwrap();
+    assert_eq!(attempts.len(), 2);
+    let gap = attempts[1].started_at - attempts[0].ended_at;
+    assert!(gap >= chrono::Duration::milliseconds(1500), "retried after {gap}, before the 1.5 s asked for");
+    assert!(failed.error.unwrap().starts_with("rate limited (attempt 2 of 2"));
+    running.stop().await;
+}
+
+async fn worker_writes_cacheable_results_and_hits_are_counted(db: &Db) {
+    let running = start_worker(db, QueueSettings::default()).await;
+    let input = json!({"b": [1, 2], "a": "x"});
+    let job = running.queue.enqueue(request("u1", "echo_cached", input.clone())).await.unwrap();
+    let done = wait_for_status(db, job.id, JobStatus::Completed).await;
+    let version = running.registry.get("echo_cached").unwrap().version.clone();
+    let reordered = json!({"a": "x", "b": [1, 2]});
+    for expected_hits in 1..=2 {
+        let hit = running.queue.cached_result("echo_cached", &version, &reordered).await.unwrap();
+        assert_eq!(hit.as_ref(), done.result.as_ref());
+        let key = quern::queue::cache_key::cache_key("echo_cached", &version, &input);
+        assert_eq!(db.store.cache_entry(&key).await.unwrap().unwrap().hit_count, expected_hits);
+    }
+    assert_eq!(running.queue.cached_result("echo_cached", "another-version", &input).await.unwrap(), None);
+    assert_eq!(running.queue.cached_result("echo", &version, &input).await.unwrap(), None, "echo itself is not cacheable");
+    running.stop().await;
+}
+
+async fn cache_hits_are_counted_atomically(db: &Db) {
+    let now = Utc::now();
+    db.store.cache_put("t:v:k", "t", &json!({"r": 1}), now, now + chrono::Duration::hours(1)).await.unwrap();
+    let mut hits = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let store = db.store.clone();
+        hits.spawn(async move { store.cache_hit("t:v:k", Utc::now()).await.unwrap() });
+    }
+    while let Some(hit) = hits.join_next().await {
+        assert_eq!(hit.unwrap(), Some(json!({"r": 1})));
+    }
+    let entry = db.store.cache_entry("t:v:k").await.unwrap().unwrap();
+    assert_eq!(entry.hit_count, 20);
+    assert!(entry.last_hit_at.is_some());
+}
+
+async fn expired_cache_entries_miss_and_are_purged(db: &Db) {
+    let now = Utc::now();
+    db.store.cache_put("old", "t", &json!(1), now - chrono::Duration::hours(2), now - chrono::Duration::hours(1)).await.unwrap();
+    db.store.cache_put("new", "t", &json!(2), now, now + chrono::Duration::hours(1)).await.unwrap();
+    assert_eq!(db.store.cache_hit("old", now).await.unwrap(), None);
+    assert_eq!(db.store.purge_cache(now).await.unwrap(), 1);
+    assert!(db.store.cache_entry("old").await.unwrap().is_none());
+    assert!(db.store.cache_entry("new").await.unwrap().is_some());
+}
+
+async fn per_user_limit_holds_under_concurrent_enqueues(db: &Db) {
+    let queue = queue(db, QueueSettings { max_unfinished_per_user: Some(5), ..QueueSettings::default() });
+    let mut enqueues = tokio::task::JoinSet::new();
+    for n in 0..20 {
+        let queue = queue.clone();
+        enqueues.spawn(async move { queue.enqueue(request("greedy", "echo", json!({"n": n}))).await });
+    }
+    let (mut accepted, mut refused) = (0, 0);
+    while let Some(result) = enqueues.join_next().await {
+        match result.unwrap() {
+            Ok(_) => accepted += 1,
+            Err(QueueError::TooManyActiveJobs { limit: 5 }) => refused += 1,
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert_eq!((accepted, refused), (5, 15));
+    assert!(queue.enqueue(request("someone-else", "echo", json!({}))).await.is_ok(), "the limit is per user");
+}
+
+async fn pipeline_runs_the_next_step_with_the_previous_result(db: &Db) {
+    let running = start_worker(db, QueueSettings::default()).await;
+    let next = vec![
+        Step { job_type: "echo".into(), input: json!({"step": 2}) },
+        Step { job_type: "echo".into(), input: json!({"step": 3}) },
+    ];
+    let first = running.queue.enqueue(EnqueueRequest { next, ..request("u9", "echo", json!({"step": 1})) }).await.unwrap();
+    let mut ids = vec![first.id];
+    let mut step_input = json!({"step": 1});
+    for step in 2..=3 {
+        let parent = wait_for_status(db, *ids.last().unwrap(), JobStatus::Completed).await;
+        let child = poll_children(db, &parent).await;
+        assert_eq!(child.user_id, "u9");
+        assert_eq!(child.root_id, Some(first.id));
+        assert_eq!(child.input["step"], step);
+        assert_eq!(child.input["previous"]["echo"], step_input, "the previous result rides along");
+        step_input = child.input.clone();
+        ids.push(child.id);
+    }
+    let last = wait_for_status(db, ids[2], JobStatus::Completed).await;
+    assert!(last.next_steps.is_empty());
+    running.stop().await;
+}
+
+async fn pipeline_stops_when_a_step_fails(db: &Db) {
+    let running = start_worker(db, QueueSettings::default()).await;
+    let next = vec![Step { job_type: "echo".into(), input: json!({"never": true}) }];
+    let input = json!({"mode": "panic", "message": "step one broke"});
+    let first = running.queue.enqueue(EnqueueRequest { next, ..request("u1", "hostile", input) }).await.unwrap();
+    wait_for_status(db, first.id, JobStatus::Failed).await;
+    let counts = db.store.count_by_status().await.unwrap();
+    assert_eq!(counts, vec![(JobStatus::Failed, 1)], "no next step was enqueued");
+    running.stop().await;
+}
+
+async fn enqueue_refuses_bad_requests_with_clear_errors(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let error = queue.enqueue(request("u1", "echo", json!([1]))).await.unwrap_err();
+    assert_eq!(error.to_string(), "input must be a JSON object, got an array");
+    let error = queue.enqueue(EnqueueRequest { priority: Some(11), ..request("u1", "echo", json!({})) }).await.unwrap_err();
+    assert_eq!(error.to_string(), "priority 11 is out of range: use 1 (most urgent) to 10");
+    let next = vec![Step { job_type: "echo".into(), input: json!("text") }];
+    let error = queue.enqueue(EnqueueRequest { next, ..request("u1", "echo", json!({})) }).await.unwrap_err();
+    assert_eq!(error.to_string(), "pipeline step 0: input must be a JSON object, got a string");
+    assert!(db.store.count_by_status().await.unwrap().is_empty(), "nothing was inserted");
+}
+
+// --- helpers ---
+
+fn end_of(job: &quern::store::Job, worker: &str, transition: Transition) -> AttemptEnd {
+    AttemptEnd {
+        job_id: job.id,
+        worker_id: worker.into(),
+        attempt: job.attempts,
+        handler_version: None,
+        started_at: job.started_at.unwrap_or_else(Utc::now),
+        transition,
+    }
+}
+
+struct RunningWorker {
+    queue: Arc<Queue>,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), quern::store::StoreError>>,
+}
+
+impl RunningWorker {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A worker with `echo`, `echo_cached` (echo, cacheable) and `hostile` loaded.
+async fn start_worker(db: &Db, settings: QueueSettings) -> RunningWorker {
+    let registry = Registry::new(support::runtime());
+    let runtime = registry.runtime().clone();
+    let (echo, manifest) = read_component(&dist("echo.wasm")).unwrap();
+    registry.install(runtime.load(&echo, manifest).unwrap());
+    let cached = Manifest { job_type: "echo_cached".into(), cacheable: true, ..Manifest::bare("echo_cached") };
+    registry.install(runtime.load(&echo, cached).unwrap());
+    let (hostile, manifest) = read_component(&dist("fixtures/hostile.wasm")).unwrap();
+    registry.install(runtime.load(&hostile, manifest).unwrap());
+
+    let queue = Arc::new(Queue::new(db.store.clone(), settings));
+    let worker_settings = WorkerSettings {
+        id: format!("test-worker-{}", Uuid::now_v7().simple()),
+        concurrency: 4,
+        poll_interval: Duration::from_millis(100),
+        cancel_check_interval: Duration::from_millis(50),
+        ..WorkerSettings::default()
+    };
+    let worker = Worker::new(queue.clone(), registry.clone(), worker_settings);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    RunningWorker { queue, registry, shutdown, task }
+}
+
+async fn wait_for_status(db: &Db, id: Uuid, status: JobStatus) -> quern::store::Job {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let job = db.store.get(id).await.unwrap().unwrap();
+        if job.status == status {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} is {} (error {:?}), waited for {status}", job.status, job.error);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_for_attempt(db: &Db, id: Uuid) -> quern::store::AttemptRecord {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(attempt) = db.store.attempts(id).await.unwrap().pop() {
+            return attempt;
+        }
+        assert!(Instant::now() < deadline, "no attempt of {id} was recorded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn poll_children(db: &Db, parent: &quern::store::Job) -> quern::store::Job {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let jobs = db.store.jobs_of_user(&parent.user_id, 100).await.unwrap();
+        if let Some(child) = jobs.into_iter().find(|job| job.parent_id == Some(parent.id)) {
+            return child;
+        }
+        assert!(Instant::now() < deadline, "no child of {} appeared", parent.id);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
