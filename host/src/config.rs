@@ -51,3 +51,86 @@ impl RuntimeArgs {
         })
     }
 }
+
+/// Which database: `DATABASE_URL`, or the embedded SQLite file in the data dir.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// `postgres://…` (plain or Supabase) or `sqlite://path` [default: sqlite in <data-dir>/quern.db].
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Do not apply migrations at start (run `quern migrate` yourself).
+    #[arg(long, env = "QUERN_NO_MIGRATE")]
+    pub no_migrate: bool,
+}
+
+impl DatabaseArgs {
+    pub fn url(&self, data_dir: &std::path::Path) -> String {
+        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("quern.db").display()))
+    }
+}
+
+/// Queue and worker settings; the names are the customer's (seed 000, §6).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// This worker's id [default: <hostname>-<pid>].
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Jobs run at once.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub concurrency: u32,
+    /// How often to look for jobs when no wake-up arrives.
+    #[arg(long, env = "WORKER_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub poll_interval_ms: u64,
+    /// First retry delay; doubles per attempt, ±20 % jitter.
+    #[arg(long, env = "WORKER_RETRY_DELAY_MS", default_value_t = 2000)]
+    pub retry_delay_ms: u64,
+    /// Attempts per job, for types whose manifest sets none.
+    #[arg(long, env = "WORKER_MAX_RETRIES", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub max_attempts: i32,
+    /// A job running longer is interrupted and failed.
+    #[arg(long, env = "WORKER_STUCK_JOB_TIMEOUT_MS", default_value_t = 300_000)]
+    pub stuck_job_timeout_ms: u64,
+    /// How long a claim holds a job without a heartbeat.
+    #[arg(long, env = "QUERN_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(300..))]
+    pub lease_ms: u64,
+    /// How long running jobs may finish after SIGTERM before they are released.
+    #[arg(long, env = "QUERN_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    pub shutdown_grace_s: u64,
+    /// Unfinished jobs a user may have at once (0 = no limit).
+    #[arg(long, env = "QUERN_MAX_ACTIVE_JOBS_PER_USER", default_value_t = 10)]
+    pub max_active_jobs_per_user: u32,
+    /// Cache results of cacheable job types.
+    #[arg(long, env = "ENABLE_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_cache: bool,
+    /// How long a cached result lives, for types whose manifest sets none.
+    #[arg(long, env = "CACHE_TTL_HOURS", default_value_t = 24)]
+    pub cache_ttl_hours: u64,
+    /// The handlers directory (`<type>.wasm` + `<type>.toml`), watched for new builds.
+    #[arg(long, env = "QUERN_HANDLERS_DIR", default_value = "handlers-dist")]
+    pub handlers_dir: PathBuf,
+}
+
+impl WorkerArgs {
+    pub fn queue_settings(&self) -> crate::queue::QueueSettings {
+        crate::queue::QueueSettings {
+            retry_base: Duration::from_millis(self.retry_delay_ms),
+            default_max_attempts: self.max_attempts,
+            lease: Duration::from_millis(self.lease_ms),
+            max_unfinished_per_user: (self.max_active_jobs_per_user > 0).then_some(self.max_active_jobs_per_user),
+            cache_enabled: self.enable_cache,
+            cache_ttl: Duration::from_secs(self.cache_ttl_hours * 3600),
+        }
+    }
+
+    pub fn worker_settings(&self) -> crate::queue::worker::WorkerSettings {
+        let defaults = crate::queue::worker::WorkerSettings::default();
+        crate::queue::worker::WorkerSettings {
+            id: self.worker_id.clone().unwrap_or(defaults.id),
+            concurrency: self.concurrency,
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            stuck_timeout: Duration::from_millis(self.stuck_job_timeout_ms),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+            ..defaults
+        }
+    }
+}

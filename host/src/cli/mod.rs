@@ -1,6 +1,7 @@
 //! Command-line glue: parse, set up, dispatch. Work lives in the library.
 
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,13 @@ enum Command {
     /// logs and progress on stderr. Exit 0 ok, 1 retryable failure, 2 permanent
     /// failure, 3 host or usage error.
     Run(run::RunArgs),
+    /// Run the job host: a worker on the embedded SQLite database by default
+    /// (DATABASE_URL=postgres://… for PostgreSQL), handlers from QUERN_HANDLERS_DIR.
+    Serve(serve::ServeArgs),
+    /// Run a worker only (several may share one PostgreSQL database).
+    Worker(serve::ServeArgs),
+    /// Apply the database migrations and exit.
+    Migrate(serve::MigrateArgs),
     /// Measure; print the numbers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -45,6 +53,8 @@ pub fn init_logging() {
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Serve(args) | Command::Worker(args) => serve::serve(args),
+        Command::Migrate(args) => serve::migrate(args),
         Command::Bench(BenchCommand::Runtime(args)) => {
             quern::bench::runtime::run(&args)?;
             Ok(ExitCode::SUCCESS)
