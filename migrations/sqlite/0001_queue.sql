@@ -1,5 +1,5 @@
 -- quern's queue on SQLite: the same tables as migrations/postgres, with
--- timestamps as integer milliseconds since the Unix epoch, UUIDs as text and
+-- timestamps as integer microseconds since the Unix epoch, UUIDs as text and
 -- JSON as text.
 
 CREATE TABLE quern_jobs (

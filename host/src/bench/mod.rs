@@ -1,6 +1,7 @@
 //! Benchmarks that print their numbers (`quern bench …`). Speed is claimed
 //! from these, never from timed tests; BENCHMARKS.md records what they print.
 
+pub mod queue;
 pub mod runtime;
 
 use std::time::Duration;

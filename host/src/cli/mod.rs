@@ -1,5 +1,6 @@
 //! Command-line glue: parse, set up, dispatch. Work lives in the library.
 
+mod jobs;
 mod run;
 mod serve;
 
@@ -31,6 +32,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run a worker only (several may share one PostgreSQL database).
     Worker(serve::ServeArgs),
+    /// Enqueue, inspect and cancel jobs in the database.
+    Jobs(jobs::JobsArgs),
     /// Apply the database migrations and exit.
     Migrate(serve::MigrateArgs),
     /// Measure; print the numbers.
@@ -42,6 +45,8 @@ enum Command {
 enum BenchCommand {
     /// Per-job cost of a fresh sandbox: instantiate, call, drop.
     Runtime(quern::bench::runtime::RuntimeBenchArgs),
+    /// The queue end to end: enqueue and processing throughput, pickup latency.
+    Queue(quern::bench::queue::QueueBenchArgs),
 }
 
 /// Logs go to stderr; `QUERN_LOG` filters them (e.g. `debug`, `quern=trace`).
@@ -55,6 +60,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(args),
         Command::Serve(args) | Command::Worker(args) => serve::serve(args),
         Command::Migrate(args) => serve::migrate(args),
+        Command::Jobs(args) => jobs::jobs(args),
+        Command::Bench(BenchCommand::Queue(args)) => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(quern::bench::queue::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Runtime(args)) => {
             quern::bench::runtime::run(&args)?;
             Ok(ExitCode::SUCCESS)

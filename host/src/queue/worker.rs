@@ -102,6 +102,9 @@ impl Worker {
 
         let mut tasks = JoinSet::new();
         while !shutdown.is_cancelled() {
+            // Reap every finished task first, so one claim fills every free
+            // slot: claiming a job at a time would cost a round trip per job.
+            while tasks.try_join_next().is_some() {}
             let free = settings.concurrency.saturating_sub(tasks.len() as u32);
             let mut claimed = 0;
             if free > 0 {
@@ -200,6 +203,9 @@ async fn run_job(
     job: Job,
     (cancel, stop, progress): (CancellationToken, Arc<AtomicU8>, Arc<Mutex<Option<(u8, String)>>>),
 ) {
+    // Forgets the job when this task ends, even by a panic: its lease then
+    // lapses and the reaper runs it again instead of it being renewed forever.
+    let _untrack = Untrack(shared.clone(), job.id);
     let started = Instant::now();
     let handler = shared.registry.get(&job.job_type);
     let outcome = match &handler {
@@ -262,7 +268,14 @@ async fn run_job(
             tracing::warn!(job_id = %job.id, %error, "could not write the result to the cache");
         }
     }
-    shared.lock_running().remove(&job.id);
+}
+
+struct Untrack(Arc<Shared>, Uuid);
+
+impl Drop for Untrack {
+    fn drop(&mut self) {
+        self.0.lock_running().remove(&self.1);
+    }
 }
 
 /// Ends the attempt, retrying briefly if the database is unavailable. If it

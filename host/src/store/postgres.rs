@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -77,28 +77,95 @@ fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
     })
 }
 
-async fn insert_job(tx: &mut Transaction<'_, Postgres>, job: &NewJob, now: DateTime<Utc>) -> Result<Job, StoreError> {
+/// The insert of a job and the NOTIFY that wakes workers (delivered at commit).
+fn insert_query(job: &NewJob, now: DateTime<Utc>) -> Result<sqlx::query::Query<'static, Postgres, PgArguments>, StoreError> {
     let next_steps = serde_json::to_value(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?;
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+    Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id, \
-         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) RETURNING {JOB_COLUMNS}"
+         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
+         RETURNING {JOB_COLUMNS}, pg_notify('{CHANNEL}', '')::text AS notified"
     )))
     .bind(job.id)
-    .bind(&job.user_id)
-    .bind(&job.job_type)
-    .bind(&job.input)
+    .bind(job.user_id.clone())
+    .bind(job.job_type.clone())
+    .bind(job.input.clone())
     .bind(job.priority)
     .bind(job.max_attempts)
     .bind(job.run_at)
     .bind(next_steps)
     .bind(job.parent_id)
     .bind(job.root_id)
-    .bind(now)
-    .fetch_one(&mut **tx)
-    .await?;
-    // Delivered at commit, to every listening worker.
-    sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&mut **tx).await?;
+    .bind(now))
+}
+
+async fn insert_job(tx: &mut Transaction<'_, Postgres>, job: &NewJob, now: DateTime<Utc>) -> Result<Job, StoreError> {
+    let row = insert_query(job, now)?.fetch_one(&mut **tx).await?;
     job_from_row(&row)
+}
+
+/// Ends an attempt in one statement: the job's transition, guarded by who
+/// holds it, and the attempt's record, written only if the transition was.
+/// Returns the query counting the jobs changed (0 or 1).
+fn finish_query(end: &AttemptEnd, now: DateTime<Utc>) -> sqlx::query::QueryScalar<'static, Postgres, i64, PgArguments> {
+    const HELD: &str = "id = $1 AND status = 'processing' AND worker_id = $2 AND attempts = $3";
+    let (set, filter, outcome, error) = match &end.transition {
+        Transition::Complete { .. } => (
+            "status = 'completed', result = $9, error = NULL, processing_time_ms = $10, handler_version = $4, \
+             progress_percent = 100, completed_at = $5, updated_at = $5, lease_expires_at = NULL",
+            HELD,
+            AttemptOutcome::Completed,
+            None,
+        ),
+        Transition::Retry { error, outcome, .. } => (
+            "status = 'pending', error = $8, run_at = $9, handler_version = $4, worker_id = NULL, \
+             lease_expires_at = NULL, updated_at = $5",
+            HELD,
+            *outcome,
+            Some(error.clone()),
+        ),
+        Transition::Fail { error, outcome } => (
+            "status = 'failed', error = $8, handler_version = $4, completed_at = $5, updated_at = $5, lease_expires_at = NULL",
+            HELD,
+            *outcome,
+            Some(error.clone()),
+        ),
+        Transition::Cancelled => (
+            "lease_expires_at = NULL, handler_version = $4, updated_at = $5",
+            "id = $1 AND status = 'cancelled' AND worker_id = $2 AND attempts = $3",
+            AttemptOutcome::Cancelled,
+            Some("cancelled while running".to_string()),
+        ),
+        Transition::Release => (
+            "status = 'pending', attempts = attempts - 1, worker_id = NULL, lease_expires_at = NULL, run_at = $5, \
+             updated_at = $5",
+            HELD,
+            AttemptOutcome::Released,
+            None,
+        ),
+    };
+    // A released attempt is not an attempt: nothing is recorded for it.
+    let record = if matches!(end.transition, Transition::Release) { "WHERE false" } else { "" };
+    let sql = format!(
+        "WITH done AS (UPDATE quern_jobs SET {set} WHERE {filter} RETURNING id), \
+         recorded AS (INSERT INTO quern_job_attempts \
+             (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error) \
+             SELECT id, $3, $2, $4, $6, $5, $7, $8::text FROM done {record} ON CONFLICT (job_id, attempt) DO NOTHING) \
+         SELECT count(*) FROM done"
+    );
+    let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(end.job_id)
+        .bind(end.worker_id.clone())
+        .bind(end.attempt)
+        .bind(end.handler_version.clone())
+        .bind(now)
+        .bind(end.started_at)
+        .bind(outcome.as_str())
+        .bind(error);
+    match &end.transition {
+        Transition::Complete { result, processing_time_ms, .. } => query.bind(result.clone()).bind(*processing_time_ms),
+        Transition::Retry { run_at, .. } => query.bind(*run_at),
+        _ => query,
+    }
 }
 
 #[async_trait]
@@ -118,23 +185,25 @@ impl Store for PostgresStore {
         now: DateTime<Utc>,
         max_unfinished_per_user: Option<u32>,
     ) -> Result<Job, StoreError> {
+        let Some(limit) = max_unfinished_per_user else {
+            // One statement, one round trip: the insert and its NOTIFY.
+            let row = insert_query(job, now)?.fetch_one(&self.pool).await?;
+            return job_from_row(&row);
+        };
         let mut tx = self.pool.begin().await?;
-        if let Some(limit) = max_unfinished_per_user {
-            // Serialises enqueues of one user only, so two cannot both slip
-            // under the limit; other users are not held up.
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7919))")
-                .bind(&job.user_id)
-                .execute(&mut *tx)
-                .await?;
-            let unfinished: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM quern_jobs WHERE user_id = $1 AND status IN ('pending', 'processing')",
-            )
+        // Serialises enqueues of one user only, so two cannot both slip under
+        // the limit; other users are not held up.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7919))")
             .bind(&job.user_id)
-            .fetch_one(&mut *tx)
+            .execute(&mut *tx)
             .await?;
-            if unfinished >= i64::from(limit) {
-                return Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit });
-            }
+        let unfinished: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM quern_jobs WHERE user_id = $1 AND status IN ('pending', 'processing')")
+                .bind(&job.user_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if unfinished >= i64::from(limit) {
+            return Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit });
         }
         let inserted = insert_job(&mut tx, job, now).await?;
         tx.commit().await?;
@@ -194,113 +263,15 @@ impl Store for PostgresStore {
     }
 
     async fn finish_attempt(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let held = "WHERE id = $1 AND status = 'processing' AND worker_id = $2 AND attempts = $3";
-        let (updated, outcome, error) = match &end.transition {
-            Transition::Complete { result, processing_time_ms, .. } => {
-                let sql = format!(
-                    "UPDATE quern_jobs SET status = 'completed', result = $4, error = NULL, processing_time_ms = $5, \
-                     handler_version = $6, progress_percent = 100, completed_at = $7, updated_at = $7, \
-                     lease_expires_at = NULL {held}"
-                );
-                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(end.job_id)
-                    .bind(&end.worker_id)
-                    .bind(end.attempt)
-                    .bind(result)
-                    .bind(processing_time_ms)
-                    .bind(&end.handler_version)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                (done.rows_affected(), AttemptOutcome::Completed, None)
-            }
-            Transition::Retry { error, run_at, outcome } => {
-                let sql = format!(
-                    "UPDATE quern_jobs SET status = 'pending', error = $4, run_at = $5, handler_version = $6, \
-                     worker_id = NULL, lease_expires_at = NULL, updated_at = $7 {held}"
-                );
-                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(end.job_id)
-                    .bind(&end.worker_id)
-                    .bind(end.attempt)
-                    .bind(error)
-                    .bind(run_at)
-                    .bind(&end.handler_version)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                (done.rows_affected(), *outcome, Some(error.as_str()))
-            }
-            Transition::Fail { error, outcome } => {
-                let sql = format!(
-                    "UPDATE quern_jobs SET status = 'failed', error = $4, handler_version = $5, completed_at = $6, \
-                     updated_at = $6, lease_expires_at = NULL {held}"
-                );
-                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(end.job_id)
-                    .bind(&end.worker_id)
-                    .bind(end.attempt)
-                    .bind(error)
-                    .bind(&end.handler_version)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                (done.rows_affected(), *outcome, Some(error.as_str()))
-            }
-            Transition::Cancelled => {
-                let done = sqlx::query(
-                    "UPDATE quern_jobs SET lease_expires_at = NULL, handler_version = $4, updated_at = $5 \
-                     WHERE id = $1 AND status = 'cancelled' AND worker_id = $2 AND attempts = $3",
-                )
-                .bind(end.job_id)
-                .bind(&end.worker_id)
-                .bind(end.attempt)
-                .bind(&end.handler_version)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                (done.rows_affected(), AttemptOutcome::Cancelled, Some("cancelled while running"))
-            }
-            Transition::Release => {
-                let sql = format!(
-                    "UPDATE quern_jobs SET status = 'pending', attempts = attempts - 1, worker_id = NULL, \
-                     lease_expires_at = NULL, run_at = $4, updated_at = $4 {held}"
-                );
-                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(end.job_id)
-                    .bind(&end.worker_id)
-                    .bind(end.attempt)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                return Ok(done.rows_affected() == 1);
-            }
+        let Transition::Complete { next: Some(next), .. } = &end.transition else {
+            return Ok(finish_query(end, now).fetch_one(&self.pool).await? == 1);
         };
-        if updated != 1 {
+        // A pipeline's next job is inserted with the completion, or not at all.
+        let mut tx = self.pool.begin().await?;
+        if finish_query(end, now).fetch_one(&mut *tx).await? != 1 {
             return Ok(false);
         }
-        sqlx::query(
-            "INSERT INTO quern_job_attempts (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (job_id, attempt) DO NOTHING",
-        )
-        .bind(end.job_id)
-        .bind(end.attempt)
-        .bind(&end.worker_id)
-        .bind(&end.handler_version)
-        .bind(end.started_at)
-        .bind(now)
-        .bind(outcome.as_str())
-        .bind(error)
-        .execute(&mut *tx)
-        .await?;
-        if let Transition::Complete { next: Some(next), .. } = &end.transition {
-            insert_job(&mut tx, next, now).await?;
-        }
-        if matches!(end.transition, Transition::Retry { .. }) {
-            sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&mut *tx).await?;
-        }
+        insert_job(&mut tx, next, now).await?;
         tx.commit().await?;
         Ok(true)
     }

@@ -56,16 +56,17 @@ impl SqliteStore {
     }
 }
 
-fn ms(at: DateTime<Utc>) -> i64 {
-    at.timestamp_millis()
+/// Timestamps are stored as microseconds since the Unix epoch.
+fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
 }
 
-fn at(ms: i64) -> Result<DateTime<Utc>, StoreError> {
-    Utc.timestamp_millis_opt(ms).single().ok_or_else(|| corrupt("quern_jobs", format!("timestamp {ms}")))
+fn at(micros: i64) -> Result<DateTime<Utc>, StoreError> {
+    Utc.timestamp_micros(micros).single().ok_or_else(|| corrupt("quern_jobs", format!("timestamp {micros}")))
 }
 
-fn at_opt(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
-    ms.map(at).transpose()
+fn at_opt(micros: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
+    micros.map(at).transpose()
 }
 
 fn uuid(text: &str) -> Result<Uuid, StoreError> {
@@ -127,11 +128,11 @@ async fn insert_job(tx: &mut Transaction<'_, Sqlite>, job: &NewJob, now: DateTim
     .bind(job.input.to_string())
     .bind(job.priority)
     .bind(job.max_attempts)
-    .bind(ms(job.run_at))
+    .bind(micros(job.run_at))
     .bind(next_steps)
     .bind(job.parent_id.map(|id| id.to_string()))
     .bind(job.root_id.map(|id| id.to_string()))
-    .bind(ms(now))
+    .bind(micros(now))
     .fetch_one(&mut **tx)
     .await?;
     job_from_row(&row)
@@ -216,10 +217,10 @@ impl Store for SqliteStore {
              )
              RETURNING {JOB_COLUMNS}"
         )))
-        .bind(ms(now))
+        .bind(micros(now))
         .bind(i64::from(limit))
         .bind(worker_id)
-        .bind(ms(lease_until))
+        .bind(micros(lease_until))
         .fetch_all(&self.writer)
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
@@ -245,7 +246,7 @@ impl Store for SqliteStore {
                     .bind(result.to_string())
                     .bind(processing_time_ms)
                     .bind(&end.handler_version)
-                    .bind(ms(now))
+                    .bind(micros(now))
                     .execute(&mut *tx)
                     .await?;
                 (done.rows_affected(), AttemptOutcome::Completed, None)
@@ -260,9 +261,9 @@ impl Store for SqliteStore {
                     .bind(&end.worker_id)
                     .bind(end.attempt)
                     .bind(error)
-                    .bind(ms(*run_at))
+                    .bind(micros(*run_at))
                     .bind(&end.handler_version)
-                    .bind(ms(now))
+                    .bind(micros(now))
                     .execute(&mut *tx)
                     .await?;
                 (done.rows_affected(), *outcome, Some(error.as_str()))
@@ -278,7 +279,7 @@ impl Store for SqliteStore {
                     .bind(end.attempt)
                     .bind(error)
                     .bind(&end.handler_version)
-                    .bind(ms(now))
+                    .bind(micros(now))
                     .execute(&mut *tx)
                     .await?;
                 (done.rows_affected(), *outcome, Some(error.as_str()))
@@ -292,7 +293,7 @@ impl Store for SqliteStore {
                 .bind(&end.worker_id)
                 .bind(end.attempt)
                 .bind(&end.handler_version)
-                .bind(ms(now))
+                .bind(micros(now))
                 .execute(&mut *tx)
                 .await?;
                 (done.rows_affected(), AttemptOutcome::Cancelled, Some("cancelled while running"))
@@ -306,7 +307,7 @@ impl Store for SqliteStore {
                     .bind(&id)
                     .bind(&end.worker_id)
                     .bind(end.attempt)
-                    .bind(ms(now))
+                    .bind(micros(now))
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
@@ -325,8 +326,8 @@ impl Store for SqliteStore {
         .bind(end.attempt)
         .bind(&end.worker_id)
         .bind(&end.handler_version)
-        .bind(ms(end.started_at))
-        .bind(ms(now))
+        .bind(micros(end.started_at))
+        .bind(micros(now))
         .bind(outcome.as_str())
         .bind(error)
         .execute(&mut *tx)
@@ -355,7 +356,7 @@ impl Store for SqliteStore {
              WHERE status = 'processing' AND worker_id = ?2 AND id IN ({}) RETURNING id",
             placeholders(ids.len(), 3)
         );
-        let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(ms(lease_until)).bind(worker_id);
+        let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(micros(lease_until)).bind(worker_id);
         for id in ids {
             query = query.bind(id.to_string());
         }
@@ -384,7 +385,7 @@ impl Store for SqliteStore {
             "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE status = 'processing' AND lease_expires_at < ?1 \
              ORDER BY lease_expires_at LIMIT ?2"
         )))
-        .bind(ms(now))
+        .bind(micros(now))
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
@@ -406,7 +407,7 @@ impl Store for SqliteStore {
             "UPDATE quern_jobs SET status = 'cancelled', completed_at = ?2, updated_at = ?2, error = 'cancelled' WHERE id = ?1",
         )
         .bind(id.to_string())
-        .bind(ms(now))
+        .bind(micros(now))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -458,7 +459,7 @@ impl Store for SqliteStore {
              WHERE cache_key = ?1 AND expires_at > ?2 RETURNING response",
         )
         .bind(key)
-        .bind(ms(now))
+        .bind(micros(now))
         .fetch_optional(&self.writer)
         .await?;
         response.as_deref().map(json).transpose()
@@ -495,15 +496,15 @@ impl Store for SqliteStore {
         .bind(key)
         .bind(job_type)
         .bind(response.to_string())
-        .bind(ms(expires_at))
-        .bind(ms(now))
+        .bind(micros(expires_at))
+        .bind(micros(now))
         .execute(&self.writer)
         .await?;
         Ok(())
     }
 
     async fn purge_cache(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM quern_cache WHERE expires_at <= ?1").bind(ms(now)).execute(&self.writer).await?;
+        let done = sqlx::query("DELETE FROM quern_cache WHERE expires_at <= ?1").bind(micros(now)).execute(&self.writer).await?;
         Ok(done.rows_affected())
     }
 
@@ -516,8 +517,8 @@ impl Store for SqliteStore {
         )
         .bind(&worker.id)
         .bind(&worker.host)
-        .bind(ms(worker.started_at))
-        .bind(ms(worker.last_heartbeat_at))
+        .bind(micros(worker.started_at))
+        .bind(micros(worker.last_heartbeat_at))
         .bind(worker.active_jobs)
         .bind(worker.concurrency)
         .bind(&worker.version)
