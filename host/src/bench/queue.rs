@@ -17,7 +17,7 @@ use crate::queue::worker::{Worker, WorkerSettings};
 use crate::queue::{EnqueueRequest, Queue, QueueSettings};
 use crate::runtime::registry::{Registry, read_component};
 use crate::runtime::{Runtime, RuntimeSettings};
-use crate::store::{JobStatus, PostgresStore, SqliteStore, Store};
+use crate::store::{PostgresStore, SqliteStore, Store};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Backend {
@@ -96,12 +96,12 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
     let bar = progress(args.jobs as u64, "process");
     let started = Instant::now();
     loop {
-        let done = finished(&*store).await?;
-        bar.set_position(done as u64);
-        if done >= args.jobs as i64 {
+        let left = store.count_unfinished().await?;
+        bar.set_position((args.jobs as i64 - left).max(0) as u64);
+        if left == 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let process_time = started.elapsed();
     bar.finish_and_clear();
@@ -143,10 +143,6 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
         args.latency_samples
     );
     Ok(())
-}
-
-async fn finished(store: &dyn Store) -> anyhow::Result<i64> {
-    Ok(store.count_by_status().await?.into_iter().filter(|(s, _)| *s == JobStatus::Completed || *s == JobStatus::Failed).map(|(_, n)| n).sum())
 }
 
 fn progress(len: u64, label: &'static str) -> ProgressBar {

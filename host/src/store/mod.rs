@@ -317,6 +317,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError>;
 
+    /// Pending and processing jobs: the queue's depth.
+    async fn count_unfinished(&self) -> Result<i64, StoreError>;
+
     /// Counts of jobs by status.
     async fn count_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError>;
 

@@ -478,6 +478,12 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn count_unfinished(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM quern_jobs WHERE status IN ('pending', 'processing')")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     async fn count_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
         let rows = sqlx::query("SELECT status, count(*) AS n FROM quern_jobs GROUP BY status").fetch_all(&self.pool).await?;
         rows.iter()
