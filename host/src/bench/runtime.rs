@@ -36,9 +36,14 @@ pub enum BenchError {
     JobFailed(Outcome),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("--jobs must be at least 1")]
+    NoJobs,
 }
 
 pub fn run(args: &RuntimeBenchArgs) -> Result<(), BenchError> {
+    if args.jobs == 0 {
+        return Err(BenchError::NoJobs);
+    }
     let (bytes, manifest) = read_component(&args.component)?;
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     println!(
@@ -82,7 +87,7 @@ pub fn run(args: &RuntimeBenchArgs) -> Result<(), BenchError> {
 
     for threads in [1, threads] {
         let (mut samples, wall) = measure(&runtime, &handler, &args.input, args.jobs, threads)?;
-        let latencies = Latencies::of(&mut samples).expect("jobs > 0");
+        let latencies = Latencies::of(&mut samples).ok_or(BenchError::NoJobs)?;
         println!(
             "  {threads} thread{}  per job p50 {}  p99 {}   {} jobs/s",
             if threads == 1 { " " } else { "s" },

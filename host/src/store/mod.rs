@@ -341,6 +341,11 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
+/// A status read from the database.
+pub(crate) fn parse_status(text: &str) -> Result<JobStatus, StoreError> {
+    JobStatus::parse(text).ok_or_else(|| corrupt("quern_jobs", format!("status `{text}`")))
+}
+
 pub(crate) fn corrupt(table: &'static str, message: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt { table, message: message.to_string() }
 }

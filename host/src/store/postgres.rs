@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, CacheEntry, CancelOutcome, Job, JobStatus, NewJob, Store, StoreError,
-    Transition, Wakeups, WorkerRow, corrupt,
+    Transition, Wakeups, WorkerRow, corrupt, parse_status,
 };
 
 /// The channel enqueues notify and workers listen on.
@@ -56,7 +56,7 @@ fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
         input: row.try_get("input")?,
         result: row.try_get("result")?,
         error: row.try_get("error")?,
-        status: JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?,
+        status: parse_status(&status)?,
         priority: row.try_get("priority")?,
         attempts: row.try_get("attempts")?,
         max_attempts: row.try_get("max_attempts")?,
@@ -330,7 +330,7 @@ impl Store for PostgresStore {
             .fetch_optional(&mut *tx)
             .await?;
         let Some(status) = status else { return Ok(CancelOutcome::NotFound) };
-        let status = JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?;
+        let status = parse_status(&status)?;
         if status.is_finished() {
             return Ok(CancelOutcome::AlreadyFinished(status));
         }
@@ -489,7 +489,7 @@ impl Store for PostgresStore {
         rows.iter()
             .map(|row| {
                 let status: String = row.try_get("status")?;
-                let status = JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?;
+                let status = parse_status(&status)?;
                 Ok((status, row.try_get("n")?))
             })
             .collect()

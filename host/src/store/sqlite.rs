@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, CacheEntry, CancelOutcome, Job, JobStatus, NewJob, Store, StoreError,
-    Transition, Wakeups, WorkerRow, corrupt,
+    Transition, Wakeups, WorkerRow, corrupt, parse_status,
 };
 
 pub struct SqliteStore {
@@ -95,7 +95,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
         input: json(&row.try_get::<String, _>("input")?)?,
         result: result.as_deref().map(json).transpose()?,
         error: row.try_get("error")?,
-        status: JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?,
+        status: parse_status(&status)?,
         priority: row.try_get("priority")?,
         attempts: row.try_get("attempts")?,
         max_attempts: row.try_get("max_attempts")?,
@@ -399,7 +399,7 @@ impl Store for SqliteStore {
             .fetch_optional(&mut *tx)
             .await?;
         let Some(status) = status else { return Ok(CancelOutcome::NotFound) };
-        let status = JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?;
+        let status = parse_status(&status)?;
         if status.is_finished() {
             return Ok(CancelOutcome::AlreadyFinished(status));
         }
@@ -559,7 +559,7 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|row| {
                 let status: String = row.try_get("status")?;
-                let status = JobStatus::parse(&status).ok_or_else(|| corrupt("quern_jobs", format!("status `{status}`")))?;
+                let status = parse_status(&status)?;
                 Ok((status, row.try_get("n")?))
             })
             .collect()
