@@ -49,6 +49,7 @@ conformance!(
     claim_marks_jobs_processing_with_a_lease,
     claim_takes_the_most_urgent_and_oldest_first,
     claim_skips_jobs_that_are_not_due,
+    claim_takes_only_the_types_asked_for,
     concurrent_claimers_never_share_a_job,
     retry_returns_the_job_to_pending_after_a_backoff,
     attempts_exhausted_fail_the_job_keeping_every_error,
@@ -89,13 +90,13 @@ async fn claim_marks_jobs_processing_with_a_lease(db: &Db) {
     assert_eq!((job.priority, job.attempts, job.max_attempts), (5, 0, 3));
 
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 10, now, now + lease()).await.unwrap();
+    let claimed = db.store.claim("w1", 10, now, now + lease(), None).await.unwrap();
     assert_eq!(claimed.len(), 1);
     let claimed = &claimed[0];
     assert_eq!((claimed.id, claimed.status, claimed.attempts), (job.id, JobStatus::Processing, 1));
     assert_eq!(claimed.worker_id.as_deref(), Some("w1"));
     assert!(claimed.lease_expires_at.unwrap() > now);
-    assert!(db.store.claim("w2", 10, now, now + lease()).await.unwrap().is_empty(), "a claimed job is not claimed again");
+    assert!(db.store.claim("w2", 10, now, now + lease(), None).await.unwrap().is_empty(), "a claimed job is not claimed again");
 }
 
 async fn claim_takes_the_most_urgent_and_oldest_first(db: &Db) {
@@ -106,9 +107,9 @@ async fn claim_takes_the_most_urgent_and_oldest_first(db: &Db) {
         ids.push(job.id);
     }
     let now = Utc::now();
-    let claimed: Vec<Uuid> = db.store.claim("w1", 3, now, now + lease()).await.unwrap().iter().map(|j| j.id).collect();
+    let claimed: Vec<Uuid> = db.store.claim("w1", 3, now, now + lease(), None).await.unwrap().iter().map(|j| j.id).collect();
     assert_eq!(claimed, vec![ids[2], ids[4], ids[0]], "priority 1, then 3, then the older of the two 5s");
-    let rest: Vec<Uuid> = db.store.claim("w1", 10, now, now + lease()).await.unwrap().iter().map(|j| j.id).collect();
+    let rest: Vec<Uuid> = db.store.claim("w1", 10, now, now + lease(), None).await.unwrap().iter().map(|j| j.id).collect();
     assert_eq!(rest, vec![ids[3], ids[1]]);
 }
 
@@ -116,13 +117,24 @@ async fn claim_skips_jobs_that_are_not_due(db: &Db) {
     let queue = queue(db, QueueSettings::default());
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 1, now, now + lease()).await.unwrap();
+    let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap();
     let later = now + chrono::Duration::seconds(60);
     let end = end_of(&claimed[0], "w1", Transition::Retry { error: "busy".into(), run_at: later, outcome: AttemptOutcome::Retry });
     assert!(db.store.finish_attempt(&end, now).await.unwrap());
-    assert!(db.store.claim("w1", 1, now, now + lease()).await.unwrap().is_empty(), "not due yet");
-    let due = db.store.claim("w1", 1, later, later + lease()).await.unwrap();
+    assert!(db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().is_empty(), "not due yet");
+    let due = db.store.claim("w1", 1, later, later + lease(), None).await.unwrap();
     assert_eq!(due[0].id, job.id);
+}
+
+async fn claim_takes_only_the_types_asked_for(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let echo = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
+    let other = queue.enqueue(EnqueueRequest { priority: Some(1), ..request("u1", "not_deployed", json!({})) }).await.unwrap();
+    let now = Utc::now();
+    let types = vec!["echo".to_string()];
+    let claimed = db.store.claim("w1", 10, now, now + lease(), Some(&types)).await.unwrap();
+    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![echo.id]);
+    assert_eq!(db.store.get(other.id).await.unwrap().unwrap().status, JobStatus::Pending, "left for a worker that has it");
 }
 
 async fn concurrent_claimers_never_share_a_job(db: &Db) {
@@ -141,7 +153,7 @@ async fn concurrent_claimers_never_share_a_job(db: &Db) {
             let mut mine = Vec::new();
             loop {
                 let now = Utc::now();
-                let batch = store.claim(&worker, 25, now, now + chrono::Duration::seconds(30)).await.unwrap();
+                let batch = store.claim(&worker, 25, now, now + chrono::Duration::seconds(30), None).await.unwrap();
                 if batch.is_empty() {
                     return mine;
                 }
@@ -169,7 +181,7 @@ async fn retry_returns_the_job_to_pending_after_a_backoff(db: &Db) {
     let queue = queue(db, QueueSettings { retry_base: Duration::from_millis(2000), ..QueueSettings::default() });
     queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let job = db.store.claim("w1", 1, now, now + lease()).await.unwrap().remove(0);
+    let job = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
     let transition = queue.transition(&job, Outcome::Retry { reason: "upstream 503".into(), delay: None }, Duration::ZERO, now);
     let Transition::Retry { run_at, .. } = transition.clone() else { panic!("expected a retry, got {transition:?}") };
     let wait = (run_at - now).num_milliseconds();
@@ -184,7 +196,7 @@ async fn retry_returns_the_job_to_pending_after_a_backoff(db: &Db) {
     assert_eq!((attempts[0].outcome, attempts[0].error.as_deref()), (AttemptOutcome::Retry, Some("upstream 503")));
 
     // The second retry waits twice as long.
-    let again = db.store.claim("w1", 1, run_at, run_at + lease()).await.unwrap().remove(0);
+    let again = db.store.claim("w1", 1, run_at, run_at + lease(), None).await.unwrap().remove(0);
     assert_eq!(again.attempts, 2);
     let Transition::Retry { run_at: second, .. } = queue.transition(&again, Outcome::Retry { reason: "x".into(), delay: None }, Duration::ZERO, run_at)
     else {
@@ -199,7 +211,7 @@ async fn attempts_exhausted_fail_the_job_keeping_every_error(db: &Db) {
     let job = queue.enqueue(EnqueueRequest { max_attempts: Some(2), ..request("u1", "echo", json!({})) }).await.unwrap();
     let mut now = Utc::now();
     for attempt in 1..=2 {
-        let claimed = db.store.claim("w1", 1, now, now + lease()).await.unwrap().remove(0);
+        let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
         assert_eq!(claimed.attempts, attempt);
         let reason = format!("timeout {attempt}");
         let transition = queue.transition(&claimed, Outcome::Retry { reason, delay: None }, Duration::ZERO, now);
@@ -220,7 +232,7 @@ async fn a_lapsed_lease_is_reaped_back_to_pending(db: &Db) {
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
     let lapsed = now - chrono::Duration::seconds(1);
-    assert_eq!(db.store.claim("dead-worker", 1, now, lapsed).await.unwrap().len(), 1);
+    assert_eq!(db.store.claim("dead-worker", 1, now, lapsed, None).await.unwrap().len(), 1);
     assert_eq!(queue.reap_expired_leases().await.unwrap(), 1);
     let reaped = db.store.get(job.id).await.unwrap().unwrap();
     assert_eq!(reaped.status, JobStatus::Pending);
@@ -234,7 +246,7 @@ async fn a_lapsed_lease_on_the_last_attempt_fails_the_job(db: &Db) {
     let job = queue.enqueue(EnqueueRequest { max_attempts: Some(1), ..request("u1", "echo", json!({})) }).await.unwrap();
     let now = Utc::now();
     let lapsed = now - chrono::Duration::seconds(1);
-    assert_eq!(db.store.claim("dead-worker", 1, now, lapsed).await.unwrap().len(), 1);
+    assert_eq!(db.store.claim("dead-worker", 1, now, lapsed, None).await.unwrap().len(), 1);
     queue.reap_expired_leases().await.unwrap();
     let failed = db.store.get(job.id).await.unwrap().unwrap();
     assert_eq!(failed.status, JobStatus::Failed);
@@ -245,7 +257,7 @@ async fn a_stale_attempt_end_writes_nothing(db: &Db) {
     let queue = queue(db, QueueSettings::default());
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 1, now, now + lease()).await.unwrap().remove(0);
+    let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
     let complete = || Transition::Complete { result: json!({"late": true}), processing_time_ms: 1, next: None };
     assert!(!db.store.finish_attempt(&end_of(&claimed, "w2", complete()), now).await.unwrap(), "another worker's end");
     let mut stale = end_of(&claimed, "w1", complete());
@@ -260,14 +272,14 @@ async fn cancel_pending_is_immediate(db: &Db) {
     assert_eq!(queue.cancel(job.id).await.unwrap(), CancelOutcome::Cancelled { was_running: false });
     assert_eq!(db.store.get(job.id).await.unwrap().unwrap().status, JobStatus::Cancelled);
     let now = Utc::now();
-    assert!(db.store.claim("w1", 1, now, now + lease()).await.unwrap().is_empty());
+    assert!(db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().is_empty());
 }
 
 async fn cancel_of_a_finished_job_is_refused(db: &Db) {
     let queue = queue(db, QueueSettings::default());
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 1, now, now + lease()).await.unwrap().remove(0);
+    let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
     let done = Transition::Complete { result: json!({}), processing_time_ms: 1, next: None };
     db.store.finish_attempt(&end_of(&claimed, "w1", done), now).await.unwrap();
     let error = queue.cancel(job.id).await.unwrap_err();

@@ -110,7 +110,10 @@ impl Worker {
             if free > 0 {
                 let now = Utc::now();
                 let lease_until = now + shared.queue.settings().lease;
-                match store.claim(&settings.id, free, now, lease_until).await {
+                // Only types this worker can run: another worker (or a later
+                // deploy) takes the rest, instead of attempts being burnt here.
+                let types = shared.registry.job_types();
+                match store.claim(&settings.id, free, now, lease_until, Some(&types)).await {
                     Ok(jobs) => {
                         claimed = jobs.len() as u32;
                         for job in jobs {

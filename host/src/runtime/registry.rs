@@ -61,6 +61,13 @@ impl Registry {
         all
     }
 
+    /// The job types with an active version.
+    pub fn job_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = self.active.load().keys().cloned().collect();
+        types.sort();
+        types
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<RegistryEvent> {
         self.events.subscribe()
     }

@@ -258,13 +258,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Claims up to `limit` due pending jobs, most urgent first, for
     /// `worker_id`: each becomes `processing` with its attempt counted and a
-    /// lease until `lease_until`. No job is handed to two claimers.
+    /// lease until `lease_until`. No job is handed to two claimers. With
+    /// `types`, only jobs of those types are claimed (the ones this worker
+    /// has handlers for).
     async fn claim(
         &self,
         worker_id: &str,
         limit: u32,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
+        types: Option<&[String]>,
     ) -> Result<Vec<Job>, StoreError>;
 
     /// Ends an attempt. Returns `false`, writing nothing, when `worker_id`

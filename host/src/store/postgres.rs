@@ -235,11 +235,12 @@ impl Store for PostgresStore {
         limit: u32,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
+        types: Option<&[String]>,
     ) -> Result<Vec<Job>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH next AS (
                  SELECT id FROM quern_jobs
-                 WHERE status = 'pending' AND run_at <= $1
+                 WHERE status = 'pending' AND run_at <= $1 AND ($5::text[] IS NULL OR type = ANY($5))
                  ORDER BY priority, run_at, created_at
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED
@@ -255,6 +256,7 @@ impl Store for PostgresStore {
         .bind(i64::from(limit))
         .bind(worker_id)
         .bind(lease_until)
+        .bind(types)
         .fetch_all(&self.pool)
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;

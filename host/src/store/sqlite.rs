@@ -203,7 +203,9 @@ impl Store for SqliteStore {
         limit: u32,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
+        types: Option<&[String]>,
     ) -> Result<Vec<Job>, StoreError> {
+        let types = types.map(|types| serde_json::Value::from(types.to_vec()).to_string());
         // One statement, so one write lock: atomic against every other claimer.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE quern_jobs
@@ -212,6 +214,7 @@ impl Store for SqliteStore {
              WHERE id IN (
                  SELECT id FROM quern_jobs
                  WHERE status = 'pending' AND run_at <= ?1
+                   AND (?5 IS NULL OR type IN (SELECT value FROM json_each(?5)))
                  ORDER BY priority, run_at, created_at
                  LIMIT ?2
              )
@@ -221,6 +224,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .bind(worker_id)
         .bind(micros(lease_until))
+        .bind(types)
         .fetch_all(&self.writer)
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
