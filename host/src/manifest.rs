@@ -11,13 +11,8 @@ use crate::runtime::http::HostRule;
 
 /// Configuration keys no handler may be granted: they would hand it the
 /// database, the ability to mint tokens, or the service role.
-const NEVER_GRANTABLE: &[&str] = &[
-    "DATABASE_URL",
-    "SUPABASE_SERVICE_ROLE_KEY",
-    "SUPABASE_DB_URL",
-    "SUPABASE_JWT_SECRET",
-    "PGPASSWORD",
-];
+const NEVER_GRANTABLE: &[&str] =
+    &["DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_DB_URL", "SUPABASE_JWT_SECRET", "PGPASSWORD"];
 /// Prefixes no handler may be granted: the host's own settings.
 const NEVER_GRANTABLE_PREFIXES: &[&str] = &["QUERN_", "PG"];
 
@@ -158,12 +153,8 @@ impl Manifest {
         for key in &raw.config.keys {
             validate_config_key(key)?;
         }
-        let allowed_hosts = raw
-            .http
-            .allowed_hosts
-            .iter()
-            .map(|rule| HostRule::parse(rule))
-            .collect::<Result<Vec<_>, _>>()?;
+        let allowed_hosts =
+            raw.http.allowed_hosts.iter().map(|rule| HostRule::parse(rule)).collect::<Result<Vec<_>, _>>()?;
         check_limit("memory_mb", raw.limits.memory_mb, MAX_MEMORY_MB)?;
         check_limit("deadline_s", raw.limits.deadline_s, MAX_DEADLINE_S)?;
         check_limit("output_kb", raw.limits.output_kb, MAX_OUTPUT_KB)?;

@@ -122,9 +122,9 @@ impl CannedHttp for Canned {
             Some(queue) if queue.len() > 1 => queue.remove(0),
             Some(queue) if queue.len() == 1 => queue[0].clone(),
             _ => {
-                return Err(HttpErrorKind::Connect.into_error(format!(
-                    "the test harness has no canned response for {key}"
-                )));
+                return Err(
+                    HttpErrorKind::Connect.into_error(format!("the test harness has no canned response for {key}"))
+                );
             }
         };
         match canned {
@@ -166,10 +166,8 @@ impl HarnessBuilder {
     pub fn build(self) -> Result<Harness, LoadError> {
         let (bytes, mut manifest) = read_component(&self.component)?;
         for rule in &self.extra_hosts {
-            let rule = HostRule::parse(rule).map_err(|source| LoadError::Manifest {
-                path: "(harness)".into(),
-                source,
-            })?;
+            let rule =
+                HostRule::parse(rule).map_err(|source| LoadError::Manifest { path: "(harness)".into(), source })?;
             manifest.allowed_hosts.push(rule);
         }
         let granted: Vec<String> = self.config.keys().map(str::to_string).collect();

@@ -40,7 +40,10 @@ fn invalid_json_input_exits_2_naming_the_problem() {
     let out = quern_run(&[echo.to_str().unwrap(), "--input", r#"{"a":1"#]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("invalid input: not valid JSON: EOF while parsing an object at line 1 column 6"), "{stderr}");
+    assert!(
+        stderr.contains("invalid input: not valid JSON: EOF while parsing an object at line 1 column 6"),
+        "{stderr}"
+    );
     assert!(out.stdout.is_empty());
 }
 
@@ -55,7 +58,11 @@ fn input_that_is_not_an_object_exits_2() {
 #[test]
 fn a_retry_exits_1_with_its_delay() {
     let hostile = dist("fixtures/hostile.wasm");
-    let out = quern_run(&[hostile.to_str().unwrap(), "--input", r#"{"mode":"retry","reason":"upstream busy","delay_ms":2000}"#]);
+    let out = quern_run(&[
+        hostile.to_str().unwrap(),
+        "--input",
+        r#"{"mode":"retry","reason":"upstream busy","delay_ms":2000}"#,
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("retry (not before 2000 ms): upstream busy"), "{}", text(&out.stderr));
 }

@@ -96,20 +96,28 @@ async fn claim_marks_jobs_processing_with_a_lease(db: &Db) {
     assert_eq!((claimed.id, claimed.status, claimed.attempts), (job.id, JobStatus::Processing, 1));
     assert_eq!(claimed.worker_id.as_deref(), Some("w1"));
     assert!(claimed.lease_expires_at.unwrap() > now);
-    assert!(db.store.claim("w2", 10, now, now + lease(), None).await.unwrap().is_empty(), "a claimed job is not claimed again");
+    assert!(
+        db.store.claim("w2", 10, now, now + lease(), None).await.unwrap().is_empty(),
+        "a claimed job is not claimed again"
+    );
 }
 
 async fn claim_takes_the_most_urgent_and_oldest_first(db: &Db) {
     let queue = queue(db, QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() });
     let mut ids = Vec::new();
     for priority in [5, 9, 1, 5, 3] {
-        let job = queue.enqueue(EnqueueRequest { priority: Some(priority), ..request("u1", "echo", json!({})) }).await.unwrap();
+        let job = queue
+            .enqueue(EnqueueRequest { priority: Some(priority), ..request("u1", "echo", json!({})) })
+            .await
+            .unwrap();
         ids.push(job.id);
     }
     let now = Utc::now();
-    let claimed: Vec<Uuid> = db.store.claim("w1", 3, now, now + lease(), None).await.unwrap().iter().map(|j| j.id).collect();
+    let claimed: Vec<Uuid> =
+        db.store.claim("w1", 3, now, now + lease(), None).await.unwrap().iter().map(|j| j.id).collect();
     assert_eq!(claimed, vec![ids[2], ids[4], ids[0]], "priority 1, then 3, then the older of the two 5s");
-    let rest: Vec<Uuid> = db.store.claim("w1", 10, now, now + lease(), None).await.unwrap().iter().map(|j| j.id).collect();
+    let rest: Vec<Uuid> =
+        db.store.claim("w1", 10, now, now + lease(), None).await.unwrap().iter().map(|j| j.id).collect();
     assert_eq!(rest, vec![ids[3], ids[1]]);
 }
 
@@ -119,7 +127,11 @@ async fn claim_skips_jobs_that_are_not_due(db: &Db) {
     let now = Utc::now();
     let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap();
     let later = now + chrono::Duration::seconds(60);
-    let end = end_of(&claimed[0], "w1", Transition::Retry { error: "busy".into(), run_at: later, outcome: AttemptOutcome::Retry });
+    let end = end_of(
+        &claimed[0],
+        "w1",
+        Transition::Retry { error: "busy".into(), run_at: later, outcome: AttemptOutcome::Retry },
+    );
     assert!(db.store.finish_attempt(&end, now).await.unwrap());
     assert!(db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().is_empty(), "not due yet");
     let due = db.store.claim("w1", 1, later, later + lease(), None).await.unwrap();
@@ -129,12 +141,17 @@ async fn claim_skips_jobs_that_are_not_due(db: &Db) {
 async fn claim_takes_only_the_types_asked_for(db: &Db) {
     let queue = queue(db, QueueSettings::default());
     let echo = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
-    let other = queue.enqueue(EnqueueRequest { priority: Some(1), ..request("u1", "not_deployed", json!({})) }).await.unwrap();
+    let other =
+        queue.enqueue(EnqueueRequest { priority: Some(1), ..request("u1", "not_deployed", json!({})) }).await.unwrap();
     let now = Utc::now();
     let types = vec!["echo".to_string()];
     let claimed = db.store.claim("w1", 10, now, now + lease(), Some(&types)).await.unwrap();
     assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![echo.id]);
-    assert_eq!(db.store.get(other.id).await.unwrap().unwrap().status, JobStatus::Pending, "left for a worker that has it");
+    assert_eq!(
+        db.store.get(other.id).await.unwrap().unwrap().status,
+        JobStatus::Pending,
+        "left for a worker that has it"
+    );
 }
 
 async fn concurrent_claimers_never_share_a_job(db: &Db) {
@@ -159,7 +176,11 @@ async fn concurrent_claimers_never_share_a_job(db: &Db) {
                 }
                 for job in batch {
                     assert_eq!(job.attempts, 1, "each job is claimed once, on its first attempt");
-                    let end = end_of(&job, &worker, Transition::Complete { result: json!({}), processing_time_ms: 0, next: None });
+                    let end = end_of(
+                        &job,
+                        &worker,
+                        Transition::Complete { result: json!({}), processing_time_ms: 0, next: None },
+                    );
                     assert!(store.finish_attempt(&end, Utc::now()).await.unwrap());
                     mine.push(job.id);
                 }
@@ -182,7 +203,8 @@ async fn retry_returns_the_job_to_pending_after_a_backoff(db: &Db) {
     queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
     let job = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
-    let transition = queue.transition(&job, Outcome::Retry { reason: "upstream 503".into(), delay: None }, Duration::ZERO, now);
+    let transition =
+        queue.transition(&job, Outcome::Retry { reason: "upstream 503".into(), delay: None }, Duration::ZERO, now);
     let Transition::Retry { run_at, .. } = transition.clone() else { panic!("expected a retry, got {transition:?}") };
     let wait = (run_at - now).num_milliseconds();
     assert!((1600..=2400).contains(&wait), "first retry after 2 s ± 20 %, got {wait} ms");
@@ -198,7 +220,8 @@ async fn retry_returns_the_job_to_pending_after_a_backoff(db: &Db) {
     // The second retry waits twice as long.
     let again = db.store.claim("w1", 1, run_at, run_at + lease(), None).await.unwrap().remove(0);
     assert_eq!(again.attempts, 2);
-    let Transition::Retry { run_at: second, .. } = queue.transition(&again, Outcome::Retry { reason: "x".into(), delay: None }, Duration::ZERO, run_at)
+    let Transition::Retry { run_at: second, .. } =
+        queue.transition(&again, Outcome::Retry { reason: "x".into(), delay: None }, Duration::ZERO, run_at)
     else {
         panic!("expected a second retry")
     };
@@ -208,7 +231,8 @@ async fn retry_returns_the_job_to_pending_after_a_backoff(db: &Db) {
 
 async fn attempts_exhausted_fail_the_job_keeping_every_error(db: &Db) {
     let queue = queue(db, QueueSettings::default());
-    let job = queue.enqueue(EnqueueRequest { max_attempts: Some(2), ..request("u1", "echo", json!({})) }).await.unwrap();
+    let job =
+        queue.enqueue(EnqueueRequest { max_attempts: Some(2), ..request("u1", "echo", json!({})) }).await.unwrap();
     let mut now = Utc::now();
     for attempt in 1..=2 {
         let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
@@ -243,7 +267,8 @@ async fn a_lapsed_lease_is_reaped_back_to_pending(db: &Db) {
 
 async fn a_lapsed_lease_on_the_last_attempt_fails_the_job(db: &Db) {
     let queue = queue(db, QueueSettings::default());
-    let job = queue.enqueue(EnqueueRequest { max_attempts: Some(1), ..request("u1", "echo", json!({})) }).await.unwrap();
+    let job =
+        queue.enqueue(EnqueueRequest { max_attempts: Some(1), ..request("u1", "echo", json!({})) }).await.unwrap();
     let now = Utc::now();
     let lapsed = now - chrono::Duration::seconds(1);
     assert_eq!(db.store.claim("dead-worker", 1, now, lapsed, None).await.unwrap().len(), 1);
@@ -338,7 +363,11 @@ async fn worker_retries_a_job_no_sooner_than_the_delay_it_asked_for(db: &Db) {
     let settings = QueueSettings { retry_base: Duration::from_millis(50), ..QueueSettings::default() };
     let running = start_worker(db, settings).await;
     let input = json!({"mode": "retry", "reason": "rate limited", "delay_ms": 1500});
-    let job = running.queue.enqueue(EnqueueRequest { max_attempts: Some(2), ..request("u1", "hostile", input) }).await.unwrap();
+    let job = running
+        .queue
+        .enqueue(EnqueueRequest { max_attempts: Some(2), ..request("u1", "hostile", input) })
+        .await
+        .unwrap();
     let failed = wait_for_status(db, job.id, JobStatus::Failed).await;
     let attempts = db.store.attempts(job.id).await.unwrap();
     assert_eq!(attempts.len(), 2);
@@ -362,7 +391,11 @@ async fn worker_writes_cacheable_results_and_hits_are_counted(db: &Db) {
         assert_eq!(db.store.cache_entry(&key).await.unwrap().unwrap().hit_count, expected_hits);
     }
     assert_eq!(running.queue.cached_result("echo_cached", "another-version", &input).await.unwrap(), None);
-    assert_eq!(running.queue.cached_result("echo", &version, &input).await.unwrap(), None, "echo itself is not cacheable");
+    assert_eq!(
+        running.queue.cached_result("echo", &version, &input).await.unwrap(),
+        None,
+        "echo itself is not cacheable"
+    );
     running.stop().await;
 }
 
@@ -384,7 +417,10 @@ async fn cache_hits_are_counted_atomically(db: &Db) {
 
 async fn expired_cache_entries_miss_and_are_purged(db: &Db) {
     let now = Utc::now();
-    db.store.cache_put("old", "t", &json!(1), now - chrono::Duration::hours(2), now - chrono::Duration::hours(1)).await.unwrap();
+    db.store
+        .cache_put("old", "t", &json!(1), now - chrono::Duration::hours(2), now - chrono::Duration::hours(1))
+        .await
+        .unwrap();
     db.store.cache_put("new", "t", &json!(2), now, now + chrono::Duration::hours(1)).await.unwrap();
     assert_eq!(db.store.cache_hit("old", now).await.unwrap(), None);
     assert_eq!(db.store.purge_cache(now).await.unwrap(), 1);
@@ -417,7 +453,8 @@ async fn pipeline_runs_the_next_step_with_the_previous_result(db: &Db) {
         Step { job_type: "echo".into(), input: json!({"step": 2}) },
         Step { job_type: "echo".into(), input: json!({"step": 3}) },
     ];
-    let first = running.queue.enqueue(EnqueueRequest { next, ..request("u9", "echo", json!({"step": 1})) }).await.unwrap();
+    let first =
+        running.queue.enqueue(EnqueueRequest { next, ..request("u9", "echo", json!({"step": 1})) }).await.unwrap();
     let mut ids = vec![first.id];
     let mut step_input = json!({"step": 1});
     for step in 2..=3 {
@@ -450,7 +487,8 @@ async fn enqueue_refuses_bad_requests_with_clear_errors(db: &Db) {
     let queue = queue(db, QueueSettings::default());
     let error = queue.enqueue(request("u1", "echo", json!([1]))).await.unwrap_err();
     assert_eq!(error.to_string(), "input must be a JSON object, got an array");
-    let error = queue.enqueue(EnqueueRequest { priority: Some(11), ..request("u1", "echo", json!({})) }).await.unwrap_err();
+    let error =
+        queue.enqueue(EnqueueRequest { priority: Some(11), ..request("u1", "echo", json!({})) }).await.unwrap_err();
     assert_eq!(error.to_string(), "priority 11 is out of range: use 1 (most urgent) to 10");
     let next = vec![Step { job_type: "echo".into(), input: json!("text") }];
     let error = queue.enqueue(EnqueueRequest { next, ..request("u1", "echo", json!({})) }).await.unwrap_err();

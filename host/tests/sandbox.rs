@@ -25,7 +25,12 @@ fn hostile_allowing(runtime: &Runtime, hosts: &[&str]) -> HandlerVersion {
 /// Runs `input` on the hostile fixture, expects a permanent failure whose
 /// reason contains `cause` within the deadline + 1 s, then proves an echo job
 /// on the same runtime still completes.
-async fn fails_naming(runtime: &Arc<Runtime>, hostile: &HandlerVersion, input: serde_json::Value, cause: &str) -> String {
+async fn fails_naming(
+    runtime: &Arc<Runtime>,
+    hostile: &HandlerVersion,
+    input: serde_json::Value,
+    cause: &str,
+) -> String {
     let started = Instant::now();
     let report = runtime.run(hostile, &job(input), RunOptions::default()).await;
     let elapsed = started.elapsed();
@@ -153,7 +158,11 @@ async fn handler_output_on_stdout_and_stderr_does_not_break_the_job() {
     let runtime = runtime();
     let hostile = load(&runtime, "fixtures/hostile.wasm");
     let report = runtime
-        .run(&hostile, &job(json!({"mode": "print", "stdout": "to stdout", "stderr": "to stderr"})), RunOptions::default())
+        .run(
+            &hostile,
+            &job(json!({"mode": "print", "stdout": "to stdout", "stderr": "to stderr"})),
+            RunOptions::default(),
+        )
         .await;
     assert_eq!(report.outcome, Outcome::Completed { output: r#"{"printed":true}"#.into() });
 }

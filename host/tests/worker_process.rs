@@ -18,7 +18,8 @@ use uuid::Uuid;
 fn handlers_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(dist("fixtures/hostile.wasm"), dir.path().join("slow.wasm")).unwrap();
-    std::fs::write(dir.path().join("slow.toml"), "type = \"slow\"\nmax_attempts = 3\n[limits]\ndeadline_s = 30\n").unwrap();
+    std::fs::write(dir.path().join("slow.toml"), "type = \"slow\"\nmax_attempts = 3\n[limits]\ndeadline_s = 30\n")
+        .unwrap();
     dir
 }
 
@@ -41,11 +42,13 @@ fn start_worker(db: &Db, handlers: &Path, id: &str, env: &[(&str, &str)]) -> Chi
 }
 
 async fn enqueue_slow(db: &Db, count: usize, sleep_ms: u64) -> Vec<Uuid> {
-    let queue = Queue::new(db.store.clone(), QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() });
+    let queue =
+        Queue::new(db.store.clone(), QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() });
     let mut ids = Vec::new();
     for n in 0..count {
         let input = json!({"mode": "sleep", "ms": sleep_ms, "tag": n.to_string()});
-        let request = EnqueueRequest { user_id: "u1".into(), job_type: "slow".into(), input, ..EnqueueRequest::default() };
+        let request =
+            EnqueueRequest { user_id: "u1".into(), job_type: "slow".into(), input, ..EnqueueRequest::default() };
         ids.push(queue.enqueue(request).await.unwrap().id);
     }
     ids
@@ -60,7 +63,11 @@ async fn statuses(db: &Db, ids: &[Uuid]) -> Vec<(Uuid, JobStatus, Option<String>
     out
 }
 
-async fn wait_until<F: std::future::Future<Output = bool>>(deadline: Duration, what: &str, mut check: impl FnMut() -> F) {
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    deadline: Duration,
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
     let started = Instant::now();
     while !check().await {
         assert!(started.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
@@ -97,7 +104,10 @@ async fn a_killed_worker_s_jobs_run_again_elsewhere_and_all_complete() {
     let ids = enqueue_slow(&db, 12, 400).await;
 
     wait_until(Duration::from_secs(20), "the doomed worker to hold jobs", || async {
-        statuses(&db, &ids).await.iter().any(|(_, status, worker)| *status == JobStatus::Processing && worker.as_deref() == Some("doomed"))
+        statuses(&db, &ids)
+            .await
+            .iter()
+            .any(|(_, status, worker)| *status == JobStatus::Processing && worker.as_deref() == Some("doomed"))
     })
     .await;
     let mut survivor = start_worker(&db, handlers.path(), "survivor", &lease);
@@ -131,7 +141,8 @@ async fn a_killed_worker_s_jobs_run_again_elsewhere_and_all_complete() {
 async fn sigterm_lets_running_jobs_finish_within_the_grace_period() {
     let db = Db::sqlite().await;
     let handlers = handlers_dir();
-    let mut worker = start_worker(&db, handlers.path(), "w", &[("WORKER_CONCURRENCY", "2"), ("QUERN_SHUTDOWN_GRACE_S", "20")]);
+    let mut worker =
+        start_worker(&db, handlers.path(), "w", &[("WORKER_CONCURRENCY", "2"), ("QUERN_SHUTDOWN_GRACE_S", "20")]);
     let ids = enqueue_slow(&db, 4, 1000).await;
     wait_until(Duration::from_secs(20), "two jobs running", || async {
         statuses(&db, &ids).await.iter().filter(|(_, s, _)| *s == JobStatus::Processing).count() == 2
@@ -152,7 +163,8 @@ async fn sigterm_lets_running_jobs_finish_within_the_grace_period() {
 async fn sigterm_past_the_grace_period_releases_running_jobs_to_pending() {
     let db = Db::postgres().await;
     let handlers = handlers_dir();
-    let mut worker = start_worker(&db, handlers.path(), "w", &[("WORKER_CONCURRENCY", "2"), ("QUERN_SHUTDOWN_GRACE_S", "0")]);
+    let mut worker =
+        start_worker(&db, handlers.path(), "w", &[("WORKER_CONCURRENCY", "2"), ("QUERN_SHUTDOWN_GRACE_S", "0")]);
     let ids = enqueue_slow(&db, 3, 20_000).await;
     wait_until(Duration::from_secs(20), "two jobs running", || async {
         statuses(&db, &ids).await.iter().filter(|(_, s, _)| *s == JobStatus::Processing).count() == 2

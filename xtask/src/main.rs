@@ -47,7 +47,9 @@ fn build_handlers(root: &Path) -> anyhow::Result<()> {
     for handler in &handlers {
         command.args(["--package", &handler.package]);
     }
-    run(&mut command).with_context(|| format!("building the handlers failed (is the target installed? rustup target add {TARGET})"))?;
+    run(&mut command).with_context(|| {
+        format!("building the handlers failed (is the target installed? rustup target add {TARGET})")
+    })?;
 
     let built = target_dir(root).join(TARGET).join("release");
     let dist = root.join("handlers-dist");

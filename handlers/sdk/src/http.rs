@@ -62,7 +62,8 @@ impl RequestBuilder {
 
     /// Sets a JSON body and its content type.
     pub fn json<B: Serialize + ?Sized>(self, body: &B) -> Result<Self, Failure> {
-        let bytes = serde_json::to_vec(body).map_err(|error| fail(format!("could not encode request body: {error}")))?;
+        let bytes =
+            serde_json::to_vec(body).map_err(|error| fail(format!("could not encode request body: {error}")))?;
         Ok(self.header("content-type", "application/json").body(bytes))
     }
 
@@ -126,12 +127,7 @@ pub fn check_status(request: &Request, response: &Response) -> Result<(), Failur
     if (200..300).contains(&status) {
         return Ok(());
     }
-    let reason = format!(
-        "{} {} answered {status}: {}",
-        request.method,
-        request.url,
-        snippet(&response.body)
-    );
+    let reason = format!("{} {} answered {status}: {}", request.method, request.url, snippet(&response.body));
     if status == 429 || status >= 500 {
         Err(match retry_after_ms(response) {
             Some(delay_ms) => retry_after(reason, delay_ms),
@@ -149,11 +145,7 @@ pub fn retry_after_ms(response: &Response) -> Option<u64> {
 
 /// The first value of a response header (names compare case-insensitively).
 pub fn header<'a>(response: &'a Response, name: &str) -> Option<&'a str> {
-    response
-        .headers
-        .iter()
-        .find(|(key, _)| key.eq_ignore_ascii_case(name))
-        .map(|(_, value)| value.as_str())
+    response.headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
 }
 
 /// Classifies a host error: refusals and malformed requests are permanent;

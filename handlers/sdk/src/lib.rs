@@ -30,6 +30,7 @@ mod log;
 
 /// The generated bindings of the `quern:handler` world (see `wit/` at the root
 /// of the repository).
+#[allow(clippy::too_many_arguments)] // generated
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
@@ -94,12 +95,7 @@ pub fn parse_input<T: DeserializeOwned>(input: &str) -> Result<T, Failure> {
 /// [`export_handler!`] exports; it calls no host function itself.
 pub fn run<H: Handler>(job: Job) -> Result<String, Failure> {
     let input: H::Input = parse_input(&job.input)?;
-    let info = JobInfo {
-        id: job.id,
-        job_type: job.job_type,
-        attempt: job.attempt,
-        max_attempts: job.max_attempts,
-    };
+    let info = JobInfo { id: job.id, job_type: job.job_type, attempt: job.attempt, max_attempts: job.max_attempts };
     let output = H::handle(&info, input)?;
     serde_json::to_string(&output).map_err(|error| fail(format!("could not encode the result: {error}")))
 }
@@ -120,6 +116,11 @@ pub fn required_config(key: &str) -> Result<String, Failure> {
     config(key).ok_or_else(|| fail(format!("configuration key {key} is not set or not granted to this handler")))
 }
 
+#[doc(hidden)]
+pub fn log_at(level: &str, message: &str) {
+    log::write(level, message);
+}
+
 /// Exports a [`Handler`] as the component's `handle` function.
 #[macro_export]
 macro_rules! export_handler {
@@ -131,7 +132,7 @@ macro_rules! export_handler {
                     $crate::run::<$handler>(job)
                 }
             }
-            $crate::bindings::export_world!(QuernExport with_types_in $crate::bindings);
+    $crate::bindings::export_world!(QuernExport with_types_in $crate::bindings);
         };
     };
 }
@@ -172,9 +173,4 @@ mod tests {
         let error = message(parse_input::<Input>("{\"count\": 1,").unwrap_err());
         assert!(error.contains("line 1 column"), "{error}");
     }
-}
-
-#[doc(hidden)]
-pub fn log_at(level: &str, message: &str) {
-    log::write(level, message);
 }

@@ -52,7 +52,10 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
     let (store, cleanup) = open(args).await?;
     let (bytes, manifest) = read_component(&args.component)?;
     let job_type = manifest.job_type.clone();
-    let runtime = Arc::new(Runtime::new(RuntimeSettings { max_instances: args.concurrency * 2 + 4, ..RuntimeSettings::default() })?);
+    let runtime = Arc::new(Runtime::new(RuntimeSettings {
+        max_instances: args.concurrency * 2 + 4,
+        ..RuntimeSettings::default()
+    })?);
     let registry = Registry::new(runtime.clone());
     registry.install(runtime.load(&bytes, manifest)?);
     let settings = QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() };
@@ -76,7 +79,12 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
         tasks.spawn(async move {
             for n in 0..count {
                 let input = json!({"n": n, "task": task});
-                let request = EnqueueRequest { user_id: format!("user-{}", n % 100), job_type: job_type.clone(), input, ..Default::default() };
+                let request = EnqueueRequest {
+                    user_id: format!("user-{}", n % 100),
+                    job_type: job_type.clone(),
+                    input,
+                    ..Default::default()
+                };
                 queue.enqueue(request).await?;
                 bar.inc(1);
             }
@@ -110,7 +118,12 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
     let bar = progress(args.latency_samples as u64, "latency");
     let mut ids = Vec::with_capacity(args.latency_samples);
     for n in 0..args.latency_samples {
-        let request = EnqueueRequest { user_id: "latency".into(), job_type: job_type.clone(), input: json!({"n": n}), ..Default::default() };
+        let request = EnqueueRequest {
+            user_id: "latency".into(),
+            job_type: job_type.clone(),
+            input: json!({"n": n}),
+            ..Default::default()
+        };
         ids.push(queue.enqueue(request).await?.id);
         tokio::time::sleep(Duration::from_millis(5)).await;
         bar.inc(1);
@@ -133,8 +146,18 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
     cleanup.run().await;
 
     let pickup = Latencies::of(&mut pickups).ok_or_else(|| anyhow::anyhow!("no latency samples"))?;
-    println!("  enqueue     {:>10} jobs/s  ({} jobs in {})", thousands(args.jobs as f64 / enqueue_time.as_secs_f64()), args.jobs, millis(enqueue_time));
-    println!("  processed   {:>10} jobs/s  ({} jobs in {})", thousands(args.jobs as f64 / process_time.as_secs_f64()), args.jobs, millis(process_time));
+    println!(
+        "  enqueue     {:>10} jobs/s  ({} jobs in {})",
+        thousands(args.jobs as f64 / enqueue_time.as_secs_f64()),
+        args.jobs,
+        millis(enqueue_time)
+    );
+    println!(
+        "  processed   {:>10} jobs/s  ({} jobs in {})",
+        thousands(args.jobs as f64 / process_time.as_secs_f64()),
+        args.jobs,
+        millis(process_time)
+    );
     println!(
         "  pickup      p50 {}  p95 {}  p99 {}  ({} jobs, enqueue → claim, idle worker)",
         millis(pickup.p50),
@@ -148,7 +171,8 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
 fn progress(len: u64, label: &'static str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("  {prefix:<8} [{bar:40}] {pos}/{len} {per_sec}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("  {prefix:<8} [{bar:40}] {pos}/{len} {per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_prefix(label);
     bar
@@ -185,7 +209,8 @@ async fn open(args: &QueueBenchArgs) -> anyhow::Result<(Arc<dyn Store>, Cleanup)
             let schema = format!("quern_bench_{}", std::process::id());
             let pool = sqlx::PgPool::connect(&args.postgres_url).await?;
             sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&pool).await?;
-            let options = sqlx::postgres::PgConnectOptions::from_str(&args.postgres_url)?.options([("search_path", schema.as_str())]);
+            let options = sqlx::postgres::PgConnectOptions::from_str(&args.postgres_url)?
+                .options([("search_path", schema.as_str())]);
             let store = PostgresStore::connect_with(options).await?;
             store.migrate().await?;
             Ok((Arc::new(store), Cleanup::Schema { pool, schema }))

@@ -22,7 +22,10 @@ pub struct RuntimeBenchArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// The job input (JSON).
-    #[arg(long, default_value = r#"{"user":"u-123","meal":"lunch","items":[{"name":"rice","grams":150},{"name":"beans","grams":100}]}"#)]
+    #[arg(
+        long,
+        default_value = r#"{"user":"u-123","meal":"lunch","items":[{"name":"rice","grams":150},{"name":"beans","grams":100}]}"#
+    )]
     pub input: String,
 }
 
@@ -82,8 +85,14 @@ pub fn run(args: &RuntimeBenchArgs) -> Result<(), BenchError> {
     }
     let _ = std::fs::remove_dir_all(&cache_dir);
     let handler = registry.get(&manifest.job_type).expect("installed above");
-    println!("  compile, no cache (median of 3)     {}", millis(Latencies::of(&mut compiles).map_or(Duration::ZERO, |l| l.p50)));
-    println!("  cached load + swap (median of 5)    {}", millis(Latencies::of(&mut swaps).map_or(Duration::ZERO, |l| l.p50)));
+    println!(
+        "  compile, no cache (median of 3)     {}",
+        millis(Latencies::of(&mut compiles).map_or(Duration::ZERO, |l| l.p50))
+    );
+    println!(
+        "  cached load + swap (median of 5)    {}",
+        millis(Latencies::of(&mut swaps).map_or(Duration::ZERO, |l| l.p50))
+    );
 
     for threads in [1, threads] {
         let (mut samples, wall) = measure(&runtime, &handler, &args.input, args.jobs, threads)?;
@@ -111,9 +120,8 @@ fn measure(
     let per_thread = jobs.div_ceil(threads.max(1));
     let started = Instant::now();
     let results: Vec<Result<Vec<Duration>, BenchError>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| scope.spawn(|| run_jobs(runtime, handler, input, per_thread)))
-            .collect();
+        let workers: Vec<_> =
+            (0..threads).map(|_| scope.spawn(|| run_jobs(runtime, handler, input, per_thread))).collect();
         workers.into_iter().map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
     });
     let wall = started.elapsed();
@@ -124,7 +132,12 @@ fn measure(
     Ok((samples, wall))
 }
 
-fn run_jobs(runtime: &Runtime, handler: &HandlerVersion, input: &str, jobs: usize) -> Result<Vec<Duration>, BenchError> {
+fn run_jobs(
+    runtime: &Runtime,
+    handler: &HandlerVersion,
+    input: &str,
+    jobs: usize,
+) -> Result<Vec<Duration>, BenchError> {
     let executor = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     executor.block_on(async {
         let job = JobSpec { id: "0190b7a4-bench".into(), input: input.to_string(), attempt: 1, max_attempts: 1 };

@@ -45,7 +45,8 @@ enum JobsCommand {
 
 pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
-        let store = quern::store::connect(&args.database.url(&args.data_dir)).await.context("cannot open the database")?;
+        let store =
+            quern::store::connect(&args.database.url(&args.data_dir)).await.context("cannot open the database")?;
         if !args.database.no_migrate {
             store.migrate().await?;
         }
@@ -53,7 +54,9 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
         match args.command {
             JobsCommand::Enqueue { job_type, input, user, priority, wait } => {
                 let input = serde_json::from_str(&input).context("--input is not valid JSON")?;
-                let job = queue.enqueue(EnqueueRequest { user_id: user, job_type, input, priority, ..Default::default() }).await?;
+                let job = queue
+                    .enqueue(EnqueueRequest { user_id: user, job_type, input, priority, ..Default::default() })
+                    .await?;
                 let Some(seconds) = wait else {
                     println!("{}", serde_json::to_string_pretty(&job)?);
                     return Ok(ExitCode::SUCCESS);
@@ -63,7 +66,11 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                     let current = store.get(job.id).await?.context("the job vanished")?;
                     if current.status.is_finished() || tokio::time::Instant::now() >= deadline {
                         println!("{}", serde_json::to_string_pretty(&current)?);
-                        return Ok(if current.status == quern::store::JobStatus::Completed { ExitCode::SUCCESS } else { ExitCode::from(2) });
+                        return Ok(if current.status == quern::store::JobStatus::Completed {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::from(2)
+                        });
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

@@ -62,7 +62,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate(args) => serve::migrate(args),
         Command::Jobs(args) => jobs::jobs(args),
         Command::Bench(BenchCommand::Queue(args)) => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(quern::bench::queue::run(&args))?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(quern::bench::queue::run(&args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Runtime(args)) => {

@@ -67,7 +67,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     settings.max_instances = 2;
     let runtime = Runtime::new(settings)?;
-    let mut handler = runtime.load(&bytes, manifest).with_context(|| format!("cannot load {}", args.component.display()))?;
+    let mut handler =
+        runtime.load(&bytes, manifest).with_context(|| format!("cannot load {}", args.component.display()))?;
     if let Some(seconds) = args.timeout {
         if !(seconds > 0.0 && seconds <= 3600.0) {
             bail!("--timeout must be between 0 and 3600 seconds, got {seconds}");

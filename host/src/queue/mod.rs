@@ -15,7 +15,9 @@ use uuid::Uuid;
 
 use crate::manifest::validate_job_type;
 use crate::runtime::Outcome;
-use crate::store::{AttemptEnd, AttemptOutcome, CancelOutcome, Job, JobStatus, NewJob, Step, Store, StoreError, Transition};
+use crate::store::{
+    AttemptEnd, AttemptOutcome, CancelOutcome, Job, JobStatus, NewJob, Step, Store, StoreError, Transition,
+};
 
 /// Queue-wide settings (names from the customer's worker: WORKER_*, CACHE_*).
 #[derive(Debug, Clone)]
@@ -125,7 +127,10 @@ impl Queue {
         }
         for (index, step) in request.next.iter().enumerate() {
             if validate_job_type(&step.job_type).is_err() {
-                return Err(QueueError::InvalidStep { index, problem: format!("invalid job type `{}`", step.job_type) });
+                return Err(QueueError::InvalidStep {
+                    index,
+                    problem: format!("invalid job type `{}`", step.job_type),
+                });
             }
             if !step.input.is_object() {
                 return Err(QueueError::InvalidStep {
@@ -159,7 +164,12 @@ impl Queue {
     }
 
     /// A live cached result for this input on this handler version; counts the hit.
-    pub async fn cached_result(&self, job_type: &str, version: &str, input: &Value) -> Result<Option<Value>, StoreError> {
+    pub async fn cached_result(
+        &self,
+        job_type: &str,
+        version: &str,
+        input: &Value,
+    ) -> Result<Option<Value>, StoreError> {
         if !self.settings.cache_enabled {
             return Ok(None);
         }
@@ -176,7 +186,9 @@ impl Queue {
                     processing_time_ms: elapsed.as_millis().min(i32::MAX as u128) as i32,
                     result,
                 },
-                Err(error) => Transition::Fail { error: format!("result is not JSON: {error}"), outcome: AttemptOutcome::Failed },
+                Err(error) => {
+                    Transition::Fail { error: format!("result is not JSON: {error}"), outcome: AttemptOutcome::Failed }
+                }
             },
             Outcome::Retry { reason, delay } => self.retry_or_fail(job, reason, delay, AttemptOutcome::Retry, now),
             Outcome::Failed { reason } => Transition::Fail { error: reason, outcome: AttemptOutcome::Failed },

@@ -64,11 +64,15 @@ const STOP_NONE: u8 = 0;
 const STOP_CANCELLED: u8 = 1;
 const STOP_SHUTDOWN: u8 = 2;
 
+/// The latest progress of a job, not yet written.
+type ProgressSlot = Arc<Mutex<Option<(u8, String)>>>;
+
+/// What the worker holds of a running job; cheap to clone.
+#[derive(Clone)]
 struct Running {
     cancel: CancellationToken,
     stop: Arc<AtomicU8>,
-    /// The latest progress not yet written.
-    progress: Arc<Mutex<Option<(u8, String)>>>,
+    progress: ProgressSlot,
 }
 
 struct Shared {
@@ -136,10 +140,8 @@ impl Worker {
         }
 
         tracing::info!(worker_id = %settings.id, running = tasks.len(), "shutting down: no new claims");
-        let drained = tokio::time::timeout(settings.shutdown_grace, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(settings.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!(running = tasks.len(), "grace period over: releasing the remaining jobs to pending");
             for running in shared.lock_running().values() {
@@ -161,15 +163,14 @@ impl Shared {
         self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn track(&self, id: Uuid) -> (CancellationToken, Arc<AtomicU8>, Arc<Mutex<Option<(u8, String)>>>) {
+    fn track(&self, id: Uuid) -> Running {
         let running = Running {
             cancel: CancellationToken::new(),
             stop: Arc::new(AtomicU8::new(STOP_NONE)),
             progress: Arc::default(),
         };
-        let handles = (running.cancel.clone(), running.stop.clone(), running.progress.clone());
-        self.lock_running().insert(id, running);
-        handles
+        self.lock_running().insert(id, running.clone());
+        running
     }
 
     fn running_ids(&self) -> Vec<Uuid> {
@@ -201,11 +202,8 @@ impl Shared {
     }
 }
 
-async fn run_job(
-    shared: Arc<Shared>,
-    job: Job,
-    (cancel, stop, progress): (CancellationToken, Arc<AtomicU8>, Arc<Mutex<Option<(u8, String)>>>),
-) {
+async fn run_job(shared: Arc<Shared>, job: Job, running: Running) {
+    let Running { cancel, stop, progress } = running;
     // Forgets the job when this task ends, even by a panic: its lease then
     // lapses and the reaper runs it again instead of it being renewed forever.
     let _untrack = Untrack(shared.clone(), job.id);
@@ -231,7 +229,10 @@ async fn run_job(
             match tokio::time::timeout(stuck, shared.registry.runtime().run(handler, &spec, options)).await {
                 Ok(report) => report.outcome,
                 Err(_) => Outcome::Failed {
-                    reason: format!("interrupted: ran longer than WORKER_STUCK_JOB_TIMEOUT_MS ({} ms)", stuck.as_millis()),
+                    reason: format!(
+                        "interrupted: ran longer than WORKER_STUCK_JOB_TIMEOUT_MS ({} ms)",
+                        stuck.as_millis()
+                    ),
                 },
             }
         }
@@ -250,8 +251,13 @@ async fn run_job(
         next.max_attempts = next_handler.manifest.max_attempts as i32;
     }
     let cache_write = match (&transition, &handler) {
-        (Transition::Complete { result, .. }, Some(handler)) if handler.manifest.cacheable && queue.settings().cache_enabled => {
-            let ttl = handler.manifest.cache_ttl_hours.map_or(queue.settings().cache_ttl, |h| Duration::from_secs(u64::from(h) * 3600));
+        (Transition::Complete { result, .. }, Some(handler))
+            if handler.manifest.cacheable && queue.settings().cache_enabled =>
+        {
+            let ttl = handler
+                .manifest
+                .cache_ttl_hours
+                .map_or(queue.settings().cache_ttl, |h| Duration::from_secs(u64::from(h) * 3600));
             Some((cache_key(&job.job_type, &handler.version, &job.input), result.clone(), ttl))
         }
         _ => None,
@@ -359,7 +365,9 @@ async fn flush_progress(shared: &Shared) {
         .filter_map(|(id, running)| Some((*id, running.progress.lock().unwrap_or_else(|e| e.into_inner()).take()?)))
         .collect();
     for (id, (percent, message)) in pending {
-        if let Err(error) = shared.queue.store().set_progress(id, &shared.settings.id, i16::from(percent), &message).await {
+        if let Err(error) =
+            shared.queue.store().set_progress(id, &shared.settings.id, i16::from(percent), &message).await
+        {
             tracing::warn!(job_id = %id, %error, "could not save progress");
         }
     }

@@ -176,7 +176,9 @@ impl HttpPolicy {
     fn admit(&self, host: &str, port: u16) -> Result<&HostRule, String> {
         let mut matching = self.rules.iter().filter(|rule| rule.matches(host, port));
         let first = matching.next();
-        let exact = first.filter(|r| r.is_exact()).or_else(|| self.rules.iter().find(|r| r.is_exact() && r.matches(host, port)));
+        let exact = first
+            .filter(|r| r.is_exact())
+            .or_else(|| self.rules.iter().find(|r| r.is_exact() && r.matches(host, port)));
         exact.or(first).ok_or_else(|| {
             if self.rules.is_empty() {
                 format!(
@@ -394,7 +396,10 @@ async fn check_resolved_addresses(
 /// Why one try did not give the final answer.
 enum TryError {
     /// A status worth retrying; the response is kept in case tries run out.
-    Status { response: Response, retry_after: Option<Duration> },
+    Status {
+        response: Response,
+        retry_after: Option<Duration>,
+    },
     Final(HttpError),
 }
 

@@ -151,11 +151,18 @@ pub struct RunOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The handler's result: JSON text.
-    Completed { output: String },
+    Completed {
+        output: String,
+    },
     /// A transient failure: run again later, no sooner than `delay` if set.
-    Retry { reason: String, delay: Option<Duration> },
+    Retry {
+        reason: String,
+        delay: Option<Duration>,
+    },
     /// A permanent failure: the handler's, or a limit it broke.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     Cancelled,
 }
 
@@ -384,7 +391,11 @@ fn log_stdio(labels: &JobLabels, stream: &'static str, (bytes, dropped): (Vec<u8
 }
 
 pub(crate) fn human_duration(duration: Duration) -> String {
-    if duration.subsec_millis() == 0 { format!("{} s", duration.as_secs()) } else { format!("{} ms", duration.as_millis()) }
+    if duration.subsec_millis() == 0 {
+        format!("{} s", duration.as_secs())
+    } else {
+        format!("{} ms", duration.as_millis())
+    }
 }
 
 #[cfg(test)]
@@ -411,6 +422,8 @@ mod tests {
     fn oversized_or_non_json_output_fails() {
         assert!(matches!(check_output("{\"a\":1}".into(), 1024), Outcome::Completed { .. }));
         assert!(matches!(check_output("x".repeat(2048), 1024), Outcome::Failed { reason } if reason.contains("1 KiB")));
-        assert!(matches!(check_output("not json".into(), 1024), Outcome::Failed { reason } if reason.contains("not JSON")));
+        assert!(
+            matches!(check_output("not json".into(), 1024), Outcome::Failed { reason } if reason.contains("not JSON"))
+        );
     }
 }

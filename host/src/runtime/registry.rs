@@ -34,6 +34,9 @@ pub struct Registry {
     events: broadcast::Sender<RegistryEvent>,
 }
 
+/// What loading a directory did, file by file.
+pub type LoadResults = Vec<(PathBuf, Result<Arc<HandlerVersion>, LoadError>)>;
+
 /// Keeps a directory watch alive; dropping it stops the watch.
 pub struct DirWatch {
     _debouncer: Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>,
@@ -95,9 +98,9 @@ impl Registry {
 
     /// Loads every pair in `dir`. A pair that does not load is reported and
     /// skipped; the others still load.
-    pub fn load_dir(&self, dir: &Path) -> Result<Vec<(PathBuf, Result<Arc<HandlerVersion>, LoadError>)>, LoadError> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|source| LoadError::Read { path: dir.display().to_string(), source })?;
+    pub fn load_dir(&self, dir: &Path) -> Result<LoadResults, LoadError> {
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| LoadError::Read { path: dir.display().to_string(), source })?;
         let mut wasm_files: Vec<PathBuf> = entries
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter(|path| handler_stem(path).is_some_and(|(_, ext)| ext == "wasm"))
@@ -123,10 +126,8 @@ impl Registry {
             let Some(registry) = registry.upgrade() else { return };
             match result {
                 Ok(events) => {
-                    let stems: BTreeSet<String> = events
-                        .iter()
-                        .filter_map(|event| handler_stem(&event.path).map(|(stem, _)| stem))
-                        .collect();
+                    let stems: BTreeSet<String> =
+                        events.iter().filter_map(|event| handler_stem(&event.path).map(|(stem, _)| stem)).collect();
                     for stem in stems {
                         registry.reload(&watched_dir.join(format!("{stem}.wasm")));
                     }

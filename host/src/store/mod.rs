@@ -189,7 +189,9 @@ pub enum Transition {
 pub enum CancelOutcome {
     /// It was pending or processing and is now cancelled; a running instance
     /// is interrupted by its worker.
-    Cancelled { was_running: bool },
+    Cancelled {
+        was_running: bool,
+    },
     /// It had already ended; nothing changed.
     AlreadyFinished(JobStatus),
     NotFound,
@@ -248,8 +250,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Inserts a job. With `max_unfinished_per_user`, refuses atomically when
     /// the user already has that many pending or processing jobs.
-    async fn enqueue(&self, job: &NewJob, now: DateTime<Utc>, max_unfinished_per_user: Option<u32>)
-    -> Result<Job, StoreError>;
+    async fn enqueue(
+        &self,
+        job: &NewJob,
+        now: DateTime<Utc>,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<Job, StoreError>;
 
     async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
 

@@ -78,7 +78,10 @@ fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
 }
 
 /// The insert of a job and the NOTIFY that wakes workers (delivered at commit).
-fn insert_query(job: &NewJob, now: DateTime<Utc>) -> Result<sqlx::query::Query<'static, Postgres, PgArguments>, StoreError> {
+fn insert_query(
+    job: &NewJob,
+    now: DateTime<Utc>,
+) -> Result<sqlx::query::Query<'static, Postgres, PgArguments>, StoreError> {
     let next_steps = serde_json::to_value(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?;
     Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id, \
@@ -197,11 +200,12 @@ impl Store for PostgresStore {
             .bind(&job.user_id)
             .execute(&mut *tx)
             .await?;
-        let unfinished: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM quern_jobs WHERE user_id = $1 AND status IN ('pending', 'processing')")
-                .bind(&job.user_id)
-                .fetch_one(&mut *tx)
-                .await?;
+        let unfinished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM quern_jobs WHERE user_id = $1 AND status IN ('pending', 'processing')",
+        )
+        .bind(&job.user_id)
+        .fetch_one(&mut *tx)
+        .await?;
         if unfinished >= i64::from(limit) {
             return Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit });
         }
@@ -398,10 +402,11 @@ impl Store for PostgresStore {
     }
 
     async fn cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
-        let row = sqlx::query("SELECT response, hit_count, last_hit_at, expires_at FROM quern_cache WHERE cache_key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT response, hit_count, last_hit_at, expires_at FROM quern_cache WHERE cache_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|row| {
             Ok(CacheEntry {
                 response: row.try_get("response")?,
@@ -487,7 +492,8 @@ impl Store for PostgresStore {
     }
 
     async fn count_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT status, count(*) AS n FROM quern_jobs GROUP BY status").fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query("SELECT status, count(*) AS n FROM quern_jobs GROUP BY status").fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 let status: String = row.try_get("status")?;

@@ -10,7 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -360,7 +362,8 @@ impl Store for SqliteStore {
              WHERE status = 'processing' AND worker_id = ?2 AND id IN ({}) RETURNING id",
             placeholders(ids.len(), 3)
         );
-        let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(micros(lease_until)).bind(worker_id);
+        let mut query =
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(micros(lease_until)).bind(worker_id);
         for id in ids {
             query = query.bind(id.to_string());
         }
@@ -470,10 +473,11 @@ impl Store for SqliteStore {
     }
 
     async fn cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
-        let row = sqlx::query("SELECT response, hit_count, last_hit_at, expires_at FROM quern_cache WHERE cache_key = ?1")
-            .bind(key)
-            .fetch_optional(&self.reader)
-            .await?;
+        let row =
+            sqlx::query("SELECT response, hit_count, last_hit_at, expires_at FROM quern_cache WHERE cache_key = ?1")
+                .bind(key)
+                .fetch_optional(&self.reader)
+                .await?;
         row.map(|row| {
             Ok(CacheEntry {
                 response: json(&row.try_get::<String, _>("response")?)?,
@@ -508,7 +512,10 @@ impl Store for SqliteStore {
     }
 
     async fn purge_cache(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM quern_cache WHERE expires_at <= ?1").bind(micros(now)).execute(&self.writer).await?;
+        let done = sqlx::query("DELETE FROM quern_cache WHERE expires_at <= ?1")
+            .bind(micros(now))
+            .execute(&self.writer)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -559,7 +566,8 @@ impl Store for SqliteStore {
     }
 
     async fn count_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT status, count(*) AS n FROM quern_jobs GROUP BY status").fetch_all(&self.reader).await?;
+        let rows =
+            sqlx::query("SELECT status, count(*) AS n FROM quern_jobs GROUP BY status").fetch_all(&self.reader).await?;
         rows.iter()
             .map(|row| {
                 let status: String = row.try_get("status")?;

@@ -33,7 +33,13 @@ impl Db {
         let store = SqliteStore::open(&path).await.unwrap();
         store.migrate().await.unwrap();
         let raw = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display())).await.unwrap();
-        Self { store: Arc::new(store), raw: Raw::Sqlite(raw), url: format!("sqlite://{}", path.display()), schema: None, _dir: Some(dir) }
+        Self {
+            store: Arc::new(store),
+            raw: Raw::Sqlite(raw),
+            url: format!("sqlite://{}", path.display()),
+            schema: None,
+            _dir: Some(dir),
+        }
     }
 
     pub async fn postgres() -> Self {
@@ -52,11 +58,16 @@ impl Db {
     /// Runs SQL that names tables with their schema-less names.
     pub async fn execute(&self, sql: &str) -> u64 {
         match &self.raw {
-            Raw::Sqlite(pool) => sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(pool).await.unwrap().rows_affected(),
+            Raw::Sqlite(pool) => {
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(pool).await.unwrap().rows_affected()
+            }
             Raw::Postgres(pool) => {
                 let schema = self.schema.as_deref().unwrap_or("public");
                 let mut tx = pool.begin().await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}"))).execute(&mut *tx).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}")))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
                 let done = sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut *tx).await.unwrap();
                 tx.commit().await.unwrap();
                 done.rows_affected()

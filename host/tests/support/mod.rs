@@ -21,11 +21,7 @@ pub mod db;
 /// A built component under `handlers-dist/` (built by `cargo xtask build-handlers`).
 pub fn dist(relative: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../handlers-dist").join(relative);
-    assert!(
-        path.exists(),
-        "{} is missing: build the handlers first with `cargo xtask build-handlers`",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: build the handlers first with `cargo xtask build-handlers`", path.display());
     path
 }
 
@@ -117,11 +113,8 @@ pub struct Upstream {
 impl Upstream {
     /// Starts a server that answers `replies` in order, then `fallback` forever.
     pub async fn start(replies: Vec<Reply>, fallback: Reply) -> Self {
-        let script = Arc::new(Mutex::new(Script {
-            replies: replies.into(),
-            fallback: Some(fallback),
-            received: Vec::new(),
-        }));
+        let script =
+            Arc::new(Mutex::new(Script { replies: replies.into(), fallback: Some(fallback), received: Vec::new() }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let app = axum::Router::new().fallback(answer).with_state(script.clone());
@@ -140,7 +133,13 @@ impl Upstream {
     }
 }
 
-async fn answer(State(script): State<Arc<Mutex<Script>>>, method: Method, uri: Uri, _: HeaderMap, body: Bytes) -> Response {
+async fn answer(
+    State(script): State<Arc<Mutex<Script>>>,
+    method: Method,
+    uri: Uri,
+    _: HeaderMap,
+    body: Bytes,
+) -> Response {
     let reply = {
         let mut script = script.lock().unwrap();
         script.received.push(Received {
