@@ -383,11 +383,17 @@ async fn worker_writes_cacheable_results_and_hits_are_counted(db: &Db) {
     let job = running.queue.enqueue(request("u1", "echo_cached", input.clone())).await.unwrap();
     let done = wait_for_status(db, job.id, JobStatus::Completed).await;
     let version = running.registry.get("echo_cached").unwrap().version.clone();
+    // The cache is written just after the job is marked completed.
+    let key = quern::queue::cache_key::cache_key("echo_cached", &version, &input);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while db.store.cache_entry(&key).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the completed job's result was never cached");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let reordered = json!({"a": "x", "b": [1, 2]});
     for expected_hits in 1..=2 {
         let hit = running.queue.cached_result("echo_cached", &version, &reordered).await.unwrap();
         assert_eq!(hit.as_ref(), done.result.as_ref());
-        let key = quern::queue::cache_key::cache_key("echo_cached", &version, &input);
         assert_eq!(db.store.cache_entry(&key).await.unwrap().unwrap().hit_count, expected_hits);
     }
     assert_eq!(running.queue.cached_result("echo_cached", "another-version", &input).await.unwrap(), None);
