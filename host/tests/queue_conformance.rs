@@ -179,7 +179,7 @@ async fn concurrent_claimers_never_share_a_job(db: &Db) {
                     let end = end_of(
                         &job,
                         &worker,
-                        Transition::Complete { result: json!({}), processing_time_ms: 0, next: None },
+                        Transition::Complete { result: json!({}), processing_time_ms: 0, next: None, cache: None },
                     );
                     assert!(store.finish_attempt(&end, Utc::now()).await.unwrap());
                     mine.push(job.id);
@@ -283,7 +283,8 @@ async fn a_stale_attempt_end_writes_nothing(db: &Db) {
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
     let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
-    let complete = || Transition::Complete { result: json!({"late": true}), processing_time_ms: 1, next: None };
+    let complete =
+        || Transition::Complete { result: json!({"late": true}), processing_time_ms: 1, next: None, cache: None };
     assert!(!db.store.finish_attempt(&end_of(&claimed, "w2", complete()), now).await.unwrap(), "another worker's end");
     let mut stale = end_of(&claimed, "w1", complete());
     stale.attempt = 7;
@@ -305,7 +306,7 @@ async fn cancel_of_a_finished_job_is_refused(db: &Db) {
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
     let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
-    let done = Transition::Complete { result: json!({}), processing_time_ms: 1, next: None };
+    let done = Transition::Complete { result: json!({}), processing_time_ms: 1, next: None, cache: None };
     db.store.finish_attempt(&end_of(&claimed, "w1", done), now).await.unwrap();
     let error = queue.cancel(job.id).await.unwrap_err();
     assert!(matches!(error, QueueError::AlreadyFinished { status: JobStatus::Completed, .. }));
@@ -383,13 +384,9 @@ async fn worker_writes_cacheable_results_and_hits_are_counted(db: &Db) {
     let job = running.queue.enqueue(request("u1", "echo_cached", input.clone())).await.unwrap();
     let done = wait_for_status(db, job.id, JobStatus::Completed).await;
     let version = running.registry.get("echo_cached").unwrap().version.clone();
-    // The cache is written just after the job is marked completed.
+    // Written with the completion: whoever sees the job completed finds it cached.
     let key = quern::queue::cache_key::cache_key("echo_cached", &version, &input);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while db.store.cache_entry(&key).await.unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the completed job's result was never cached");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert_eq!(db.store.cache_entry(&key).await.unwrap().unwrap().hit_count, 0);
     let reordered = json!({"a": "x", "b": [1, 2]});
     for expected_hits in 1..=2 {
         let hit = running.queue.cached_result("echo_cached", &version, &reordered).await.unwrap();

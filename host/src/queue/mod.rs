@@ -182,7 +182,8 @@ impl Queue {
         match outcome {
             Outcome::Completed { output } => match serde_json::from_str::<Value>(&output) {
                 Ok(result) => Transition::Complete {
-                    next: next_step(job, &result, self.settings.default_max_attempts, now),
+                    next: next_step(job, &result, self.settings.default_max_attempts, now).map(Box::new),
+                    cache: None,
                     processing_time_ms: elapsed.as_millis().min(i32::MAX as u128) as i32,
                     result,
                 },

@@ -21,7 +21,7 @@ use super::Queue;
 use super::cache_key::cache_key;
 use crate::runtime::registry::Registry;
 use crate::runtime::{JobSpec, Outcome, RunOptions};
-use crate::store::{AttemptEnd, Job, StoreError, Transition, WorkerRow};
+use crate::store::{AttemptEnd, CacheWrite, Job, StoreError, Transition, WorkerRow};
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -250,18 +250,20 @@ async fn run_job(shared: Arc<Shared>, job: Job, running: Running) {
     {
         next.max_attempts = next_handler.manifest.max_attempts as i32;
     }
-    let cache_write = match (&transition, &handler) {
-        (Transition::Complete { result, .. }, Some(handler))
-            if handler.manifest.cacheable && queue.settings().cache_enabled =>
-        {
-            let ttl = handler
-                .manifest
-                .cache_ttl_hours
-                .map_or(queue.settings().cache_ttl, |h| Duration::from_secs(u64::from(h) * 3600));
-            Some((cache_key(&job.job_type, &handler.version, &job.input), result.clone(), ttl))
-        }
-        _ => None,
-    };
+    if let (Transition::Complete { cache, .. }, Some(handler)) = (&mut transition, &handler)
+        && handler.manifest.cacheable
+        && queue.settings().cache_enabled
+    {
+        let ttl = handler
+            .manifest
+            .cache_ttl_hours
+            .map_or(queue.settings().cache_ttl, |h| Duration::from_secs(u64::from(h) * 3600));
+        *cache = Some(CacheWrite {
+            key: cache_key(&job.job_type, &handler.version, &job.input),
+            job_type: job.job_type.clone(),
+            expires_at: now + ttl,
+        });
+    }
     let end = AttemptEnd {
         job_id: job.id,
         worker_id: shared.settings.id.clone(),
@@ -270,13 +272,7 @@ async fn run_job(shared: Arc<Shared>, job: Job, running: Running) {
         started_at: job.started_at.unwrap_or(now),
         transition,
     };
-    let recorded = finish_with_retries(&shared, &end).await;
-    if recorded && let Some((key, result, ttl)) = cache_write {
-        let expires_at = now + ttl;
-        if let Err(error) = queue.store().cache_put(&key, &job.job_type, &result, now, expires_at).await {
-            tracing::warn!(job_id = %job.id, %error, "could not write the result to the cache");
-        }
-    }
+    finish_with_retries(&shared, &end).await;
 }
 
 struct Untrack(Arc<Shared>, Uuid);

@@ -171,9 +171,10 @@ pub struct AttemptEnd {
 /// What an attempt's end does to its job.
 #[derive(Debug, Clone)]
 pub enum Transition {
-    /// `completed` with the result; `next`, a pipeline's next job, is inserted
-    /// in the same transaction.
-    Complete { result: Value, processing_time_ms: i32, next: Option<NewJob> },
+    /// `completed` with the result; `next`, a pipeline's next job, and
+    /// `cache`, the result's cache entry, are written in the same transaction,
+    /// so whoever sees the job completed also finds its result cached.
+    Complete { result: Value, processing_time_ms: i32, next: Option<Box<NewJob>>, cache: Option<CacheWrite> },
     /// Back to `pending`, to run at `run_at`. `outcome` is `Retry` or `LeaseExpired`.
     Retry { error: String, run_at: DateTime<Utc>, outcome: AttemptOutcome },
     /// `failed`. `outcome` is `Failed` or `LeaseExpired`.
@@ -182,6 +183,14 @@ pub enum Transition {
     Cancelled,
     /// Shutdown: back to `pending` at once, the attempt not counted.
     Release,
+}
+
+/// A completed job's result to cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheWrite {
+    pub key: String,
+    pub job_type: String,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// What a cancel did.

@@ -148,12 +148,20 @@ fn finish_query(end: &AttemptEnd, now: DateTime<Utc>) -> sqlx::query::QueryScala
     };
     // A released attempt is not an attempt: nothing is recorded for it.
     let record = if matches!(end.transition, Transition::Release) { "WHERE false" } else { "" };
+    let cache = match &end.transition {
+        Transition::Complete { cache: Some(_), .. } => {
+            ", cached AS (INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at) \
+             SELECT $11, $12, $9, $13, $5 FROM done \
+             ON CONFLICT (cache_key) DO UPDATE SET response = EXCLUDED.response, expires_at = EXCLUDED.expires_at)"
+        }
+        _ => "",
+    };
     let sql = format!(
         "WITH done AS (UPDATE quern_jobs SET {set} WHERE {filter} RETURNING id), \
          recorded AS (INSERT INTO quern_job_attempts \
              (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error) \
              SELECT id, $3, $2, $4, $6, $5, $7, $8::text FROM done {record} ON CONFLICT (job_id, attempt) DO NOTHING) \
-         SELECT count(*) FROM done"
+         {cache} SELECT count(*) FROM done"
     );
     let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(end.job_id)
@@ -165,7 +173,13 @@ fn finish_query(end: &AttemptEnd, now: DateTime<Utc>) -> sqlx::query::QueryScala
         .bind(outcome.as_str())
         .bind(error);
     match &end.transition {
-        Transition::Complete { result, processing_time_ms, .. } => query.bind(result.clone()).bind(*processing_time_ms),
+        Transition::Complete { result, processing_time_ms, cache, .. } => {
+            let query = query.bind(result.clone()).bind(*processing_time_ms);
+            match cache {
+                Some(cache) => query.bind(cache.key.clone()).bind(cache.job_type.clone()).bind(cache.expires_at),
+                None => query,
+            }
+        }
         Transition::Retry { run_at, .. } => query.bind(*run_at),
         _ => query,
     }

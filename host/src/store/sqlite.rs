@@ -341,6 +341,19 @@ impl Store for SqliteStore {
         if let Transition::Complete { next: Some(next), .. } = &end.transition {
             insert_job(&mut tx, next, now).await?;
         }
+        if let Transition::Complete { result, cache: Some(cache), .. } = &end.transition {
+            sqlx::query(
+                "INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (cache_key) DO UPDATE SET response = excluded.response, expires_at = excluded.expires_at",
+            )
+            .bind(&cache.key)
+            .bind(&cache.job_type)
+            .bind(result.to_string())
+            .bind(micros(cache.expires_at))
+            .bind(micros(now))
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         if matches!(end.transition, Transition::Retry { .. } | Transition::Complete { next: Some(_), .. }) {
             self.wake_workers();
