@@ -134,3 +134,110 @@ impl WorkerArgs {
         }
     }
 }
+
+/// The HTTP gateway's settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// The port to listen on (0 picks a free one; the log says which).
+    #[arg(long, env = "PORT", default_value_t = 3001)]
+    pub port: u16,
+    /// The address to listen on.
+    #[arg(long, env = "QUERN_BIND", default_value = "0.0.0.0")]
+    pub bind: std::net::IpAddr,
+    /// Verifies HS256 tokens (Supabase's JWT secret). Without it and without
+    /// QUERN_JWKS_URL, a development secret is kept in <data-dir>/jwt-secret.
+    #[arg(long, env = "QUERN_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// A JWKS URL whose keys verify asymmetric tokens (RS256, ES256, …).
+    #[arg(long, env = "QUERN_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    #[arg(long, env = "QUERN_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The claim that marks a premium caller, as path=value.
+    #[arg(long, env = "QUERN_PREMIUM_CLAIM", default_value = "app_metadata.plan=premium")]
+    pub premium_claim: crate::api::auth::PremiumRule,
+    /// Enqueues per minute per client IP (0: no limit).
+    #[arg(long, env = "QUERN_RATE_LIMIT_PER_MIN", default_value_t = 50)]
+    pub rate_limit_per_min: u32,
+    /// Take the client IP from X-Forwarded-For (only behind a proxy you trust).
+    #[arg(long, env = "QUERN_TRUST_PROXY")]
+    pub trust_proxy: bool,
+    /// Origins allowed by CORS, comma-separated (`*` for any).
+    #[arg(long, env = "QUERN_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Job types whose enqueues are refused (503 type_disabled), comma-separated.
+    #[arg(long, env = "QUERN_DISABLED_TYPES", value_delimiter = ',')]
+    pub disabled_types: Vec<String>,
+    /// Record metrics and serve them at /metrics.
+    #[arg(long, env = "ENABLE_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_metrics: bool,
+}
+
+impl GatewayArgs {
+    pub fn settings(&self) -> crate::api::GatewaySettings {
+        crate::api::GatewaySettings {
+            rate_limit_per_min: (self.rate_limit_per_min > 0).then_some(self.rate_limit_per_min),
+            trust_proxy: self.trust_proxy,
+            cors_origins: self.cors_origins.iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect(),
+            disabled_types: self
+                .disabled_types
+                .iter()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect(),
+            ..crate::api::GatewaySettings::default()
+        }
+    }
+
+    /// The token settings, and whether a development secret was created just
+    /// now (a first start: worth telling the user how to call in).
+    pub fn auth_settings(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> std::io::Result<(crate::api::auth::AuthSettings, DevSecret)> {
+        let (secret, dev) = match (&self.jwt_secret, &self.jwks_url) {
+            (Some(secret), _) => (Some(secret.as_bytes().to_vec()), DevSecret::None),
+            (None, Some(_)) => (None, DevSecret::None),
+            (None, None) => {
+                let (secret, created) = dev_secret(data_dir)?;
+                (Some(secret), if created { DevSecret::Created } else { DevSecret::Existing })
+            }
+        };
+        let settings = crate::api::auth::AuthSettings {
+            hs256_secret: secret,
+            jwks_url: self.jwks_url.clone(),
+            audience: self.jwt_audience.clone(),
+            premium: self.premium_claim.clone(),
+        };
+        Ok((settings, dev))
+    }
+}
+
+/// Whether tokens are checked against the development secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevSecret {
+    None,
+    Existing,
+    /// Created at this start.
+    Created,
+}
+
+/// The development HS256 secret in `<data-dir>/jwt-secret`, created (mode
+/// 0600) when missing. Returns it and whether it was created now.
+pub fn dev_secret(data_dir: &std::path::Path) -> std::io::Result<(Vec<u8>, bool)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("jwt-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok((text.trim().as_bytes().to_vec(), false)),
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    file.write_all(secret.as_bytes())?;
+    Ok((secret.into_bytes(), true))
+}

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
             return if error.use_stderr() { cli::EXIT_HOST_ERROR.into() } else { ExitCode::SUCCESS };
         }
     };
-    cli::init_logging();
+    let _flush_logs_at_exit = cli::init_logging(args.logs_json());
     match cli::dispatch(args) {
         Ok(code) => code,
         Err(error) => {

@@ -260,6 +260,7 @@ async fn a_lapsed_lease_is_reaped_back_to_pending(db: &Db) {
     assert_eq!(queue.reap_expired_leases().await.unwrap(), 1);
     let reaped = db.store.get(job.id).await.unwrap().unwrap();
     assert_eq!(reaped.status, JobStatus::Pending);
+    assert_eq!(reaped.run_at, job.run_at, "back in its place in line, due at once");
     assert!(reaped.error.as_deref().unwrap().contains("worker dead-worker stopped heartbeating"));
     assert_eq!(db.store.attempts(job.id).await.unwrap()[0].outcome, AttemptOutcome::LeaseExpired);
     assert_eq!(queue.reap_expired_leases().await.unwrap(), 0, "reaping twice changes nothing");

@@ -6,11 +6,7 @@ use quern::testing::Harness;
 use serde_json::json;
 
 fn harness() -> Harness {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    Harness::builder(format!("{root}/handlers-dist/echo.wasm"))
-        .cache_dir(format!("{root}/target/tmp/quern-compiled"))
-        .build()
-        .expect("build the handlers first: cargo xtask build-handlers")
+    Harness::workspace("echo").build().expect("build the handlers first: cargo xtask build-handlers")
 }
 
 #[tokio::test]

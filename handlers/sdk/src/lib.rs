@@ -25,6 +25,7 @@
 //! into the host and so only works inside quern; keep pure logic in plain
 //! functions and test it with `cargo test` on the host target.
 
+pub mod ai;
 pub mod http;
 mod log;
 

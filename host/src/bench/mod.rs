@@ -1,6 +1,8 @@
 //! Benchmarks that print their numbers (`quern bench …`). Speed is claimed
 //! from these, never from timed tests; BENCHMARKS.md records what they print.
 
+pub mod e2e;
+pub mod http;
 pub mod queue;
 pub mod runtime;
 

@@ -49,7 +49,7 @@ pub struct QueueBenchArgs {
 }
 
 pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
-    let (store, cleanup) = open(args).await?;
+    let (store, cleanup) = open(args.db, &args.postgres_url, "queue").await?;
     let (bytes, manifest) = read_component(&args.component)?;
     let job_type = manifest.job_type.clone();
     let runtime = Arc::new(Runtime::new(RuntimeSettings {
@@ -168,7 +168,7 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress(len: u64, label: &'static str) -> ProgressBar {
+pub(super) fn progress(len: u64, label: &'static str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
         ProgressStyle::with_template("  {prefix:<8} [{bar:40}] {pos}/{len} {per_sec}")
@@ -179,13 +179,13 @@ fn progress(len: u64, label: &'static str) -> ProgressBar {
 }
 
 /// Drops what the benchmark created.
-enum Cleanup {
+pub(super) enum Cleanup {
     Directory(PathBuf),
     Schema { pool: sqlx::PgPool, schema: String },
 }
 
 impl Cleanup {
-    async fn run(self) {
+    pub(super) async fn run(self) {
         match self {
             Self::Directory(dir) => {
                 let _ = std::fs::remove_dir_all(dir);
@@ -197,20 +197,21 @@ impl Cleanup {
     }
 }
 
-async fn open(args: &QueueBenchArgs) -> anyhow::Result<(Arc<dyn Store>, Cleanup)> {
-    match args.db {
+/// A fresh database for one benchmark: a new SQLite file, or a new schema.
+pub(super) async fn open(db: Backend, postgres_url: &str, name: &str) -> anyhow::Result<(Arc<dyn Store>, Cleanup)> {
+    match db {
         Backend::Sqlite => {
-            let dir = std::env::temp_dir().join(format!("quern-bench-queue-{}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("quern-bench-{name}-{}", std::process::id()));
             let store = SqliteStore::open(&dir.join("quern.db")).await?;
             store.migrate().await?;
             Ok((Arc::new(store), Cleanup::Directory(dir)))
         }
         Backend::Postgres => {
-            let schema = format!("quern_bench_{}", std::process::id());
-            let pool = sqlx::PgPool::connect(&args.postgres_url).await?;
+            let schema = format!("quern_bench_{name}_{}", std::process::id());
+            let pool = sqlx::PgPool::connect(postgres_url).await?;
             sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&pool).await?;
-            let options = sqlx::postgres::PgConnectOptions::from_str(&args.postgres_url)?
-                .options([("search_path", schema.as_str())]);
+            let options =
+                sqlx::postgres::PgConnectOptions::from_str(postgres_url)?.options([("search_path", schema.as_str())]);
             let store = PostgresStore::connect_with(options).await?;
             store.migrate().await?;
             Ok((Arc::new(store), Cleanup::Schema { pool, schema }))

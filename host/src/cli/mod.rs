@@ -3,6 +3,7 @@
 mod jobs;
 mod run;
 mod serve;
+mod token;
 
 use std::process::ExitCode;
 
@@ -27,11 +28,18 @@ enum Command {
     /// logs and progress on stderr. Exit 0 ok, 1 retryable failure, 2 permanent
     /// failure, 3 host or usage error.
     Run(run::RunArgs),
-    /// Run the job host: a worker on the embedded SQLite database by default
-    /// (DATABASE_URL=postgres://… for PostgreSQL), handlers from QUERN_HANDLERS_DIR.
+    /// Run the job host: the HTTP gateway and a worker, on the embedded SQLite
+    /// database by default (DATABASE_URL=postgres://… for PostgreSQL), handlers
+    /// from QUERN_HANDLERS_DIR.
     Serve(serve::ServeArgs),
+    /// Run the HTTP gateway only (workers run elsewhere, on the same PostgreSQL).
+    Gateway(serve::ServeArgs),
     /// Run a worker only (several may share one PostgreSQL database).
-    Worker(serve::ServeArgs),
+    Worker(serve::WorkerOnlyArgs),
+    /// Mint a token for development and tests.
+    Token(token::TokenArgs),
+    /// Exit 0 when the server's /health answers 200 (for container health checks).
+    Healthcheck(token::HealthcheckArgs),
     /// Enqueue, inspect and cancel jobs in the database.
     Jobs(jobs::JobsArgs),
     /// Apply the database migrations and exit.
@@ -47,18 +55,53 @@ enum BenchCommand {
     Runtime(quern::bench::runtime::RuntimeBenchArgs),
     /// The queue end to end: enqueue and processing throughput, pickup latency.
     Queue(quern::bench::queue::QueueBenchArgs),
+    /// The HTTP gateway: enqueue, cache hit and status requests per second, latency.
+    Http(quern::bench::http::HttpBenchArgs),
+    /// Simulated users enqueueing and following jobs end to end (the seed's load test).
+    E2e(quern::bench::e2e::E2eBenchArgs),
 }
 
-/// Logs go to stderr; `QUERN_LOG` filters them (e.g. `debug`, `quern=trace`).
-pub fn init_logging() {
-    let filter = EnvFilter::try_from_env("QUERN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+impl Cli {
+    /// Long-running servers log JSON lines; one-off commands log plain text.
+    pub fn logs_json(&self) -> bool {
+        let server = matches!(self.command, Command::Serve(_) | Command::Gateway(_) | Command::Worker(_));
+        match std::env::var("QUERN_LOG_FORMAT").as_deref() {
+            Ok("json") => true,
+            Ok("text") => false,
+            _ => server,
+        }
+    }
+}
+
+/// Logs go to stderr; `QUERN_LOG` (or `LOG_LEVEL`) filters them (e.g. `debug`,
+/// `quern=trace`); `QUERN_LOG_FORMAT` is `json` or `text`. JSON lines carry the
+/// request's id from the span they were logged in. Servers write through a
+/// background thread, so a slow stderr never holds up a request; the
+/// returned guard flushes it when dropped at exit.
+pub fn init_logging(json: bool) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    let filter = EnvFilter::try_from_env("QUERN_LOG")
+        .or_else(|_| EnvFilter::try_from_env("LOG_LEVEL"))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if json {
+        let (writer, guard) =
+            tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+        builder.json().flatten_event(true).with_current_span(true).with_span_list(false).with_writer(writer).init();
+        Some(guard)
+    } else {
+        builder.with_writer(std::io::stderr).init();
+        None
+    }
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
-        Command::Serve(args) | Command::Worker(args) => serve::serve(args),
+        Command::Serve(args) => serve::serve(args, true),
+        Command::Gateway(args) => serve::serve(args, false),
+        Command::Worker(args) => serve::worker(args),
+        Command::Token(args) => token::token(args),
+        Command::Healthcheck(args) => token::healthcheck(args),
         Command::Migrate(args) => serve::migrate(args),
         Command::Jobs(args) => jobs::jobs(args),
         Command::Bench(BenchCommand::Queue(args)) => {
@@ -66,6 +109,20 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?
                 .block_on(quern::bench::queue::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::E2e(args)) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(quern::bench::e2e::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Http(args)) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(quern::bench::http::run(&args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Runtime(args)) => {

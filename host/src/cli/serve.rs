@@ -1,21 +1,38 @@
-//! `quern serve` and `quern worker`: open the database, load and watch the
-//! handlers, run a worker until SIGINT/SIGTERM. (`serve` adds the HTTP gateway
-//! once it exists; today both run the worker.)
+//! `quern serve` (gateway + worker in one process), `quern gateway` (the
+//! HTTP API alone) and `quern worker` (a worker alone): open the database,
+//! load and watch the handlers, run until SIGINT/SIGTERM.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use quern::config::{DatabaseArgs, RuntimeArgs, WorkerArgs};
+use quern::api::auth::{Auth, mint};
+use quern::api::metrics::Metrics;
+use quern::api::{self, Gateway};
+use quern::config::{DatabaseArgs, DevSecret, GatewayArgs, RuntimeArgs, WorkerArgs};
 use quern::queue::Queue;
 use quern::queue::worker::Worker;
 use quern::runtime::Runtime;
-use quern::runtime::registry::Registry;
+use quern::runtime::registry::{DirWatch, Registry};
 use quern::store::Store;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    worker: WorkerArgs,
+    #[command(flatten)]
+    gateway: GatewayArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WorkerOnlyArgs {
     #[command(flatten)]
     runtime: RuntimeArgs,
     #[command(flatten)]
@@ -30,29 +47,95 @@ pub struct MigrateArgs {
     runtime: RuntimeArgs,
     #[command(flatten)]
     database: DatabaseArgs,
+    /// Also apply the Supabase compatibility set (PostgreSQL on Supabase):
+    /// the seed's `analysis_jobs` view with its row-level security.
+    #[arg(long)]
+    supabase: bool,
 }
 
-pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
-        let store = open_store(&args.runtime, &args.database).await?;
-        let mut settings = args.runtime.settings()?;
-        settings.max_instances = args.worker.concurrency * 2 + 4;
-        let runtime = Arc::new(Runtime::new(settings)?);
-        let registry = Registry::new(runtime);
-        let dir = &args.worker.handlers_dir;
-        let _watch = if dir.is_dir() {
-            for (path, result) in registry.load_dir(dir)? {
-                if let Ok(handler) = result {
-                    tracing::info!(path = %path.display(), job_type = %handler.manifest.job_type, version = %handler.version, "handler loaded");
-                }
+/// The queue and the loaded handlers, shared by every serving command.
+struct Host {
+    queue: Arc<Queue>,
+    registry: Arc<Registry>,
+    _watch: Option<DirWatch>,
+}
+
+async fn start_host(runtime: &RuntimeArgs, database: &DatabaseArgs, worker: &WorkerArgs) -> anyhow::Result<Host> {
+    let store = open_store(runtime, database).await?;
+    let mut settings = runtime.settings()?;
+    settings.max_instances = worker.concurrency * 2 + 4;
+    let registry = Registry::new(Arc::new(Runtime::new(settings)?));
+    let dir = &worker.handlers_dir;
+    let watch = if dir.is_dir() {
+        for (path, result) in registry.load_dir(dir)? {
+            if let Ok(handler) = result {
+                tracing::info!(path = %path.display(), job_type = %handler.manifest.job_type, version = %handler.version, "handler loaded");
             }
-            Some(registry.watch(dir).with_context(|| format!("cannot watch {}", dir.display()))?)
+        }
+        Some(registry.watch(dir).with_context(|| format!("cannot watch {}", dir.display()))?)
+    } else {
+        tracing::warn!(dir = %dir.display(), "no handlers directory: build the handlers with `cargo xtask build-handlers` or set QUERN_HANDLERS_DIR");
+        None
+    };
+    let queue = Arc::new(Queue::new(store, worker.queue_settings()));
+    Ok(Host { queue, registry, _watch: watch })
+}
+
+/// `quern serve` (`with_worker`) or `quern gateway`.
+pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+        let host = start_host(&args.runtime, &args.database, &args.worker).await?;
+        let (auth_settings, dev) = args
+            .gateway
+            .auth_settings(&args.runtime.data_dir)
+            .context("cannot read or create the development JWT secret")?;
+        let dev_secret = (dev != DevSecret::None).then(|| auth_settings.hs256_secret.clone()).flatten();
+        let premium = auth_settings.premium.clone();
+        let auth = Auth::new(auth_settings)?;
+        if dev != DevSecret::None {
+            tracing::warn!(
+                path = %args.runtime.data_dir.join("jwt-secret").display(),
+                "no QUERN_JWT_SECRET or QUERN_JWKS_URL: tokens are checked against a development secret"
+            );
+        }
+        let shutdown = CancellationToken::new();
+        tokio::spawn(shutdown_on_signal(shutdown.clone()));
+        let worker =
+            with_worker.then(|| Worker::new(host.queue.clone(), host.registry.clone(), args.worker.worker_settings()));
+        let gateway = Gateway::new(
+            host.queue.clone(),
+            host.registry.clone(),
+            auth,
+            args.gateway.settings(),
+            worker.as_ref().map(Worker::probe),
+            if args.gateway.enable_metrics { Metrics::install() } else { None },
+            shutdown.clone(),
+        );
+        let (router, _) = api::router(gateway);
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.gateway.bind, args.gateway.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.gateway.bind, args.gateway.port))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, worker = with_worker, "gateway listening");
+        if let (DevSecret::Created, Some(secret)) = (dev, dev_secret) {
+            print_first_start(addr, &secret, &premium)?;
+        }
+        let server = tokio::spawn(api::serve(listener, router, shutdown.clone()));
+        if let Some(worker) = worker {
+            worker.run(shutdown.clone()).await?;
         } else {
-            tracing::warn!(dir = %dir.display(), "no handlers directory: build the handlers with `cargo xtask build-handlers` or set QUERN_HANDLERS_DIR");
-            None
-        };
-        let queue = Arc::new(Queue::new(store, args.worker.queue_settings()));
-        let worker = Worker::new(queue, registry, args.worker.worker_settings());
+            shutdown.cancelled().await;
+        }
+        server.await??;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `quern worker`.
+pub fn worker(args: WorkerOnlyArgs) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+        let host = start_host(&args.runtime, &args.database, &args.worker).await?;
+        let worker = Worker::new(host.queue, host.registry, args.worker.worker_settings());
         let shutdown = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
         worker.run(shutdown).await?;
@@ -60,9 +143,38 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The first start on an empty data dir: a ready token and a request to try.
+fn print_first_start(addr: SocketAddr, secret: &[u8], premium: &api::auth::PremiumRule) -> anyhow::Result<()> {
+    let host = if addr.ip().is_unspecified() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { addr.ip() };
+    let base = format!("http://{}", SocketAddr::new(host, addr.port()));
+    let token = mint(secret, "dev", false, Some(premium), Duration::from_secs(30 * 24 * 3600))?;
+    println!(
+        "\nquern is ready on {base}\n\n\
+         A development token (user `dev`, premium, valid 30 days; `quern token --user <id>` mints more):\n\n  \
+         export QUERN_TOKEN={token}\n\n\
+         Try it:\n\n  \
+         curl -s '{base}/v1/jobs?wait=10' -H \"Authorization: Bearer $QUERN_TOKEN\" \\\n       \
+         -H 'Content-Type: application/json' -d '{{\"type\": \"echo\", \"input\": {{\"hello\": \"world\"}}}}'\n\n\
+         Set QUERN_JWT_SECRET (your Supabase JWT secret) or QUERN_JWKS_URL in production.\n"
+    );
+    Ok(())
+}
+
 pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
         let url = args.database.url(&args.runtime.data_dir);
+        if args.supabase {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                anyhow::bail!(
+                    "--supabase needs DATABASE_URL=postgres://… (the view and row-level security are PostgreSQL's)"
+                );
+            }
+            let store = quern::store::PostgresStore::connect(&url).await.context("cannot open the database")?;
+            store.migrate().await?;
+            store.apply_supabase_compat().await?;
+            eprintln!("migrations applied (postgres), with the Supabase analysis_jobs view and row-level security");
+            return Ok(ExitCode::SUCCESS);
+        }
         let store = quern::store::connect(&url).await.context("cannot open the database")?;
         store.migrate().await?;
         eprintln!("migrations applied ({})", store.backend());

@@ -16,7 +16,8 @@ use uuid::Uuid;
 use crate::manifest::validate_job_type;
 use crate::runtime::Outcome;
 use crate::store::{
-    AttemptEnd, AttemptOutcome, CancelOutcome, Job, JobStatus, NewJob, Step, Store, StoreError, Transition,
+    AttemptEnd, AttemptOutcome, CancelOutcome, Job, JobStatus, NewJob, RequeueOutcome, Step, Store, StoreError,
+    Transition,
 };
 
 /// Queue-wide settings (names from the customer's worker: WORKER_*, CACHE_*).
@@ -79,6 +80,10 @@ pub enum QueueError {
     NotFound(Uuid),
     #[error("job {id} already ended as {status}; only pending or processing jobs can be cancelled")]
     AlreadyFinished { id: Uuid, status: JobStatus },
+    #[error(
+        "job {id} is {status}; only failed or cancelled jobs can be retried (a job cancelled while running can be retried once its instance has stopped, within a second)"
+    )]
+    NotRetryable { id: Uuid, status: JobStatus },
     #[error(transparent)]
     Store(StoreError),
 }
@@ -163,6 +168,16 @@ impl Queue {
         }
     }
 
+    /// Puts a failed or cancelled job back to `pending` with `attempts` fresh
+    /// attempts; the user's unfinished-job limit applies as at enqueue.
+    pub async fn requeue(&self, id: Uuid, attempts: i32) -> Result<Job, QueueError> {
+        match self.store.requeue(id, Utc::now(), attempts, self.settings.max_unfinished_per_user).await? {
+            RequeueOutcome::Requeued(job) => Ok(*job),
+            RequeueOutcome::NotRetryable(status) => Err(QueueError::NotRetryable { id, status }),
+            RequeueOutcome::NotFound => Err(QueueError::NotFound(id)),
+        }
+    }
+
     /// A live cached result for this input on this handler version; counts the hit.
     pub async fn cached_result(
         &self,
@@ -233,7 +248,15 @@ impl Queue {
                 attempt: job.attempts,
                 handler_version: job.handler_version.clone(),
                 started_at: job.started_at.unwrap_or(now),
-                transition: self.retry_or_fail(&job, reason, None, AttemptOutcome::LeaseExpired, now),
+                transition: match self.retry_or_fail(&job, reason, None, AttemptOutcome::LeaseExpired, now) {
+                    // The job lost its worker through no fault of its own: it
+                    // goes back to its place in line, due at once, rather
+                    // than wait out a backoff behind every job queued since.
+                    Transition::Retry { error, outcome, .. } => {
+                        Transition::Retry { error, outcome, run_at: job.run_at.min(now) }
+                    }
+                    other => other,
+                },
             };
             if self.store.finish_attempt(&end, now).await? {
                 tracing::warn!(job_id = %job.id, job_type = %job.job_type, worker_id = %end.worker_id, "reaped a job whose lease lapsed");

@@ -22,6 +22,7 @@ use super::cache_key::cache_key;
 use crate::runtime::registry::Registry;
 use crate::runtime::{JobSpec, Outcome, RunOptions};
 use crate::store::{AttemptEnd, CacheWrite, Job, StoreError, Transition, WorkerRow};
+use crate::telemetry::{JOB_DURATION, JOB_PICKUP, JOBS_COMPLETED, JOBS_FAILED, JOBS_RETRIED};
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -87,10 +88,29 @@ pub struct Worker {
     shared: Arc<Shared>,
 }
 
+/// A read-only view of a running worker, for health checks.
+#[derive(Clone)]
+pub struct WorkerProbe(Arc<Shared>);
+
+impl WorkerProbe {
+    pub fn id(&self) -> &str {
+        &self.0.settings.id
+    }
+
+    /// Jobs running right now.
+    pub fn active_jobs(&self) -> usize {
+        self.0.lock_running().len()
+    }
+}
+
 impl Worker {
     pub fn new(queue: Arc<Queue>, registry: Arc<Registry>, settings: WorkerSettings) -> Self {
         let shared = Shared { queue, registry, settings, running: Mutex::default(), started_at: Utc::now() };
         Self { shared: Arc::new(shared) }
+    }
+
+    pub fn probe(&self) -> WorkerProbe {
+        WorkerProbe(self.shared.clone())
     }
 
     /// Runs until `shutdown` is cancelled, then drains.
@@ -98,8 +118,22 @@ impl Worker {
         let shared = self.shared;
         let store = shared.queue.store().clone();
         let settings = &shared.settings;
-        shared.heartbeat().await?;
-        let mut wakeups = store.wakeups().await?;
+        // The database answered at start-up; if it blinks now, keep trying
+        // rather than take the whole process down with it.
+        let mut wakeups = loop {
+            let ready = match shared.heartbeat().await {
+                Ok(()) => store.wakeups().await,
+                Err(error) => Err(error),
+            };
+            match ready {
+                Ok(wakeups) => break wakeups,
+                Err(error) if !shutdown.is_cancelled() => {
+                    tracing::warn!(%error, "worker cannot reach the database yet; trying again");
+                    tokio::time::sleep(settings.poll_interval.max(Duration::from_millis(500))).await;
+                }
+                Err(error) => return Err(error),
+            }
+        };
         let maintenance_stop = CancellationToken::new();
         let maintenance = tokio::spawn(maintain(shared.clone(), maintenance_stop.clone()));
         tracing::info!(worker_id = %settings.id, concurrency = settings.concurrency, backend = store.backend(), "worker started");
@@ -121,6 +155,9 @@ impl Worker {
                     Ok(jobs) => {
                         claimed = jobs.len() as u32;
                         for job in jobs {
+                            let waited = (now - job.run_at.max(job.created_at)).to_std().unwrap_or_default();
+                            metrics::histogram!(JOB_PICKUP, "type" => job.job_type.clone())
+                                .record(waited.as_secs_f64());
                             let running = shared.track(job.id);
                             tasks.spawn(run_job(shared.clone(), job, running));
                         }
@@ -152,7 +189,9 @@ impl Worker {
         }
         maintenance_stop.cancel();
         let _ = maintenance.await;
-        shared.heartbeat().await?;
+        if let Err(error) = shared.heartbeat().await {
+            tracing::warn!(%error, "could not record the worker's last heartbeat");
+        }
         tracing::info!(worker_id = %settings.id, "worker stopped");
         Ok(())
     }
@@ -272,7 +311,22 @@ async fn run_job(shared: Arc<Shared>, job: Job, running: Running) {
         started_at: job.started_at.unwrap_or(now),
         transition,
     };
-    finish_with_retries(&shared, &end).await;
+    if finish_with_retries(&shared, &end).await {
+        record_outcome(&job.job_type, &end.transition, started.elapsed());
+    }
+}
+
+/// Counts a recorded attempt end in the metrics.
+fn record_outcome(job_type: &str, transition: &Transition, elapsed: Duration) {
+    let name = match transition {
+        Transition::Complete { .. } => JOBS_COMPLETED,
+        Transition::Retry { .. } => JOBS_RETRIED,
+        Transition::Fail { .. } => JOBS_FAILED,
+        // Counted where the cancel was asked for; a release is not an outcome.
+        Transition::Cancelled | Transition::Release => return,
+    };
+    metrics::counter!(name, "type" => job_type.to_string()).increment(1);
+    metrics::histogram!(JOB_DURATION, "type" => job_type.to_string()).record(elapsed.as_secs_f64());
 }
 
 struct Untrack(Arc<Shared>, Uuid);

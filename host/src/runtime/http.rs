@@ -367,6 +367,8 @@ impl wit::Host for JobState {
         };
         let status = outcome.as_ref().map(|r| r.status).ok();
         tracing::debug!(host = %host, status, "outbound request");
+        let label = status.map_or_else(|| "error".to_string(), |s| s.to_string());
+        metrics::counter!(crate::telemetry::OUTBOUND_CALLS, "host" => host.clone(), "status" => label).increment(1);
         outcome
     }
 }

@@ -288,6 +288,8 @@ impl Runtime {
         };
         log_stdio(&labels, "stdout", stdout.take());
         log_stdio(&labels, "stderr", (stderr_bytes.clone(), 0));
+        metrics::histogram!(crate::telemetry::INSTANCE_TIME, "type" => labels.job_type.to_string())
+            .record(started.elapsed().as_secs_f64());
         RunReport { outcome, version: handler.version.clone(), elapsed: started.elapsed() }
     }
 }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 pub use self::postgres::PostgresStore;
 pub use self::sqlite::SqliteStore;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Pending,
@@ -215,8 +215,51 @@ pub struct CacheEntry {
     pub expires_at: DateTime<Utc>,
 }
 
+/// Which jobs a listing returns, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Only this user's jobs; every user's when `None`.
+    pub user_id: Option<String>,
+    pub status: Option<JobStatus>,
+    pub job_type: Option<String>,
+    /// Keyset cursor: only jobs older than this `(created_at, id)`.
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: u32,
+}
+
+/// What a request to run a finished job again did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequeueOutcome {
+    /// Back to `pending` with fresh attempts.
+    Requeued(Box<Job>),
+    /// Not failed or cancelled (or a cancelled job whose instance is still
+    /// stopping): nothing changed.
+    NotRetryable(JobStatus),
+    NotFound,
+}
+
+/// Counts of jobs by type and status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DepthRow {
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub status: JobStatus,
+    pub count: i64,
+}
+
+/// The result cache at a glance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct CacheStats {
+    /// Rows, live or expired but not yet purged.
+    pub entries: i64,
+    /// Rows still live.
+    pub live: i64,
+    /// Hits counted across all rows.
+    pub hits: i64,
+}
+
 /// A worker's row in `quern_workers`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerRow {
     pub id: String,
     pub host: String,
@@ -239,6 +282,8 @@ pub enum StoreError {
     Corrupt { table: &'static str, message: String },
     #[error("unsupported DATABASE_URL `{0}`: use sqlite://path/to/file.db or postgres://user@host/db")]
     UnsupportedUrl(String),
+    #[error("this database lacks Supabase's {0}: --supabase is for a Supabase project's database")]
+    NotSupabase(String),
 }
 
 /// Waits until jobs may be ready to claim: a NOTIFY on Postgres, an
@@ -269,7 +314,31 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
 
     /// A user's jobs, newest first.
-    async fn jobs_of_user(&self, user_id: &str, limit: u32) -> Result<Vec<Job>, StoreError>;
+    async fn jobs_of_user(&self, user_id: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
+        self.list_jobs(&JobFilter { user_id: Some(user_id.to_string()), limit, ..JobFilter::default() }).await
+    }
+
+    /// Jobs matching `filter`, newest first (by `created_at`, then id).
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError>;
+
+    /// Puts a failed or cancelled job back to `pending`, due now, with
+    /// `extra_attempts` more attempts. With `max_unfinished_per_user`, refuses
+    /// atomically when its user is at the limit, as enqueue does.
+    async fn requeue(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        extra_attempts: i32,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<RequeueOutcome, StoreError>;
+
+    /// A trivial round trip: does the database answer?
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Unfinished (pending and processing) jobs by type and status.
+    async fn depth_by_type(&self) -> Result<Vec<DepthRow>, StoreError>;
+
+    async fn cache_stats(&self, now: DateTime<Utc>) -> Result<CacheStats, StoreError>;
 
     /// Claims up to `limit` due pending jobs, most urgent first, for
     /// `worker_id`: each becomes `processing` with its attempt counted and a
@@ -356,6 +425,16 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         Ok(Arc::new(SqliteStore::open(std::path::Path::new(url)).await?))
     } else {
         Err(StoreError::UnsupportedUrl(url.split('@').next_back().unwrap_or(url).to_string()))
+    }
+}
+
+/// Whether a job in `status` may be put back to `pending` by hand: failed, or
+/// cancelled and no longer held by an instance that is still stopping.
+pub(crate) fn requeueable(status: JobStatus, lease_expires_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    match status {
+        JobStatus::Failed => true,
+        JobStatus::Cancelled => lease_expires_at.is_none_or(|lease| lease <= now),
+        _ => false,
     }
 }
 

@@ -10,8 +10,9 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, CacheEntry, CancelOutcome, Job, JobStatus, NewJob, Store, StoreError,
-    Transition, Wakeups, WorkerRow, corrupt, parse_status,
+    AttemptEnd, AttemptOutcome, AttemptRecord, CacheEntry, CacheStats, CancelOutcome, DepthRow, Job, JobFilter,
+    JobStatus, NewJob, RequeueOutcome, Store, StoreError, Transition, Wakeups, WorkerRow, corrupt, parse_status,
+    requeueable,
 };
 
 /// The channel enqueues notify and workers listen on.
@@ -19,6 +20,11 @@ const CHANNEL: &str = "quern_jobs";
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Connections with `synchronous_commit = off`, for writes whose loss in
+    /// a database crash is harmless (cache-hit counts, progress, heartbeats):
+    /// they commit without waiting for the WAL to reach the disk. Every job
+    /// state change goes through `pool`, durably.
+    relaxed: PgPool,
 }
 
 impl PostgresStore {
@@ -29,16 +35,43 @@ impl PostgresStore {
 
     /// Connects with explicit options (tests set a private `search_path`).
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
+        let options = options.application_name("quern");
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_with(options.application_name("quern"))
+            .connect_with(options.clone())
             .await?;
-        Ok(Self { pool })
+        let relaxed = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
+        Ok(Self { pool, relaxed })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Applies `migrations/supabase/`: the seed's `analysis_jobs` view with
+    /// its row-level security. Refuses, naming what is missing, on a
+    /// database without Supabase's `auth.uid()` and roles.
+    pub async fn apply_supabase_compat(&self) -> Result<(), StoreError> {
+        let missing: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM (VALUES ('role authenticated', (SELECT count(*) FROM pg_roles WHERE rolname = 'authenticated')), \
+                                      ('role service_role', (SELECT count(*) FROM pg_roles WHERE rolname = 'service_role')), \
+                                      ('function auth.uid()', (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                                                               WHERE n.nspname = 'auth' AND p.proname = 'uid'))) AS needs(name, found) \
+             WHERE found = 0",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        if !missing.is_empty() {
+            return Err(StoreError::NotSupabase(missing.join(", ")));
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::raw_sql(include_str!("../../../migrations/supabase/analysis_jobs.sql")).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
     }
 }
 
@@ -104,6 +137,20 @@ fn insert_query(
 async fn insert_job(tx: &mut Transaction<'_, Postgres>, job: &NewJob, now: DateTime<Utc>) -> Result<Job, StoreError> {
     let row = insert_query(job, now)?.fetch_one(&mut **tx).await?;
     job_from_row(&row)
+}
+
+/// Serialises the transactions that count a user's unfinished jobs (enqueue,
+/// requeue), so two cannot both slip under the limit; other users are not held up.
+async fn lock_user(tx: &mut Transaction<'_, Postgres>, user_id: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7919))").bind(user_id).execute(&mut **tx).await?;
+    Ok(())
+}
+
+async fn unfinished_of(tx: &mut Transaction<'_, Postgres>, user_id: &str) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM quern_jobs WHERE user_id = $1 AND status IN ('pending', 'processing')")
+        .bind(user_id)
+        .fetch_one(&mut **tx)
+        .await?)
 }
 
 /// Ends an attempt in one statement: the job's transition, guarded by who
@@ -208,19 +255,8 @@ impl Store for PostgresStore {
             return job_from_row(&row);
         };
         let mut tx = self.pool.begin().await?;
-        // Serialises enqueues of one user only, so two cannot both slip under
-        // the limit; other users are not held up.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7919))")
-            .bind(&job.user_id)
-            .execute(&mut *tx)
-            .await?;
-        let unfinished: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM quern_jobs WHERE user_id = $1 AND status IN ('pending', 'processing')",
-        )
-        .bind(&job.user_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        if unfinished >= i64::from(limit) {
+        lock_user(&mut tx, &job.user_id).await?;
+        if unfinished_of(&mut tx, &job.user_id).await? >= i64::from(limit) {
             return Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit });
         }
         let inserted = insert_job(&mut tx, job, now).await?;
@@ -236,15 +272,95 @@ impl Store for PostgresStore {
         row.as_ref().map(job_from_row).transpose()
     }
 
-    async fn jobs_of_user(&self, user_id: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
-        )))
-        .bind(user_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        let mut query = sqlx::QueryBuilder::<Postgres>::new(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE true"));
+        if let Some(user_id) = &filter.user_id {
+            query.push(" AND user_id = ").push_bind(user_id.clone());
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(job_type) = &filter.job_type {
+            query.push(" AND type = ").push_bind(job_type.clone());
+        }
+        if let Some((created_at, id)) = filter.before {
+            query.push(" AND (created_at, id) < (").push_bind(created_at).push(", ").push_bind(id).push(")");
+        }
+        query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(filter.limit));
+        let rows = query.build().fetch_all(&self.pool).await?;
         rows.iter().map(job_from_row).collect()
+    }
+
+    async fn requeue(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        extra_attempts: i32,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<RequeueOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT user_id, status, lease_expires_at FROM quern_jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(RequeueOutcome::NotFound) };
+        let status = parse_status(&row.try_get::<String, _>("status")?)?;
+        let lease: Option<DateTime<Utc>> = row.try_get("lease_expires_at")?;
+        if !requeueable(status, lease, now) {
+            return Ok(RequeueOutcome::NotRetryable(status));
+        }
+        let user_id: String = row.try_get("user_id")?;
+        if let Some(limit) = max_unfinished_per_user {
+            lock_user(&mut tx, &user_id).await?;
+            if unfinished_of(&mut tx, &user_id).await? >= i64::from(limit) {
+                return Err(StoreError::TooManyActiveJobs { user_id, limit });
+            }
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE quern_jobs SET status = 'pending', run_at = $2, updated_at = $2, max_attempts = attempts + $3, \
+             result = NULL, error = NULL, completed_at = NULL, worker_id = NULL, lease_expires_at = NULL, \
+             progress_percent = 0, progress_message = NULL WHERE id = $1 \
+             RETURNING {JOB_COLUMNS}, pg_notify('{CHANNEL}', '')::text AS notified"
+        )))
+        .bind(id)
+        .bind(now)
+        .bind(extra_attempts.max(1))
+        .fetch_one(&mut *tx)
+        .await?;
+        let job = job_from_row(&row)?;
+        tx.commit().await?;
+        Ok(RequeueOutcome::Requeued(Box::new(job)))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn depth_by_type(&self) -> Result<Vec<DepthRow>, StoreError> {
+        let rows = sqlx::query("SELECT type, status, count(*) AS n FROM quern_jobs WHERE status IN ('pending', 'processing') GROUP BY type, status ORDER BY type, status")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DepthRow {
+                    job_type: row.try_get("type")?,
+                    status: parse_status(&row.try_get::<String, _>("status")?)?,
+                    count: row.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn cache_stats(&self, now: DateTime<Utc>) -> Result<CacheStats, StoreError> {
+        let row = sqlx::query(
+            "SELECT count(*) AS entries, count(*) FILTER (WHERE expires_at > $1) AS live, \
+             coalesce(sum(hit_count), 0)::bigint AS hits FROM quern_cache",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(CacheStats { entries: row.try_get("entries")?, live: row.try_get("live")?, hits: row.try_get("hits")? })
     }
 
     async fn claim(
@@ -374,7 +490,7 @@ impl Store for PostgresStore {
         .bind(worker_id)
         .bind(percent)
         .bind(message)
-        .execute(&self.pool)
+        .execute(&self.relaxed)
         .await?;
         Ok(())
     }
@@ -411,7 +527,7 @@ impl Store for PostgresStore {
         )
         .bind(key)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.relaxed)
         .await?)
     }
 
@@ -473,7 +589,7 @@ impl Store for PostgresStore {
         .bind(worker.active_jobs)
         .bind(worker.concurrency)
         .bind(&worker.version)
-        .execute(&self.pool)
+        .execute(&self.relaxed)
         .await?;
         Ok(())
     }

@@ -18,8 +18,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, CacheEntry, CancelOutcome, Job, JobStatus, NewJob, Store, StoreError,
-    Transition, Wakeups, WorkerRow, corrupt, parse_status,
+    AttemptEnd, AttemptOutcome, AttemptRecord, CacheEntry, CacheStats, CancelOutcome, DepthRow, Job, JobFilter,
+    JobStatus, NewJob, RequeueOutcome, Store, StoreError, Transition, Wakeups, WorkerRow, corrupt, parse_status,
+    requeueable,
 };
 
 pub struct SqliteStore {
@@ -118,11 +119,22 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
     })
 }
 
-async fn insert_job(tx: &mut Transaction<'_, Sqlite>, job: &NewJob, now: DateTime<Utc>) -> Result<Job, StoreError> {
+/// Inserts a job in one statement that also checks its user's unfinished
+/// jobs against `limit`: SQLite runs one write statement at a time, so the
+/// count cannot go stale between the check and the insert, and the enqueue
+/// costs one round trip. `None` when the user is at the limit.
+async fn insert_job<'c>(
+    executor: impl sqlx::SqliteExecutor<'c>,
+    job: &NewJob,
+    now: DateTime<Utc>,
+    limit: Option<u32>,
+) -> Result<Option<Job>, StoreError> {
     let next_steps = serde_json::to_string(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id, \
-         created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11) RETURNING {JOB_COLUMNS}"
+         created_at, updated_at) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11 \
+         WHERE ?12 IS NULL OR (SELECT count(*) FROM quern_jobs WHERE user_id = ?2 AND status IN ('pending', 'processing')) < ?12 \
+         RETURNING {JOB_COLUMNS}"
     )))
     .bind(job.id.to_string())
     .bind(&job.user_id)
@@ -135,9 +147,19 @@ async fn insert_job(tx: &mut Transaction<'_, Sqlite>, job: &NewJob, now: DateTim
     .bind(job.parent_id.map(|id| id.to_string()))
     .bind(job.root_id.map(|id| id.to_string()))
     .bind(micros(now))
-    .fetch_one(&mut **tx)
+    .bind(limit.map(i64::from))
+    .fetch_optional(executor)
     .await?;
-    job_from_row(&row)
+    row.as_ref().map(job_from_row).transpose()
+}
+
+/// Pending and processing jobs of a user, inside the writer's transaction
+/// (which holds SQLite's one write lock, so the count cannot go stale).
+async fn unfinished_of(tx: &mut Transaction<'_, Sqlite>, user_id: &str) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM quern_jobs WHERE user_id = ?1 AND status IN ('pending', 'processing')")
+        .bind(user_id)
+        .fetch_one(&mut **tx)
+        .await?)
 }
 
 /// `?, ?, ?` for an `IN (…)` list of `n` values.
@@ -162,22 +184,15 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         max_unfinished_per_user: Option<u32>,
     ) -> Result<Job, StoreError> {
-        let mut tx = self.begin().await?;
-        if let Some(limit) = max_unfinished_per_user {
-            let unfinished: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM quern_jobs WHERE user_id = ?1 AND status IN ('pending', 'processing')",
-            )
-            .bind(&job.user_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            if unfinished >= i64::from(limit) {
-                return Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit });
+        let inserted = insert_job(&self.writer, job, now, max_unfinished_per_user).await?;
+        match (inserted, max_unfinished_per_user) {
+            (Some(inserted), _) => {
+                self.wake_workers();
+                Ok(inserted)
             }
+            (None, Some(limit)) => Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit }),
+            (None, None) => Err(corrupt("quern_jobs", "an unconditional insert returned no row")),
         }
-        let inserted = insert_job(&mut tx, job, now).await?;
-        tx.commit().await?;
-        self.wake_workers();
-        Ok(inserted)
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
@@ -188,15 +203,94 @@ impl Store for SqliteStore {
         row.as_ref().map(job_from_row).transpose()
     }
 
-    async fn jobs_of_user(&self, user_id: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE user_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
-        )))
-        .bind(user_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        let mut query = sqlx::QueryBuilder::<Sqlite>::new(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE 1"));
+        if let Some(user_id) = &filter.user_id {
+            query.push(" AND user_id = ").push_bind(user_id.clone());
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(job_type) = &filter.job_type {
+            query.push(" AND type = ").push_bind(job_type.clone());
+        }
+        if let Some((created_at, id)) = filter.before {
+            query.push(" AND (created_at, id) < (").push_bind(micros(created_at)).push(", ");
+            query.push_bind(id.to_string()).push(")");
+        }
+        query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(filter.limit));
+        let rows = query.build().fetch_all(&self.reader).await?;
         rows.iter().map(job_from_row).collect()
+    }
+
+    async fn requeue(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        extra_attempts: i32,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<RequeueOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query("SELECT user_id, status, lease_expires_at FROM quern_jobs WHERE id = ?1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(RequeueOutcome::NotFound) };
+        let status = parse_status(&row.try_get::<String, _>("status")?)?;
+        if !requeueable(status, at_opt(row.try_get("lease_expires_at")?)?, now) {
+            return Ok(RequeueOutcome::NotRetryable(status));
+        }
+        let user_id: String = row.try_get("user_id")?;
+        if let Some(limit) = max_unfinished_per_user
+            && unfinished_of(&mut tx, &user_id).await? >= i64::from(limit)
+        {
+            return Err(StoreError::TooManyActiveJobs { user_id, limit });
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE quern_jobs SET status = 'pending', run_at = ?2, updated_at = ?2, max_attempts = attempts + ?3, \
+             result = NULL, error = NULL, completed_at = NULL, worker_id = NULL, lease_expires_at = NULL, \
+             progress_percent = 0, progress_message = NULL WHERE id = ?1 RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(id.to_string())
+        .bind(micros(now))
+        .bind(extra_attempts.max(1))
+        .fetch_one(&mut *tx)
+        .await?;
+        let job = job_from_row(&row)?;
+        tx.commit().await?;
+        self.wake_workers();
+        Ok(RequeueOutcome::Requeued(Box::new(job)))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn depth_by_type(&self) -> Result<Vec<DepthRow>, StoreError> {
+        let rows = sqlx::query("SELECT type, status, count(*) AS n FROM quern_jobs WHERE status IN ('pending', 'processing') GROUP BY type, status ORDER BY type, status")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DepthRow {
+                    job_type: row.try_get("type")?,
+                    status: parse_status(&row.try_get::<String, _>("status")?)?,
+                    count: row.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn cache_stats(&self, now: DateTime<Utc>) -> Result<CacheStats, StoreError> {
+        let row = sqlx::query(
+            "SELECT count(*) AS entries, count(*) FILTER (WHERE expires_at > ?1) AS live, \
+             coalesce(sum(hit_count), 0) AS hits FROM quern_cache",
+        )
+        .bind(micros(now))
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(CacheStats { entries: row.try_get("entries")?, live: row.try_get("live")?, hits: row.try_get("hits")? })
     }
 
     async fn claim(
@@ -339,7 +433,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         if let Transition::Complete { next: Some(next), .. } = &end.transition {
-            insert_job(&mut tx, next, now).await?;
+            insert_job(&mut *tx, next, now, None).await?;
         }
         if let Transition::Complete { result, cache: Some(cache), .. } = &end.transition {
             sqlx::query(

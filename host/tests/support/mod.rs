@@ -17,6 +17,8 @@ use quern::runtime::registry::read_component;
 use quern::runtime::{HandlerVersion, Runtime, RuntimeSettings};
 
 pub mod db;
+pub mod server;
+pub mod workers;
 
 /// A built component under `handlers-dist/` (built by `cargo xtask build-handlers`).
 pub fn dist(relative: &str) -> PathBuf {
@@ -156,4 +158,70 @@ async fn answer(
         response = response.header(*name, value);
     }
     response.body(Body::from(reply.body)).expect("response")
+}
+
+/// A loopback TCP proxy that can be cut and restored: a database that
+/// "goes away" without touching the real server.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+/// Copies `from` to `to`, holding each chunk `latency` first.
+async fn relay(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, latency: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buffer).await {
+        if n == 0 {
+            break;
+        }
+        tokio::time::sleep(latency).await;
+        if to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        Self::with_latency(target, Duration::ZERO).await
+    }
+
+    /// A proxy that holds every chunk, each way, for `latency`: a slow database.
+    pub async fn with_latency(target: SocketAddr, latency: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (is_cut, tracked) = (cut.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if is_cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused by closing it
+                }
+                let task = tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    tokio::join!(relay(in_read, out_write, latency), relay(out_read, in_write, latency));
+                });
+                tracked.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Self { addr, cut, connections }
+    }
+
+    /// Closes every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }

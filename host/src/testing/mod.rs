@@ -16,6 +16,8 @@
 //! The manifest beside the component (`<type>.toml`) applies, allowlist
 //! included: a request to a host it does not allow is denied, as in production.
 
+pub mod fakes;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -59,6 +61,20 @@ impl CannedResponse {
     pub fn error(kind: HttpErrorKind, message: &str) -> Self {
         Self::Error(kind, message.into())
     }
+
+    /// A 200 chat completion in the OpenAI wire format (what Ollama's
+    /// `/v1/chat/completions`, Gemini's OpenAI endpoint and OpenAI answer).
+    pub fn chat_completion(model: &str, content: &str) -> Self {
+        Self::json(
+            200,
+            serde_json::json!({
+                "id": "chatcmpl-test",
+                "object": "chat.completion",
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            }),
+        )
+    }
 }
 
 /// A request the handler made.
@@ -94,6 +110,22 @@ impl HarnessRun {
         match &self.outcome {
             Outcome::Completed { output } => serde_json::from_str(output).expect("the runtime checks results are JSON"),
             other => panic!("expected the job to complete, it ended {other:?}"),
+        }
+    }
+
+    /// The reason of a permanent failure; panics with the outcome otherwise.
+    pub fn failure(&self) -> &str {
+        match &self.outcome {
+            Outcome::Failed { reason } => reason,
+            other => panic!("expected a permanent failure, the job ended {other:?}"),
+        }
+    }
+
+    /// The reason and delay of a retry; panics with the outcome otherwise.
+    pub fn retry(&self) -> (&str, Option<std::time::Duration>) {
+        match &self.outcome {
+            Outcome::Retry { reason, delay } => (reason, *delay),
+            other => panic!("expected a retry, the job ended {other:?}"),
         }
     }
 }
@@ -205,6 +237,15 @@ impl Harness {
             extra_hosts: Vec::new(),
             cache_dir: None,
         }
+    }
+
+    /// Starts configuring a harness for a handler of this workspace, built by
+    /// `cargo xtask build-handlers` to `handlers-dist/<job_type>.wasm`, with
+    /// compiled components kept under `target/tmp` between test runs.
+    pub fn workspace(job_type: &str) -> HarnessBuilder {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        Self::builder(root.join("handlers-dist").join(format!("{job_type}.wasm")))
+            .cache_dir(root.join("target/tmp/quern-compiled"))
     }
 
     /// A harness for the component at `path` with its own manifest only.

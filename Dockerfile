@@ -1,0 +1,52 @@
+# quern: the gateway and a worker in one container (`quern serve`).
+#
+#   docker build -t quern .
+#   docker run -p 3001:3001 -e DATABASE_URL=postgres://… -e QUERN_JWT_SECRET=… quern
+#
+# The build stage compiles the host and every handler (wasm32-wasip2); the
+# runtime stage holds the binary, the built handlers and nothing else, and
+# runs as an unprivileged user.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+RUN rustup target add wasm32-wasip2
+COPY . .
+RUN cargo xtask build-handlers \
+ && cargo build --release -p quern \
+ && rm -rf handlers-dist/fixtures
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --create-home --home-dir /var/lib/quern --uid 10001 quern
+COPY --from=build /src/target/release/quern /usr/local/bin/quern
+COPY --from=build /src/handlers-dist /opt/quern/handlers
+
+# The customer's settings (seed 000, section 6) keep their names; quern's own
+# are QUERN_*. See README.md, "Configuration", for every variable.
+ENV PORT=3001 \
+    QUERN_BIND=0.0.0.0 \
+    QUERN_DATA_DIR=/var/lib/quern \
+    QUERN_HANDLERS_DIR=/opt/quern/handlers \
+    WORKER_CONCURRENCY=5 \
+    WORKER_POLL_INTERVAL_MS=1000 \
+    WORKER_MAX_RETRIES=3 \
+    WORKER_RETRY_DELAY_MS=2000 \
+    WORKER_STUCK_JOB_TIMEOUT_MS=300000 \
+    ENABLE_CACHE=true \
+    CACHE_TTL_HOURS=24 \
+    LOG_LEVEL=info
+# Set at run time, never baked in:
+#   DATABASE_URL          postgres://… (Supabase: the pooler's session URL); SQLite in the data dir without it
+#   QUERN_JWT_SECRET      Supabase's JWT secret (or QUERN_JWKS_URL for asymmetric keys)
+#   WORKER_ID             this worker's name (default: <hostname>-<pid>)
+#   YOLO_URL, OLLAMA_URL, GEMINI_API_KEY, …   granted to the handlers whose manifests list them
+
+USER quern
+WORKDIR /var/lib/quern
+EXPOSE 3001
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["quern", "healthcheck"]
+ENTRYPOINT ["quern"]
+CMD ["serve"]

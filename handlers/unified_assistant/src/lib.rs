@@ -1,0 +1,136 @@
+//! `unified_assistant`: the app's assistant. A message, the conversation so
+//! far and optional context (the user's goals, today's meals) → a reply in
+//! the user's language. Plain text out, so no JSON mode here; the reply is
+//! checked to be non-empty.
+
+use quern_sdk::ai::{ChatRequest, Message, chat};
+use quern_sdk::serde_json::{Map, Value};
+use quern_sdk::{Failure, Handler, JobInfo, fail, retry};
+use serde::{Deserialize, Serialize};
+
+pub const MAX_MESSAGE_CHARS: usize = 4000;
+pub const MAX_HISTORY: usize = 40;
+
+#[derive(Debug, Deserialize)]
+pub struct Input {
+    pub message: String,
+    #[serde(default)]
+    pub history: Vec<Turn>,
+    /// Facts about the user the assistant may use: a JSON object.
+    pub context: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Output {
+    pub reply: String,
+    pub provider: String,
+    pub model: String,
+}
+
+pub const PROMPT: &str = "You are Sofia, the assistant of a nutrition and health app. Answer in the \
+user's language, briefly and kindly, with practical advice on food, habits and the app's features. You do \
+not diagnose or prescribe: for symptoms, medicines or exams, suggest seeing a health professional.";
+
+pub struct UnifiedAssistant;
+
+impl Handler for UnifiedAssistant {
+    type Input = Input;
+    type Output = Output;
+
+    fn handle(_job: &JobInfo, input: Input) -> Result<Output, Failure> {
+        let request = request(&input)?;
+        quern_sdk::progress(10, "thinking");
+        let reply = chat(&request)?;
+        let text = reply.content.trim();
+        if text.is_empty() {
+            return Err(retry(format!("{} answered an empty reply", reply.provider)));
+        }
+        Ok(Output { reply: text.to_string(), provider: reply.provider.into(), model: reply.model })
+    }
+}
+
+/// The chat request, or a permanent failure naming the bad field.
+pub fn request(input: &Input) -> Result<ChatRequest, Failure> {
+    let message = input.message.trim();
+    if message.is_empty() {
+        return Err(fail("invalid input: `message` is empty"));
+    }
+    if message.chars().count() > MAX_MESSAGE_CHARS {
+        return Err(fail(format!("invalid input: `message` is longer than {MAX_MESSAGE_CHARS} characters")));
+    }
+    if input.history.len() > MAX_HISTORY {
+        return Err(fail(format!(
+            "invalid input: `history` has {} turns; send at most the last {MAX_HISTORY}",
+            input.history.len()
+        )));
+    }
+    let mut system = PROMPT.to_string();
+    if let Some(context) = &input.context {
+        system.push_str("\n\nWhat the app knows about the user (JSON): ");
+        system.push_str(&Value::Object(context.clone()).to_string());
+    }
+    let mut messages = vec![Message::system(system)];
+    for (i, turn) in input.history.iter().enumerate() {
+        messages.push(match turn.role.as_str() {
+            "user" => Message::user(turn.content.clone()),
+            "assistant" => Message::assistant(turn.content.clone()),
+            other => {
+                return Err(fail(format!(
+                    "invalid input: `history[{i}].role` is `{other}`; use `user` or `assistant`"
+                )));
+            }
+        });
+    }
+    messages.push(Message::user(message));
+    Ok(ChatRequest { temperature: Some(0.6), ..ChatRequest::new(messages) })
+}
+
+quern_sdk::export_handler!(UnifiedAssistant);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(json: &str) -> Input {
+        quern_sdk::parse_input(json).unwrap_or_else(|_| panic!("{json}"))
+    }
+
+    fn reason(result: Result<ChatRequest, Failure>) -> String {
+        match result {
+            Err(Failure::Fail(reason)) => reason,
+            other => panic!("expected a permanent failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_conversation_is_replayed_in_order_with_the_context() {
+        let request = request(&input(
+            r#"{"message": "E no jantar?", "history": [{"role": "user", "content": "Posso comer pão?"},
+                {"role": "assistant", "content": "Sim, com moderação."}], "context": {"goal": "lose_weight"}}"#,
+        ))
+        .unwrap();
+        let body = request.body("m");
+        let roles: Vec<&str> =
+            body["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user"]);
+        assert!(body["messages"][0]["content"].as_str().unwrap().contains(r#"{"goal":"lose_weight"}"#));
+        assert_eq!(body["messages"][3]["content"], "E no jantar?");
+        assert!(body.get("response_format").is_none(), "plain text, not JSON mode");
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        assert!(reason(request(&input(r#"{"message": " "}"#))).contains("`message` is empty"));
+        assert!(
+            reason(request(&input(r#"{"message": "oi", "history": [{"role": "system", "content": "x"}]}"#)))
+                .contains("`history[0].role`")
+        );
+    }
+}

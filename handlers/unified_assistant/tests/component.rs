@@ -1,0 +1,71 @@
+//! The built `unified_assistant` component against canned chat completions.
+
+use quern::testing::{CannedResponse, Harness, HttpErrorKind};
+use serde_json::json;
+
+const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
+const GEMINI: &str = "http://gemini.test/v1/chat/completions";
+
+fn harness() -> Harness {
+    Harness::workspace("unified_assistant")
+        .allow_host("ollama.test")
+        .allow_host("gemini.test")
+        .config("OLLAMA_URL", "http://ollama.test")
+        .config("GEMINI_API_KEY", "k")
+        .config("GEMINI_BASE_URL", "http://gemini.test/v1")
+        .build()
+        .expect("build the handlers first: cargo xtask build-handlers")
+}
+
+#[tokio::test]
+async fn a_message_gets_a_reply_naming_who_answered() {
+    let harness = harness();
+    harness.respond(
+        "POST",
+        OLLAMA,
+        CannedResponse::chat_completion("llama3.2", "  Prefira um jantar leve, com legumes.  "),
+    );
+    let run =
+        harness.run(json!({"message": "O que comer no jantar?", "history": [], "context": {"goal": "maintain"}})).await;
+    assert_eq!(
+        run.output(),
+        json!({"reply": "Prefira um jantar leve, com legumes.", "provider": "ollama", "model": "llama3.2"})
+    );
+}
+
+#[tokio::test]
+async fn invalid_input_fails_permanently_naming_the_field() {
+    let harness = harness();
+    for (input, needle) in [
+        (json!({"history": []}), "missing field `message`"),
+        (json!({"message": ""}), "`message` is empty"),
+        (json!({"message": "oi", "history": [{"role": "tool", "content": "x"}]}), "`history[0].role`"),
+        (json!({"message": "oi", "context": "not an object"}), "invalid type"),
+    ] {
+        let run = harness.run(input).await;
+        assert!(run.failure().contains(needle), "{}", run.failure());
+    }
+}
+
+#[tokio::test]
+async fn upstream_failures_fall_through_or_retry() {
+    let harness = harness();
+    harness.respond("POST", OLLAMA, CannedResponse::error(HttpErrorKind::Connect, "refused"));
+    harness.respond("POST", GEMINI, CannedResponse::chat_completion("gemini-2.5-flash", "Olá!"));
+    assert_eq!(harness.run(json!({"message": "oi"})).await.output()["provider"], "gemini");
+
+    let harness = self::harness();
+    harness.respond("POST", OLLAMA, CannedResponse::text(502, "bad gateway"));
+    harness.respond("POST", GEMINI, CannedResponse::text(429, "quota").with_header("Retry-After", "2"));
+    let run = harness.run(json!({"message": "oi"})).await;
+    assert_eq!(run.retry().1, Some(std::time::Duration::from_secs(2)));
+
+    // An empty or unreadable answer is worth another attempt later.
+    let harness = self::harness();
+    harness.respond("POST", OLLAMA, CannedResponse::chat_completion("llama3.2", "   "));
+    assert!(harness.run(json!({"message": "oi"})).await.retry().0.contains("empty reply"));
+    let harness = self::harness();
+    harness.respond("POST", OLLAMA, CannedResponse::text(200, "<html>proxy error</html>"));
+    harness.respond("POST", GEMINI, CannedResponse::text(500, "down"));
+    assert!(harness.run(json!({"message": "oi"})).await.retry().0.contains("500"));
+}

@@ -1,0 +1,83 @@
+//! The built `whatsapp_message` component against canned WhatsApp Cloud API answers.
+
+use quern::testing::{CannedResponse, Harness, HttpErrorKind};
+use serde_json::json;
+
+const API: &str = "http://graph.test/v21.0/1234567890/messages";
+
+fn harness() -> Harness {
+    Harness::workspace("whatsapp_message")
+        .allow_host("graph.test")
+        .config("WHATSAPP_API_URL", "http://graph.test/v21.0")
+        .config("WHATSAPP_TOKEN", "wa-token")
+        .config("WHATSAPP_PHONE_NUMBER_ID", "1234567890")
+        .build()
+        .expect("build the handlers first: cargo xtask build-handlers")
+}
+
+fn accepted() -> CannedResponse {
+    CannedResponse::json(
+        200,
+        json!({"messaging_product": "whatsapp",
+        "contacts": [{"input": "5511999998888", "wa_id": "5511999998888"}], "messages": [{"id": "wamid.HBgM"}]}),
+    )
+}
+
+#[tokio::test]
+async fn a_text_message_is_sent_once_in_the_cloud_api_format() {
+    let harness = harness();
+    harness.respond("POST", API, accepted());
+    let run = harness.run(json!({"to": "+5511999998888", "text": "Seu plano da semana está pronto!"})).await;
+    assert_eq!(run.output(), json!({"message_id": "wamid.HBgM", "to": "5511999998888", "status": "accepted"}));
+    assert_eq!(run.requests.len(), 1);
+    assert_eq!(run.requests[0].header("authorization"), Some("Bearer wa-token"));
+    let body = run.requests[0].json().unwrap();
+    assert_eq!(body["messaging_product"], "whatsapp");
+    assert_eq!(
+        (body["type"].clone(), body["text"]["body"].clone()),
+        (json!("text"), json!("Seu plano da semana está pronto!"))
+    );
+}
+
+#[tokio::test]
+async fn invalid_input_fails_permanently_naming_the_field() {
+    let harness = harness();
+    for (input, needle) in [
+        (json!({"text": "oi"}), "missing field `to`"),
+        (json!({"to": "11999998888", "text": "oi"}), "`to` = `11999998888`"),
+        (json!({"to": "+5511999998888"}), "`text` or `template` is required"),
+        (json!({"to": "+5511999998888", "text": "oi", "template": {"name": "x"}}), "not both"),
+        (json!({"to": "+5511999998888", "text": "oi", "userId": "u"}), "unknown field `userId`"),
+    ] {
+        let run = harness.run(input).await;
+        assert!(run.failure().contains(needle), "{}", run.failure());
+        assert!(run.requests.is_empty(), "nothing is sent for bad input");
+    }
+}
+
+#[tokio::test]
+async fn the_api_s_refusals_and_outages_are_told_apart() {
+    let harness = harness();
+    harness.respond("POST", API, CannedResponse::json(400, json!({"error": {"message": "(#131030) Recipient phone number not in allowed list", "type": "OAuthException", "code": 131030}})));
+    let run = harness.run(json!({"to": "+5511999998888", "text": "oi"})).await;
+    assert!(run.failure().contains("(#131030) Recipient phone number not in allowed list"), "{}", run.failure());
+
+    let harness = self::harness();
+    harness.respond("POST", API, CannedResponse::text(429, "").with_header("Retry-After", "30"));
+    let run = harness.run(json!({"to": "+5511999998888", "text": "oi"})).await;
+    assert_eq!(run.retry().1, Some(std::time::Duration::from_secs(30)));
+
+    let harness = self::harness();
+    harness.respond("POST", API, CannedResponse::error(HttpErrorKind::Connect, "connection refused"));
+    assert!(harness.run(json!({"to": "+5511999998888", "text": "oi"})).await.retry().0.contains("nothing was sent"));
+
+    for ambiguous in
+        [CannedResponse::error(HttpErrorKind::Timeout, "no answer in 15 s"), CannedResponse::text(500, "internal")]
+    {
+        let harness = self::harness();
+        harness.respond("POST", API, ambiguous);
+        let run = harness.run(json!({"to": "+5511999998888", "text": "oi"})).await;
+        assert!(run.failure().starts_with("delivery unknown"), "{}", run.failure());
+        assert_eq!(run.requests.len(), 1);
+    }
+}

@@ -1,0 +1,125 @@
+//! `/health` for load balancers and container health checks, and
+//! `/health/detailed` for operators.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::auth::{Caller, require_service};
+use super::error::{ApiError, ErrorBody};
+use crate::store::{DepthRow, WorkerRow};
+
+const DB_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or `unavailable` when the database does not answer.
+    pub status: String,
+    /// This process's worker, when it runs one.
+    pub worker_id: Option<String>,
+    pub active_jobs: usize,
+    pub uptime_s: u64,
+    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Liveness and database reachability: 200, or 503 when the database does not answer.
+#[utoipa::path(get, path = "/health", tag = "meta",
+    responses((status = 200, body = Health), (status = 503, description = "The database does not answer", body = Health)))]
+pub async fn health(State(state): State<AppState>) -> Response {
+    let error = match tokio::time::timeout(DB_TIMEOUT, state.queue.store().ping()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(format!("database: {error}")),
+        Err(_) => Some(format!("database: no answer within {} s", DB_TIMEOUT.as_secs())),
+    };
+    let status = if error.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, axum::Json(basic(&state, error))).into_response()
+}
+
+fn basic(state: &AppState, error: Option<String>) -> Health {
+    Health {
+        status: if error.is_some() { "unavailable" } else { "ok" }.to_string(),
+        worker_id: state.worker.as_ref().map(|w| w.id().to_string()),
+        active_jobs: state.worker.as_ref().map_or(0, |w| w.active_jobs()),
+        uptime_s: state.uptime().as_secs(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        error,
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DetailedHealth {
+    #[serde(flatten)]
+    pub basic: Health,
+    pub database: DatabaseHealth,
+    /// Unfinished jobs by type and status.
+    pub queue: Vec<DepthRow>,
+    pub workers: Vec<WorkerRow>,
+    pub handlers: Vec<HandlerView>,
+    pub cache: CacheView,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DatabaseHealth {
+    pub backend: String,
+    pub latency_ms: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HandlerView {
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub version: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CacheView {
+    pub enabled: bool,
+    pub entries: i64,
+    pub live: i64,
+    pub hits: i64,
+}
+
+/// Database latency, queue depth, workers, handler versions, cache (service role).
+#[utoipa::path(get, path = "/health/detailed", tag = "meta", security(("bearer" = [])),
+    responses(
+        (status = 200, body = DetailedHealth),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 503, description = "The database does not answer", body = ErrorBody),
+    ))]
+pub async fn detailed(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<DetailedHealth>, ApiError> {
+    require_service(&caller)?;
+    let store = state.queue.store();
+    let started = Instant::now();
+    store.ping().await?;
+    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+    let queue = store.depth_by_type().await?;
+    let workers = store.workers().await?;
+    let cache = store.cache_stats(Utc::now()).await?;
+    Ok(axum::Json(DetailedHealth {
+        basic: basic(&state, None),
+        database: DatabaseHealth { backend: store.backend().to_string(), latency_ms },
+        queue,
+        workers,
+        handlers: state
+            .registry
+            .all()
+            .iter()
+            .map(|h| HandlerView { job_type: h.manifest.job_type.clone(), version: h.version.to_string() })
+            .collect(),
+        cache: CacheView {
+            enabled: state.queue.settings().cache_enabled,
+            entries: cache.entries,
+            live: cache.live,
+            hits: cache.hits,
+        },
+    }))
+}

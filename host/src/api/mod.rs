@@ -1,0 +1,244 @@
+//! The HTTP gateway (axum): the job API under `/v1`, the Supabase-compatible
+//! routes under `/functions/v1`, health, metrics and the OpenAPI document.
+//!
+//! [`router`] lists every route in one place. Handlers are small functions
+//! over extractors; errors leave through [`error::ApiError`] in one shape.
+//! This module calls the queue and the store; it knows nothing of wasm
+//! beyond the registry's list of loaded types.
+
+pub mod auth;
+mod body;
+pub mod error;
+mod health;
+mod jobs;
+mod limits;
+pub mod metrics;
+mod supabase;
+mod types;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, Request, header};
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use utoipa::openapi::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use self::auth::Auth;
+use self::limits::IpLimiter;
+use crate::queue::Queue;
+use crate::queue::worker::WorkerProbe;
+use crate::runtime::registry::Registry;
+
+pub use self::body::MAX_BODY_BYTES;
+
+/// Gateway settings (names from the seeds where they have one: PORT).
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// Enqueues per minute per client IP; `None` for no limit.
+    pub rate_limit_per_min: Option<u32>,
+    /// Take the client IP from `X-Forwarded-For` (behind a proxy you trust).
+    pub trust_proxy: bool,
+    /// Origins allowed by CORS; `*` for any.
+    pub cors_origins: Vec<String>,
+    /// Types refused at enqueue from the start (QUERN_DISABLED_TYPES).
+    pub disabled_types: Vec<String>,
+    /// The longest `?wait=` a caller may ask for.
+    pub max_wait: Duration,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            rate_limit_per_min: Some(50),
+            trust_proxy: false,
+            cors_origins: Vec::new(),
+            disabled_types: Vec::new(),
+            max_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything a request handler may reach.
+pub struct Gateway {
+    pub queue: Arc<Queue>,
+    pub registry: Arc<Registry>,
+    pub auth: Auth,
+    pub settings: GatewaySettings,
+    /// The worker in this process, if any (`quern serve`), for health.
+    pub worker: Option<WorkerProbe>,
+    /// Rendering `/metrics`, when a recorder is installed.
+    pub metrics: Option<metrics::Metrics>,
+    /// Cancelled on shutdown: long requests (`?wait=`, SSE) end early.
+    pub shutdown: CancellationToken,
+    disabled: RwLock<BTreeSet<String>>,
+    limiter: Option<IpLimiter>,
+    started: Instant,
+}
+
+pub type AppState = Arc<Gateway>;
+
+impl Gateway {
+    pub fn new(
+        queue: Arc<Queue>,
+        registry: Arc<Registry>,
+        auth: Auth,
+        settings: GatewaySettings,
+        worker: Option<WorkerProbe>,
+        metrics: Option<metrics::Metrics>,
+        shutdown: CancellationToken,
+    ) -> AppState {
+        let disabled = settings.disabled_types.iter().cloned().collect();
+        let limiter = settings.rate_limit_per_min.and_then(IpLimiter::per_minute);
+        Arc::new(Self {
+            queue,
+            registry,
+            auth,
+            settings,
+            worker,
+            metrics,
+            shutdown,
+            disabled: RwLock::new(disabled),
+            limiter,
+            started: Instant::now(),
+        })
+    }
+
+    /// Whether a type's feature flag is off.
+    pub fn is_disabled(&self, job_type: &str) -> bool {
+        self.disabled.read().unwrap_or_else(|e| e.into_inner()).contains(job_type)
+    }
+
+    pub fn set_enabled(&self, job_type: &str, enabled: bool) {
+        let mut disabled = self.disabled.write().unwrap_or_else(|e| e.into_inner());
+        if enabled {
+            disabled.remove(job_type);
+        } else {
+            disabled.insert(job_type.to_string());
+        }
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// Every route, and the OpenAPI document describing exactly those routes.
+pub fn router(state: AppState) -> (Router, OpenApi) {
+    let (api, openapi) = OpenApiRouter::with_openapi(openapi_base())
+        .routes(routes!(jobs::enqueue, jobs::list))
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(jobs::events))
+        .routes(routes!(types::list))
+        .routes(routes!(types::enable))
+        .routes(routes!(types::disable))
+        .routes(routes!(supabase::enqueue_analysis))
+        .routes(routes!(supabase::get_analysis_status, supabase::post_analysis_status))
+        .routes(routes!(health::health))
+        .routes(routes!(health::detailed))
+        .routes(routes!(metrics::render))
+        .routes(routes!(openapi_json))
+        .split_for_parts();
+    let document = Arc::new(openapi.clone());
+    let request_id = HeaderName::from_static("x-request-id");
+    let router = api
+        .fallback(no_route)
+        .layer(axum::Extension(document))
+        .layer(axum::middleware::from_fn(metrics::track_http))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(cors(&state.settings.cors_origins))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<_>| {
+                    // The id, method and route only: never the query, headers or body.
+                    let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                    let route = request
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map_or("unmatched", |path| path.as_str());
+                    tracing::info_span!("request", request_id = %id, method = %request.method(), route)
+                })
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state);
+    (router, openapi)
+}
+
+/// Serves `router` on `listener` until `shutdown`, with client addresses
+/// available to the per-IP limit.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+fn openapi_base() -> OpenApi {
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    let mut openapi = utoipa::openapi::OpenApiBuilder::new()
+        .info(
+            utoipa::openapi::InfoBuilder::new()
+                .title("quern")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "A job host: enqueue jobs, follow them to their end, cancel and retry them. \
+                     Every error is `{\"error\": \"…\", \"code\": \"…\"}`.",
+                ))
+                .build(),
+        )
+        .build();
+    let components = openapi.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+    );
+    openapi
+}
+
+/// The OpenAPI document of this server.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta", responses((status = 200, description = "This document")))]
+async fn openapi_json(axum::Extension(document): axum::Extension<Arc<OpenApi>>) -> axum::Json<OpenApi> {
+    axum::Json(OpenApi::clone(&document))
+}
+
+async fn no_route(method: Method, uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "no_route",
+        format!("no route {method} {}: see /openapi.json for the routes", uri.path()),
+    )
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("apikey"),
+            HeaderName::from_static("x-client-info"),
+        ])
+        .max_age(Duration::from_secs(600))
+}

@@ -1,0 +1,212 @@
+//! The routes of the customer's Supabase Edge Functions, with their shapes,
+//! so their frontend (`useAsyncAnalysis`) works by changing one URL:
+//! `POST /functions/v1/enqueue-analysis` and `GET|POST
+//! /functions/v1/get-analysis-status`. Unlike the seed, the user is the
+//! token's `sub`, never `input.userId`.
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::ExtensionRejection;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::AppState;
+use super::auth::Caller;
+use super::body::{ApiQuery, JsonBody};
+use super::error::{ApiError, ErrorBody};
+use super::jobs::{EnqueueBody, Enqueued, submit};
+use super::limits::check_rate;
+use crate::store::JobStatus;
+
+/// The seed's enqueue body. `type` and `input` are required; `userId` in the
+/// input is never trusted for identity.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct AnalysisRequest {
+    #[serde(rename = "type")]
+    pub job_type: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub input: Option<Value>,
+    pub priority: Option<i64>,
+    /// `false` skips the cache lookup.
+    #[serde(rename = "useCache")]
+    pub use_cache: Option<bool>,
+}
+
+/// 202 `{jobId, status: "pending", estimatedTime, pollUrl}`, or on a cache
+/// hit 200 `{jobId: null, status: "completed", result, cached: true}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AnalysisEnqueued {
+    #[serde(rename = "jobId")]
+    pub job_id: Option<Uuid>,
+    pub status: JobStatus,
+    #[serde(rename = "estimatedTime", skip_serializing_if = "Option::is_none")]
+    pub estimated_time: Option<u32>,
+    #[serde(rename = "pollUrl", skip_serializing_if = "Option::is_none")]
+    pub poll_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached: Option<bool>,
+}
+
+/// Enqueue an analysis (the seed's `enqueue-analysis` Edge Function).
+#[utoipa::path(post, path = "/functions/v1/enqueue-analysis", tag = "supabase", security(("bearer" = [])),
+    request_body = AnalysisRequest,
+    responses(
+        (status = 202, body = AnalysisEnqueued),
+        (status = 200, description = "A cached result", body = AnalysisEnqueued),
+        (status = 400, description = "`{\"error\": \"type and input are required\"}`, or an invalid request", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub async fn enqueue_analysis(
+    State(state): State<AppState>,
+    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    headers: HeaderMap,
+    caller: Result<Caller, ApiError>,
+    body: Result<JsonBody<Value>, ApiError>,
+) -> Result<Response, ApiError> {
+    check_rate(&state, &headers, peer.as_ref().ok())?;
+    let caller = caller?;
+    let JsonBody(body) = body?;
+    let request: AnalysisRequest = serde_json::from_value(body)
+        .map_err(|error| ApiError::bad_request("invalid_request", format!("invalid body: {error}")))?;
+    let (Some(job_type), Some(input)) = (request.job_type, request.input.filter(|input| !input.is_null())) else {
+        // The seed's exact answer.
+        return Ok(
+            (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "type and input are required"}))).into_response()
+        );
+    };
+    let body = EnqueueBody { job_type, input, priority: request.priority, next: Vec::new() };
+    let answer = match submit(&state, &caller, body, request.use_cache.unwrap_or(true)).await? {
+        Enqueued::Cached(result) => (
+            StatusCode::OK,
+            AnalysisEnqueued {
+                job_id: None,
+                status: JobStatus::Completed,
+                estimated_time: None,
+                poll_url: None,
+                result: Some(result),
+                cached: Some(true),
+            },
+        ),
+        Enqueued::Job { job, estimated_time_s, .. } => (
+            StatusCode::ACCEPTED,
+            AnalysisEnqueued {
+                job_id: Some(job.id),
+                status: JobStatus::Pending,
+                estimated_time: Some(estimated_time_s),
+                poll_url: Some(format!("/functions/v1/get-analysis-status?jobId={}", job.id)),
+                result: None,
+                cached: None,
+            },
+        ),
+    };
+    Ok((answer.0, axum::Json(answer.1)).into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams, ToSchema)]
+pub struct StatusRequest {
+    #[serde(rename = "jobId")]
+    #[param(rename = "jobId")]
+    pub job_id: Option<String>,
+}
+
+/// `{jobId, status, result, error, progress, …}` in the seed's camelCase.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AnalysisStatus {
+    #[serde(rename = "jobId")]
+    pub job_id: Uuid,
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub status: JobStatus,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    /// 0 to 100.
+    pub progress: i16,
+    #[serde(rename = "progressMessage")]
+    pub progress_message: Option<String>,
+    pub attempts: i32,
+    #[serde(rename = "maxAttempts")]
+    pub max_attempts: i32,
+    #[serde(rename = "processingTimeMs")]
+    pub processing_time_ms: Option<i32>,
+    #[serde(rename = "createdAt")]
+    pub created_at: DateTime<Utc>,
+    #[serde(rename = "startedAt")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(rename = "completedAt")]
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// A job's status by `?jobId=` (the seed's `get-analysis-status`).
+#[utoipa::path(get, path = "/functions/v1/get-analysis-status", tag = "supabase", security(("bearer" = [])),
+    params(StatusRequest),
+    responses((status = 200, body = AnalysisStatus), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get_analysis_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<ApiQuery<StatusRequest>, ApiError>,
+) -> Result<axum::Json<AnalysisStatus>, ApiError> {
+    let ApiQuery(query) = query?;
+    status_of(&state, &caller, query.job_id).await
+}
+
+/// A job's status by `{"jobId": …}` (how `supabase.functions.invoke` sends it).
+#[utoipa::path(post, path = "/functions/v1/get-analysis-status", tag = "supabase", security(("bearer" = [])),
+    request_body = StatusRequest,
+    responses((status = 200, body = AnalysisStatus), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn post_analysis_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<ApiQuery<StatusRequest>, ApiError>,
+    body: Result<JsonBody<StatusRequest>, ApiError>,
+) -> Result<axum::Json<AnalysisStatus>, ApiError> {
+    let from_query = query.ok().and_then(|ApiQuery(q)| q.job_id);
+    let job_id = match (body, from_query) {
+        (Ok(JsonBody(body)), from_query) => body.job_id.or(from_query),
+        // No usable body, but the id is in the query: that will do.
+        (Err(_), Some(from_query)) => Some(from_query),
+        (Err(error), None) => return Err(error),
+    };
+    status_of(&state, &caller, job_id).await
+}
+
+async fn status_of(
+    state: &AppState,
+    caller: &Caller,
+    job_id: Option<String>,
+) -> Result<axum::Json<AnalysisStatus>, ApiError> {
+    let job_id = job_id.ok_or_else(|| ApiError::bad_request("invalid_request", "jobId is required"))?;
+    let id = Uuid::parse_str(&job_id).map_err(|_| ApiError::job_not_found(&job_id))?;
+    let job = match state.queue.store().get(id).await? {
+        Some(job) if caller.owns(&job.user_id) => job,
+        _ => return Err(ApiError::job_not_found(&job_id)),
+    };
+    Ok(axum::Json(AnalysisStatus {
+        job_id: job.id,
+        job_type: job.job_type,
+        status: job.status,
+        result: job.result,
+        error: job.error,
+        progress: job.progress_percent,
+        progress_message: job.progress_message,
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        processing_time_ms: job.processing_time_ms,
+        created_at: job.created_at,
+        started_at: job.started_at,
+        completed_at: job.completed_at,
+    }))
+}

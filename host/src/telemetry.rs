@@ -1,0 +1,37 @@
+//! The names of quern's metrics, in one place. Every module records through
+//! the `metrics` facade with these names; the gateway installs a Prometheus
+//! recorder and serves `/metrics`. Without a recorder (tests, `quern run`)
+//! recording costs nothing.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const JOBS_ENQUEUED: &str = "quern_jobs_enqueued_total";
+pub const JOBS_COMPLETED: &str = "quern_jobs_completed_total";
+pub const JOBS_FAILED: &str = "quern_jobs_failed_total";
+pub const JOBS_RETRIED: &str = "quern_jobs_retried_total";
+pub const JOBS_CANCELLED: &str = "quern_jobs_cancelled_total";
+pub const JOB_DURATION: &str = "quern_job_duration_seconds";
+pub const JOB_PICKUP: &str = "quern_job_pickup_latency_seconds";
+pub const QUEUE_DEPTH: &str = "quern_queue_jobs";
+pub const HTTP_DURATION: &str = "quern_http_request_duration_seconds";
+pub const CACHE_HITS: &str = "quern_cache_hits_total";
+pub const CACHE_MISSES: &str = "quern_cache_misses_total";
+pub const OUTBOUND_CALLS: &str = "quern_outbound_requests_total";
+pub const INSTANCE_TIME: &str = "quern_instance_seconds";
+
+/// Help texts for `/metrics`, registered once with the recorder.
+pub fn describe() {
+    describe_counter!(JOBS_ENQUEUED, "Jobs accepted by the gateway, by type.");
+    describe_counter!(JOBS_COMPLETED, "Job attempts that completed, by type.");
+    describe_counter!(JOBS_FAILED, "Jobs that failed for good, by type.");
+    describe_counter!(JOBS_RETRIED, "Job attempts that will run again, by type.");
+    describe_counter!(JOBS_CANCELLED, "Jobs cancelled, by type.");
+    describe_histogram!(JOB_DURATION, Unit::Seconds, "Time one attempt ran in a worker, by type.");
+    describe_histogram!(JOB_PICKUP, Unit::Seconds, "Time from a job being due to a worker claiming it, by type.");
+    describe_gauge!(QUEUE_DEPTH, "Unfinished jobs, by type and status (pending, processing).");
+    describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request duration, by route, method and status.");
+    describe_counter!(CACHE_HITS, "Enqueues answered from the result cache, by type.");
+    describe_counter!(CACHE_MISSES, "Enqueues of cacheable types that missed the cache, by type.");
+    describe_counter!(OUTBOUND_CALLS, "Outbound HTTP requests made for handlers, by host and status.");
+    describe_histogram!(INSTANCE_TIME, Unit::Seconds, "Wall time of a handler instance per attempt, by type.");
+}

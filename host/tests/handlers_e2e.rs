@@ -1,0 +1,242 @@
+//! The customer's six job types end to end: `quern serve` running the built
+//! handler components, with YOLO, Ollama, Gemini and the WhatsApp Cloud API
+//! played by loopback fakes that speak their wire formats.
+
+mod support;
+
+use std::time::Duration;
+
+use quern::testing::fakes::{Fake, Kind, Mode, closed_url};
+use serde_json::{Value, json};
+use support::db::Db;
+use support::server::{Options, Server};
+
+const TYPES: [&str; 6] =
+    ["sofia_image", "sofia_text", "medical_exam", "unified_assistant", "meal_plan", "whatsapp_message"];
+const GEMINI_KEY: &str = "gemini-secret-key-e2e";
+const WHATSAPP_TOKEN: &str = "whatsapp-secret-token-e2e";
+
+struct Upstreams {
+    yolo: Fake,
+    ollama: Fake,
+    gemini: Fake,
+    whatsapp: Fake,
+}
+
+impl Upstreams {
+    async fn start() -> Self {
+        Self {
+            yolo: Fake::start(Kind::Yolo).await,
+            ollama: Fake::start(Kind::Chat).await,
+            gemini: Fake::start(Kind::Chat).await,
+            whatsapp: Fake::start(Kind::Whatsapp).await,
+        }
+    }
+}
+
+/// The shipped manifest, allowed to reach the loopback fakes too.
+fn manifest(job_type: &str) -> String {
+    let shipped = std::fs::read_to_string(support::dist(&format!("{job_type}.toml"))).unwrap();
+    shipped.replace("allowed_hosts = [", "allowed_hosts = [\"127.0.0.1\", ")
+}
+
+/// `quern serve` with the six handlers and the fakes, with `overrides` of
+/// its environment (say, an upstream's URL where nothing listens).
+async fn serve(db: &Db, up: &Upstreams, overrides: &[(&'static str, String)]) -> Server {
+    let mut env = vec![
+        ("YOLO_URL", up.yolo.url()),
+        ("OLLAMA_URL", up.ollama.url()),
+        ("GEMINI_API_KEY", GEMINI_KEY.into()),
+        ("GEMINI_BASE_URL", format!("{}/v1beta/openai", up.gemini.url())),
+        ("WHATSAPP_API_URL", format!("{}/v21.0", up.whatsapp.url())),
+        ("WHATSAPP_TOKEN", WHATSAPP_TOKEN.into()),
+        ("WHATSAPP_PHONE_NUMBER_ID", "1234567890".into()),
+        ("WHATSAPP_TIMEOUT_MS", "1000".into()),
+        ("WORKER_RETRY_DELAY_MS", "100".into()),
+    ];
+    env.retain(|(key, _)| !overrides.iter().any(|(k, _)| k == key));
+    env.extend(overrides.iter().cloned());
+    let options = Options { handlers: TYPES.iter().map(|t| (*t, manifest(t))).collect(), env, ..Options::default() };
+    let server = Server::start_with(db, options).await;
+    server.remember(GEMINI_KEY.into());
+    server.remember(WHATSAPP_TOKEN.into());
+    server
+}
+
+async fn run_to_end(server: &Server, token: &str, job_type: &str, input: Value) -> Value {
+    let answer = server.enqueue(token, job_type, input).await;
+    assert_eq!(answer.status, 202, "{job_type}: {}", answer.text);
+    let id = answer.body["id"].as_str().unwrap().to_string();
+    server
+        .poll_job(token, &id, Duration::from_secs(30), |job| {
+            job["status"] == "completed" || job["status"] == "failed" || job["status"] == "cancelled"
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_six_job_types_run_end_to_end_through_quern_serve() {
+    let db = Db::sqlite().await;
+    let up = Upstreams::start().await;
+    let server = serve(&db, &up, &[]).await;
+    let token = server.token("9b2f3c1e-user");
+    let cases = [
+        ("sofia_image", json!({"imageUrl": "https://media.example/prato.jpg", "mealType": "lunch"})),
+        ("sofia_text", json!({"text": "arroz, feijão e bife acebolado"})),
+        ("medical_exam", json!({"text": "GLICOSE ..... 110 mg/dL (VR 70 a 99)"})),
+        (
+            "unified_assistant",
+            json!({"message": "O que comer no jantar?", "history": [{"role": "user", "content": "oi"}]}),
+        ),
+        (
+            "meal_plan",
+            json!({"profile": {"age": 30, "sex": "female", "weight_kg": 70, "height_cm": 165,
+                                         "activity": "moderate", "goal": "lose_weight"}, "days": 2}),
+        ),
+        ("whatsapp_message", json!({"to": "+5511999998888", "text": "Seu plano está pronto!"})),
+    ];
+    for (job_type, input) in cases {
+        let job = run_to_end(&server, &token, job_type, input).await;
+        assert_eq!(job["status"], "completed", "{job_type}: {job}");
+        let result = &job["result"];
+        match job_type {
+            "sofia_image" => {
+                assert_eq!(result["yolo_detections"][0]["label"], "rice");
+                assert_eq!(result["totals"]["kcal"], 268.0);
+            }
+            "sofia_text" => assert_eq!(result["foods"][1]["name"], "feijão"),
+            "medical_exam" => assert_eq!(result["values"][0]["flag"], "high"),
+            "unified_assistant" => assert!(result["reply"].as_str().unwrap().starts_with("Olá")),
+            "meal_plan" => {
+                assert_eq!(result["days"].as_array().unwrap().len(), 2);
+                assert_eq!(result["days"][0]["kcal_total"], result["targets"]["kcal"]);
+            }
+            "whatsapp_message" => assert_eq!(result["message_id"], "wamid.fake"),
+            _ => unreachable!(),
+        }
+        if job_type != "whatsapp_message" {
+            assert_eq!(result["provider"], "ollama", "{job_type}");
+        }
+    }
+    let sent = up.whatsapp.seen();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].path, "/v21.0/1234567890/messages");
+    assert_eq!(sent[0].authorization.as_deref(), Some(&*format!("Bearer {WHATSAPP_TOKEN}")));
+    let vision = up.ollama.seen().into_iter().find(|s| s.body["model"] == "llava").expect("a vision request");
+    assert_eq!(vision.body["messages"][1]["content"][1]["image_url"]["url"], "https://media.example/prato.jpg");
+    server.finish().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_down_the_job_completes_through_gemini() {
+    let db = Db::sqlite().await;
+    let up = Upstreams::start().await;
+    let server = serve(&db, &up, &[("OLLAMA_URL", closed_url())]).await;
+    let token = server.token("alice");
+    let job = run_to_end(&server, &token, "sofia_text", json!({"text": "pão com ovo"})).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(
+        (job["result"]["provider"].clone(), job["result"]["model"].clone()),
+        (json!("gemini"), json!("gemini-2.5-flash"))
+    );
+    assert_eq!(up.gemini.seen()[0].authorization.as_deref(), Some(&*format!("Bearer {GEMINI_KEY}")));
+    server.finish().await;
+    db.cleanup().await;
+}
+
+/// Gemini, the last provider, answers 429 with `Retry-After: 2`. The host's
+/// HTTP client honours it for its own three tries; when all three are
+/// refused the handler hands the delay to the queue, which runs the job
+/// again no sooner than 2 s later, and it completes. No request ever follows
+/// a 429 sooner than its `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gemini_rate_limit_delays_the_retry_by_its_retry_after() {
+    let db = Db::postgres().await;
+    let up = Upstreams::start().await;
+    up.gemini.then(vec![Mode::RateLimited(2); 3]);
+    let server = serve(&db, &up, &[("OLLAMA_URL", closed_url())]).await;
+    let token = server.token("alice");
+    let job = run_to_end(&server, &token, "sofia_text", json!({"text": "tapioca com queijo"})).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["attempts"], 2);
+    assert_eq!(job["history"][0]["outcome"], "retry");
+    assert!(job["history"][0]["error"].as_str().unwrap().contains("429"), "{job}");
+    let seen = up.gemini.seen();
+    assert_eq!(seen.len(), 4, "three refused tries in attempt 1, one in attempt 2: no hot loop");
+    for pair in seen.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(gap >= Duration::from_secs(2), "a request came {gap:?} after a 429 with Retry-After: 2");
+    }
+    server.finish().await;
+    db.cleanup().await;
+}
+
+/// YOLO down: `sofia_image` completes without detections and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yolo_down_sofia_image_completes_without_detections() {
+    let db = Db::sqlite().await;
+    let up = Upstreams::start().await;
+    let server = serve(&db, &up, &[("YOLO_URL", closed_url())]).await;
+    let token = server.token("alice");
+    let job = run_to_end(&server, &token, "sofia_image", json!({"imageUrl": "https://media.example/p.jpg"})).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["result"]["yolo_detections"], json!([]));
+    assert_eq!(job["result"]["yolo"]["available"], false);
+    assert!(job["result"]["yolo"]["error"].as_str().unwrap().contains("YOLO is unavailable"), "{job}");
+    assert_eq!(job["result"]["foods"][0]["name"], "arroz");
+    server.finish().await;
+    db.cleanup().await;
+}
+
+/// A WhatsApp request that may have been delivered is never sent again:
+/// a timeout after sending or a 500 fails the job with exactly one request
+/// at the API; a refused connection (nothing sent) is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_never_sends_twice_for_one_job() {
+    let db = Db::postgres().await;
+    let up = Upstreams::start().await;
+    let server = serve(&db, &up, &[]).await;
+    let token = server.token("alice");
+    for mode in [Mode::Slow(Duration::from_secs(3)), Mode::ServerError] {
+        up.whatsapp.set(mode.clone());
+        let before = up.whatsapp.seen().len();
+        let job = run_to_end(
+            &server,
+            &token,
+            "whatsapp_message",
+            json!({"to": "+5511999998888", "text": format!("{mode:?}")}),
+        )
+        .await;
+        assert_eq!(job["status"], "failed", "{mode:?}: {job}");
+        assert!(job["error"].as_str().unwrap().starts_with("delivery unknown"), "{job}");
+        assert_eq!(up.whatsapp.seen().len() - before, 1, "{mode:?}: exactly one request for the job");
+        assert_eq!(job["attempts"], 1, "not retried");
+    }
+    // Rate limited first (the API refused, nothing delivered): sent again
+    // after its Retry-After, and delivered once.
+    up.whatsapp.set(Mode::Healthy);
+    up.whatsapp.then(vec![Mode::RateLimited(1)]);
+    let before = up.whatsapp.seen().len();
+    let job = run_to_end(&server, &token, "whatsapp_message", json!({"to": "+5511999998888", "text": "de novo"})).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(up.whatsapp.seen().len() - before, 2, "the refused request and the delivered one");
+    server.finish().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_model_output_fails_the_job_quoting_it() {
+    let db = Db::sqlite().await;
+    let up = Upstreams::start().await;
+    up.ollama.set(Mode::Malformed);
+    let server = serve(&db, &up, &[]).await;
+    let token = server.token("alice");
+    let job = run_to_end(&server, &token, "medical_exam", json!({"text": "Hemoglobina 13,5 g/dL (12 a 16)"})).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("it starts: Sorry, I cannot help"), "{job}");
+    assert_eq!(job["attempts"], 1, "a permanent failure is not retried");
+    assert_eq!(up.ollama.seen().len(), 2, "asked once, then once more with the error");
+    server.finish().await;
+    db.cleanup().await;
+}
