@@ -214,12 +214,14 @@ async fn metrics_cover_the_job_lifecycle_and_pass_promtool() {
     let id = running.body["id"].as_str().unwrap().to_string();
     server.poll_job(&token, &id, Duration::from_secs(20), |job| job["status"] == "processing").await;
     // The depth gauge counts the running job.
+    let started = std::time::Instant::now();
     let text = loop {
         let text = server.client.get(format!("{}/metrics", server.base)).send().await.unwrap().text().await.unwrap();
         // Histograms reach the exposition at the recorder's upkeep.
         if text.contains("quern_job_duration_seconds_bucket") {
             break text;
         }
+        assert!(started.elapsed() < Duration::from_secs(20), "no job duration histogram in /metrics:\n{text}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     for needle in [
