@@ -26,6 +26,12 @@ fn scale() -> usize {
     std::env::var("QUERN_CHAOS_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1)
 }
 
+/// A server whose one client may have any number of unfinished jobs: these
+/// cases load the machine, and a worker falling behind must not turn into 429s.
+fn unlimited() -> Options {
+    Options { env: vec![("QUERN_MAX_ACTIVE_JOBS_PER_USER", "0".into())], ..Options::default() }
+}
+
 /// Points `db.url` at a proxy in front of the real database; returns the
 /// proxy and the real URL (for cleanup).
 async fn behind_proxy(db: &mut Db, latency: Duration) -> (Proxy, String) {
@@ -85,7 +91,10 @@ async fn a_worker_killed_under_load_loses_nothing_and_runs_nothing_twice() {
         }
     }
     assert!(rerun > 0, "the killed worker held jobs that ran again");
-    eprintln!("{} jobs, {rerun} taken from the killed worker and run again, the last {slowest:?} after the kill", ids.len());
+    eprintln!(
+        "{} jobs, {rerun} taken from the killed worker and run again, the last {slowest:?} after the kill",
+        ids.len()
+    );
     signal(&survivor, "TERM");
     assert_eq!(exit_code(&mut survivor, Duration::from_secs(15)).await, Some(0));
     db.cleanup().await;
@@ -99,7 +108,7 @@ async fn postgres_cut_under_load_answers_503_and_loses_nothing() {
     let _alone = ALONE.lock().await;
     let mut db = Db::postgres().await;
     let (proxy, real_url) = behind_proxy(&mut db, Duration::ZERO).await;
-    let server = Server::start(&db).await;
+    let server = Server::start_with(&db, unlimited()).await;
     let token = server.token("alice");
     let mut accepted = Vec::new();
     let (mut unavailable, started) = (0, Instant::now());
@@ -146,7 +155,7 @@ async fn a_slow_database_stays_correct_and_health_reports_it() {
     let _alone = ALONE.lock().await;
     let mut db = Db::postgres().await;
     let (_proxy, real_url) = behind_proxy(&mut db, Duration::from_millis(20)).await;
-    let server = Server::start(&db).await;
+    let server = Server::start_with(&db, unlimited()).await;
     let token = server.token("alice");
     let mut ids = Vec::new();
     for n in 0..(20 * scale()) {
@@ -185,6 +194,7 @@ async fn upstreams_down_and_rate_limited_cause_no_retry_storm() {
             ("GEMINI_API_KEY", "k".into()),
             ("GEMINI_BASE_URL", gemini.url()),
             ("WORKER_RETRY_DELAY_MS", "100".into()),
+            ("QUERN_MAX_ACTIVE_JOBS_PER_USER", "0".into()),
         ],
         ..Options::default()
     };
@@ -227,7 +237,11 @@ async fn upstreams_down_and_rate_limited_cause_no_retry_storm() {
 async fn hostile_handlers_in_a_steady_load_report_the_others_latency() {
     let _alone = ALONE.lock().await;
     let db = Db::sqlite().await;
-    let env = vec![("WORKER_CONCURRENCY", "8".into()), ("QUERN_SHUTDOWN_GRACE_S", "1".into())];
+    let env = vec![
+        ("WORKER_CONCURRENCY", "8".into()),
+        ("QUERN_SHUTDOWN_GRACE_S", "1".into()),
+        ("QUERN_MAX_ACTIVE_JOBS_PER_USER", "0".into()),
+    ];
     let server = Server::start_with(&db, Options { env, ..Options::default() }).await;
     let token = server.token("alice");
     let mut report = Vec::new();
