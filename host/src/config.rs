@@ -172,6 +172,30 @@ pub struct GatewayArgs {
     /// Record metrics and serve them at /metrics.
     #[arg(long, env = "ENABLE_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_metrics: bool,
+    /// A password that opens /dashboard (a service_role token always does).
+    #[arg(long, env = "QUERN_DASHBOARD_PASSWORD", hide_env_values = true)]
+    pub dashboard_password: Option<String>,
+    /// Alert when more jobs than this are pending.
+    #[arg(long, env = "QUERN_ALERT_QUEUE_PENDING", default_value_t = 50)]
+    pub alert_queue_pending: i64,
+    /// Alert when a worker's last heartbeat is older than this many seconds.
+    #[arg(long, env = "QUERN_ALERT_WORKER_OFFLINE_S", default_value_t = 300)]
+    pub alert_worker_offline_s: u64,
+    /// Alert when a type's share of failed jobs over the window is above this (0–1).
+    #[arg(long, env = "QUERN_ALERT_FAILURE_RATE", default_value_t = 0.5)]
+    pub alert_failure_rate: f64,
+    /// The failure-rate window, in seconds.
+    #[arg(long, env = "QUERN_ALERT_FAILURE_WINDOW_S", default_value_t = 900)]
+    pub alert_failure_window_s: u64,
+    /// Jobs of a type that must have ended in the window before its failure rate counts.
+    #[arg(long, env = "QUERN_ALERT_FAILURE_MIN_JOBS", default_value_t = 10)]
+    pub alert_failure_min_jobs: u64,
+    /// How often alerts are judged, in milliseconds.
+    #[arg(long, env = "QUERN_ALERT_CHECK_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(50..))]
+    pub alert_check_ms: u64,
+    /// Where alert starts and resolves are POSTed as JSON.
+    #[arg(long, env = "QUERN_ALERT_WEBHOOK_URL", hide_env_values = true)]
+    pub alert_webhook_url: Option<url::Url>,
 }
 
 impl GatewayArgs {
@@ -186,6 +210,16 @@ impl GatewayArgs {
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
                 .collect(),
+            dashboard_password: self.dashboard_password.clone().filter(|p| !p.is_empty()),
+            alerts: crate::alerts::AlertSettings {
+                queue_pending: self.alert_queue_pending,
+                worker_offline: std::time::Duration::from_secs(self.alert_worker_offline_s),
+                failure_rate: self.alert_failure_rate,
+                failure_window: std::time::Duration::from_secs(self.alert_failure_window_s),
+                failure_min_jobs: self.alert_failure_min_jobs,
+                check_every: std::time::Duration::from_millis(self.alert_check_ms),
+                webhook: self.alert_webhook_url.as_ref().map(url::Url::to_string),
+            },
             ..crate::api::GatewaySettings::default()
         }
     }

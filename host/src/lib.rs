@@ -9,6 +9,7 @@
 //! - [`bench`]: benchmarks that print their numbers.
 //! - [`testing`]: run a built handler against canned HTTP responses.
 
+pub mod alerts;
 pub mod api;
 pub mod bench;
 pub mod config;

@@ -18,6 +18,9 @@ pub const CACHE_HITS: &str = "quern_cache_hits_total";
 pub const CACHE_MISSES: &str = "quern_cache_misses_total";
 pub const OUTBOUND_CALLS: &str = "quern_outbound_requests_total";
 pub const INSTANCE_TIME: &str = "quern_instance_seconds";
+pub const ALERTS_ACTIVE: &str = "quern_alerts_active";
+pub const ALERTS_FIRED: &str = "quern_alerts_fired_total";
+pub const WORKERS_OFFLINE: &str = "quern_workers_offline";
 
 /// Help texts for `/metrics`, registered once with the recorder.
 pub fn describe() {
@@ -34,4 +37,7 @@ pub fn describe() {
     describe_counter!(CACHE_MISSES, "Enqueues of cacheable types that missed the cache, by type.");
     describe_counter!(OUTBOUND_CALLS, "Outbound HTTP requests made for handlers, by host and status.");
     describe_histogram!(INSTANCE_TIME, Unit::Seconds, "Wall time of a handler instance per attempt, by type.");
+    describe_gauge!(ALERTS_ACTIVE, "Alerts firing now, by alert (queue_backlog, worker_offline, failure_rate).");
+    describe_counter!(ALERTS_FIRED, "Alerts that started, by alert.");
+    describe_gauge!(WORKERS_OFFLINE, "Workers whose last heartbeat is older than the offline threshold.");
 }

@@ -165,6 +165,11 @@ async fn openapi_lists_every_route() {
         "GET /health/detailed",
         "GET /metrics",
         "GET /openapi.json",
+        "GET /v1/stats",
+        "GET /dashboard",
+        "POST /dashboard/login",
+        "POST /dashboard/logout",
+        "GET /dashboard/jobs/{id}",
     ]
     .into_iter()
     .map(String::from)

@@ -69,6 +69,8 @@ conformance!(
     pipeline_runs_the_next_step_with_the_previous_result,
     pipeline_stops_when_a_step_fails,
     enqueue_refuses_bad_requests_with_clear_errors,
+    recent_attempts_and_failures_are_read_for_stats,
+    workers_that_stop_leave_and_long_silent_ones_are_forgotten,
 );
 
 fn queue(db: &Db, settings: QueueSettings) -> Arc<Queue> {
@@ -585,4 +587,54 @@ async fn poll_children(db: &Db, parent: &quern::store::Job) -> quern::store::Job
         assert!(Instant::now() < deadline, "no child of {} appeared", parent.id);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+async fn recent_attempts_and_failures_are_read_for_stats(db: &Db) {
+    let queue = queue(db, QueueSettings::default());
+    let before = Utc::now();
+    let ok = queue.enqueue(request("u1", "echo", json!({"n": 1}))).await.unwrap();
+    let bad = queue.enqueue(request("u1", "slow", json!({"n": 2}))).await.unwrap();
+    let now = Utc::now();
+    for job in db.store.claim("w1", 10, now, now + lease(), None).await.unwrap() {
+        let transition = if job.id == ok.id {
+            Transition::Complete { result: json!({}), processing_time_ms: 1, next: None, cache: None }
+        } else {
+            Transition::Fail { error: "upstream said no".into(), outcome: AttemptOutcome::Failed }
+        };
+        assert!(db.store.finish_attempt(&end_of(&job, "w1", transition), Utc::now()).await.unwrap());
+    }
+    let mut samples = db.store.attempts_since(before, 100).await.unwrap();
+    samples.sort_by(|a, b| a.job_type.cmp(&b.job_type));
+    let seen: Vec<(&str, AttemptOutcome)> = samples.iter().map(|s| (s.job_type.as_str(), s.outcome)).collect();
+    assert_eq!(seen, [("echo", AttemptOutcome::Completed), ("slow", AttemptOutcome::Failed)]);
+    assert!(samples.iter().all(|s| s.started_at <= s.ended_at && s.ended_at >= before));
+    assert!(db.store.attempts_since(Utc::now() + chrono::Duration::seconds(1), 100).await.unwrap().is_empty());
+    assert_eq!(db.store.attempts_since(before, 1).await.unwrap().len(), 1, "the limit holds");
+
+    let failures = db.store.recent_failures(10).await.unwrap();
+    assert_eq!(failures.len(), 1);
+    assert_eq!((failures[0].id, failures[0].job_type.as_str()), (bad.id, "slow"));
+    assert_eq!(failures[0].error.as_deref(), Some("upstream said no"));
+    assert_eq!(failures[0].attempts, 1);
+}
+
+async fn workers_that_stop_leave_and_long_silent_ones_are_forgotten(db: &Db) {
+    let running = start_worker(db, QueueSettings::default()).await;
+    let now = Utc::now();
+    let silent = quern::store::WorkerRow {
+        id: "vanished".into(),
+        host: "gone".into(),
+        started_at: now - chrono::Duration::days(3),
+        last_heartbeat_at: now - chrono::Duration::days(2),
+        active_jobs: 1,
+        concurrency: 4,
+        version: "0.1.0".into(),
+    };
+    db.store.upsert_worker(&silent).await.unwrap();
+    assert_eq!(db.store.workers().await.unwrap().len(), 2);
+    running.stop().await;
+    let left: Vec<String> = db.store.workers().await.unwrap().into_iter().map(|w| w.id).collect();
+    assert_eq!(left, ["vanished"], "a worker that stopped cleanly removed its row");
+    assert_eq!(db.store.forget_workers(now - chrono::Duration::days(1)).await.unwrap(), 1);
+    assert!(db.store.workers().await.unwrap().is_empty());
 }

@@ -8,11 +8,13 @@
 
 pub mod auth;
 mod body;
+mod dashboard;
 pub mod error;
 mod health;
 mod jobs;
 mod limits;
 pub mod metrics;
+mod stats;
 mod supabase;
 mod types;
 
@@ -33,7 +35,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use self::auth::Auth;
+use self::dashboard::Sessions;
 use self::limits::IpLimiter;
+use crate::alerts::{AlertSettings, Alerts};
 use crate::queue::Queue;
 use crate::queue::worker::WorkerProbe;
 use crate::runtime::registry::Registry;
@@ -53,6 +57,9 @@ pub struct GatewaySettings {
     pub disabled_types: Vec<String>,
     /// The longest `?wait=` a caller may ask for.
     pub max_wait: Duration,
+    /// A password that opens the dashboard (besides a service_role token).
+    pub dashboard_password: Option<String>,
+    pub alerts: AlertSettings,
 }
 
 impl Default for GatewaySettings {
@@ -63,6 +70,8 @@ impl Default for GatewaySettings {
             cors_origins: Vec::new(),
             disabled_types: Vec::new(),
             max_wait: Duration::from_secs(30),
+            dashboard_password: None,
+            alerts: AlertSettings::default(),
         }
     }
 }
@@ -79,6 +88,9 @@ pub struct Gateway {
     pub metrics: Option<metrics::Metrics>,
     /// Cancelled on shutdown: long requests (`?wait=`, SSE) end early.
     pub shutdown: CancellationToken,
+    /// Judged from the database while the gateway runs.
+    pub alerts: Arc<Alerts>,
+    sessions: Sessions,
     disabled: RwLock<BTreeSet<String>>,
     limiter: Option<IpLimiter>,
     started: Instant,
@@ -98,6 +110,7 @@ impl Gateway {
     ) -> AppState {
         let disabled = settings.disabled_types.iter().cloned().collect();
         let limiter = settings.rate_limit_per_min.and_then(IpLimiter::per_minute);
+        let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), shutdown.clone());
         Arc::new(Self {
             queue,
             registry,
@@ -106,6 +119,8 @@ impl Gateway {
             worker,
             metrics,
             shutdown,
+            alerts,
+            sessions: Sessions::default(),
             disabled: RwLock::new(disabled),
             limiter,
             started: Instant::now(),
@@ -147,6 +162,11 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .routes(routes!(health::health))
         .routes(routes!(health::detailed))
         .routes(routes!(metrics::render))
+        .routes(routes!(stats::stats))
+        .routes(routes!(dashboard::page))
+        .routes(routes!(dashboard::login))
+        .routes(routes!(dashboard::logout))
+        .routes(routes!(dashboard::job))
         .routes(routes!(openapi_json))
         .split_for_parts();
     let document = Arc::new(openapi.clone());

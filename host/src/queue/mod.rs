@@ -4,6 +4,7 @@
 //! transitions these functions choose.
 
 pub mod cache_key;
+pub mod stats;
 pub mod worker;
 
 use std::sync::Arc;

@@ -189,8 +189,10 @@ impl Worker {
         }
         maintenance_stop.cancel();
         let _ = maintenance.await;
-        if let Err(error) = shared.heartbeat().await {
-            tracing::warn!(%error, "could not record the worker's last heartbeat");
+        // A worker that stops cleanly leaves no row: only one that vanished
+        // (killed, its machine gone) stays behind, silent, for the offline alert.
+        if let Err(error) = shared.queue.store().remove_worker(&settings.id).await {
+            tracing::warn!(%error, "could not remove the worker's row; it reads as offline until forgotten");
         }
         tracing::info!(worker_id = %settings.id, "worker stopped");
         Ok(())
@@ -361,6 +363,10 @@ async fn finish_with_retries(shared: &Shared, end: &AttemptEnd) -> bool {
     false
 }
 
+/// A worker row silent this long is dropped: whatever alert it raised has
+/// been seen, and the dashboard should not list it forever.
+const FORGET_SILENT_WORKERS_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
 async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
     let settings = &shared.settings;
     let queue = &shared.queue;
@@ -403,6 +409,11 @@ async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
                 Ok(0) => {}
                 Ok(purged) => tracing::info!(purged, "purged expired cache entries"),
                 Err(error) => tracing::warn!(%error, "purging the cache failed"),
+            }
+            match store.forget_workers(Utc::now() - FORGET_SILENT_WORKERS_AFTER).await {
+                Ok(0) => {}
+                Ok(forgotten) => tracing::info!(forgotten, "forgot workers silent for a day"),
+                Err(error) => tracing::warn!(%error, "forgetting long-silent workers failed"),
             }
         }
     }

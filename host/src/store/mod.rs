@@ -155,6 +155,27 @@ pub struct AttemptRecord {
     pub error: Option<String>,
 }
 
+/// One attempt as the dashboard and alerts count it: its job's type, how
+/// it ended and how long it ran.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptSample {
+    pub job_type: String,
+    pub outcome: AttemptOutcome,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: DateTime<Utc>,
+}
+
+/// A job that failed for good: what operators look at first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FailedJob {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub error: Option<String>,
+    pub attempts: i32,
+    pub failed_at: DateTime<Utc>,
+}
+
 /// The end of an attempt held by `worker_id`.
 #[derive(Debug, Clone)]
 pub struct AttemptEnd {
@@ -403,6 +424,19 @@ pub trait Store: Send + Sync + 'static {
     async fn upsert_worker(&self, worker: &WorkerRow) -> Result<(), StoreError>;
 
     async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError>;
+
+    /// Removes a worker's row: it stopped cleanly and is not missed.
+    async fn remove_worker(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Removes rows of workers silent since before `before` (long dead:
+    /// killed, never stopped); returns how many.
+    async fn forget_workers(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Attempts that ended at or after `since`, newest first, at most `limit`.
+    async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError>;
+
+    /// The latest jobs that failed for good, newest first.
+    async fn recent_failures(&self, limit: u32) -> Result<Vec<FailedJob>, StoreError>;
 
     /// Pending and processing jobs: the queue's depth.
     async fn count_unfinished(&self) -> Result<i64, StoreError>;

@@ -18,9 +18,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, CacheEntry, CacheStats, CancelOutcome, DepthRow, Job, JobFilter,
-    JobStatus, NewJob, RequeueOutcome, Store, StoreError, Transition, Wakeups, WorkerRow, corrupt, parse_status,
-    requeueable,
+    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
+    FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Store, StoreError, Transition, Wakeups, WorkerRow,
+    corrupt, parse_status, requeueable,
 };
 
 pub struct SqliteStore {
@@ -661,6 +661,64 @@ impl Store for SqliteStore {
                     active_jobs: row.try_get("active_jobs")?,
                     concurrency: row.try_get("concurrency")?,
                     version: row.try_get("version")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_worker(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM quern_workers WHERE id = ?1").bind(id).execute(&self.writer).await?;
+        Ok(())
+    }
+
+    async fn forget_workers(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM quern_workers WHERE last_heartbeat_at < ?1")
+            .bind(micros(before))
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT j.type, a.outcome, a.started_at, a.ended_at FROM quern_job_attempts a \
+             JOIN quern_jobs j ON j.id = a.job_id WHERE a.ended_at >= ?1 ORDER BY a.ended_at DESC LIMIT ?2",
+        )
+        .bind(micros(since))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let outcome: String = row.try_get("outcome")?;
+                Ok(AttemptSample {
+                    job_type: row.try_get("type")?,
+                    outcome: AttemptOutcome::parse(&outcome)
+                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    started_at: at(row.try_get("started_at")?)?,
+                    ended_at: at(row.try_get("ended_at")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn recent_failures(&self, limit: u32) -> Result<Vec<FailedJob>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, type, error, attempts, completed_at FROM quern_jobs \
+             WHERE status = 'failed' AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                Ok(FailedJob {
+                    id: uuid(&id)?,
+                    job_type: row.try_get("type")?,
+                    error: row.try_get("error")?,
+                    attempts: row.try_get("attempts")?,
+                    failed_at: at(row.try_get("completed_at")?)?,
                 })
             })
             .collect()

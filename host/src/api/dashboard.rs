@@ -1,0 +1,279 @@
+//! The operators' dashboard: one page embedded in the binary (no CDN; it
+//! works offline) that polls `/v1/stats`. Operators sign in with a
+//! service_role token or the ops password (`QUERN_DASHBOARD_PASSWORD`) and
+//! get a session cookie; scripts send the token as a Bearer header. The page
+//! shows ids, types, timings and errors, never a job's input or result.
+//!
+//! Sessions live in this gateway's memory: behind several gateways, pin
+//! operators to one or sign in on each.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::AppState;
+use super::auth::{Caller, require_service};
+use super::error::{ApiError, ErrorBody};
+use super::jobs::AttemptView;
+
+const PAGE: &str = include_str!("../../assets/dashboard.html");
+const LOGIN: &str = include_str!("../../assets/login.html");
+const COOKIE: &str = "quern_dashboard";
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+
+/// Open dashboard sessions: a random id and when it lapses.
+#[derive(Default)]
+pub struct Sessions(Mutex<HashMap<String, Instant>>);
+
+impl Sessions {
+    fn open(&self) -> String {
+        let id = hex::encode(rand::random::<[u8; 32]>());
+        let mut sessions = self.lock();
+        let now = Instant::now();
+        sessions.retain(|_, lapses| *lapses > now);
+        sessions.insert(id.clone(), now + SESSION_TTL);
+        id
+    }
+
+    fn is_open(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|lapses| *lapses > Instant::now())
+    }
+
+    fn close(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn session_of(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+}
+
+/// An operator: a dashboard session, or a service_role token.
+pub struct Operator;
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if session_of(&parts.headers).is_some_and(|id| state.sessions.is_open(id)) {
+            return Ok(Operator);
+        }
+        let caller = Caller::from_request_parts(parts, state).await.map_err(|_| {
+            ApiError::unauthorized(
+                "operators only: sign in at /dashboard, or send `Authorization: Bearer <service_role token>`",
+            )
+        })?;
+        require_service(&caller)?;
+        Ok(Operator)
+    }
+}
+
+/// The dashboard; without a session, the sign-in form (401).
+#[utoipa::path(get, path = "/dashboard", tag = "dashboard",
+    responses(
+        (status = 200, description = "The dashboard", content_type = "text/html"),
+        (status = 401, description = "The sign-in form", content_type = "text/html"),
+        (status = 403, description = "Signed in with a token that is not service_role", content_type = "text/html"),
+    ))]
+pub async fn page(operator: Result<Operator, ApiError>) -> Response {
+    match operator {
+        Ok(Operator) => no_store(Html(PAGE).into_response()),
+        Err(error) if error.status == StatusCode::FORBIDDEN => {
+            login_form(StatusCode::FORBIDDEN, "That token is not a service_role token.")
+        }
+        Err(_) => login_form(StatusCode::UNAUTHORIZED, ""),
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SignIn {
+    /// A service_role token, or the ops password.
+    pub secret: String,
+}
+
+/// Sign in with a service_role token or the ops password: a session cookie and a redirect to the dashboard.
+#[utoipa::path(post, path = "/dashboard/login", tag = "dashboard",
+    request_body(content = SignIn, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "Signed in: the session cookie is set"),
+        (status = 401, description = "Neither the ops password nor a valid token", content_type = "text/html"),
+        (status = 403, description = "A valid token that is not service_role", content_type = "text/html"),
+        (status = 415, description = "Not a form", body = ErrorBody),
+    ))]
+pub async fn login(
+    State(state): State<AppState>,
+    form: Result<axum::Form<SignIn>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let secret = match form {
+        Ok(axum::Form(form)) => form.secret,
+        Err(rejection) => {
+            return ApiError::new(
+                rejection.status(),
+                "invalid_form",
+                format!("{}: send secret=<token or password> as a form", rejection.body_text()),
+            )
+            .into_response();
+        }
+    };
+    let secret = secret.trim();
+    let by_password =
+        state.settings.dashboard_password.as_deref().is_some_and(|password| same_secret(password, secret));
+    let allowed = if by_password {
+        Ok(())
+    } else {
+        match state.auth.verify(secret).await {
+            Ok(caller) if caller.service => Ok(()),
+            Ok(_) => Err((StatusCode::FORBIDDEN, "That token is not a service_role token.")),
+            Err(_) => Err((StatusCode::UNAUTHORIZED, "Neither the ops password nor a valid service_role token.")),
+        }
+    };
+    match allowed {
+        Ok(()) => {
+            let session = state.sessions.open();
+            let cookie =
+                format!("{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}", SESSION_TTL.as_secs());
+            redirect_to_dashboard(&cookie)
+        }
+        Err((status, message)) => {
+            tracing::warn!(status = status.as_u16(), "dashboard sign-in refused");
+            login_form(status, message)
+        }
+    }
+}
+
+/// Sign out: the session ends and its cookie is cleared.
+#[utoipa::path(post, path = "/dashboard/logout", tag = "dashboard",
+    responses((status = 303, description = "Signed out")))]
+pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(id) = session_of(&headers) {
+        state.sessions.close(id);
+    }
+    redirect_to_dashboard(&format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"))
+}
+
+/// A job as operators see it: no input, no result, no user.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OpsJobView {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub status: String,
+    pub error: Option<String>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub priority: i16,
+    pub handler_version: Option<String>,
+    pub worker_id: Option<String>,
+    pub processing_time_ms: Option<i32>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub history: Vec<AttemptView>,
+}
+
+/// One job's timings, attempts and errors, for operators (never its input or result).
+#[utoipa::path(get, path = "/dashboard/jobs/{id}", tag = "dashboard", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, body = OpsJobView),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ))]
+pub async fn job(
+    State(state): State<AppState>,
+    _operator: Operator,
+    Path(id): Path<String>,
+) -> Result<axum::Json<OpsJobView>, ApiError> {
+    let uuid = Uuid::parse_str(&id).map_err(|_| ApiError::job_not_found(&id))?;
+    let store = state.queue.store();
+    let job = store.get(uuid).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
+    let history = store.attempts(uuid).await?.into_iter().map(AttemptView::from).collect();
+    Ok(axum::Json(OpsJobView {
+        id: job.id,
+        job_type: job.job_type,
+        status: job.status.as_str().to_string(),
+        error: job.error,
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        priority: job.priority,
+        handler_version: job.handler_version,
+        worker_id: job.worker_id,
+        processing_time_ms: job.processing_time_ms,
+        created_at: job.created_at,
+        started_at: job.started_at,
+        completed_at: job.completed_at,
+        history,
+    }))
+}
+
+/// Compares digests, so the comparison's time says nothing about the password.
+fn same_secret(expected: &str, given: &str) -> bool {
+    Sha256::digest(expected.as_bytes()) == Sha256::digest(given.as_bytes())
+}
+
+fn login_form(status: StatusCode, message: &'static str) -> Response {
+    // `message` is one of this file's own sentences: nothing a caller sent.
+    no_store((status, Html(LOGIN.replace("{{message}}", message))).into_response())
+}
+
+fn redirect_to_dashboard(cookie: &str) -> Response {
+    let mut response = (StatusCode::SEE_OTHER, [(header::LOCATION, "/dashboard")]).into_response();
+    if let Ok(value) = HeaderValue::from_str(cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    no_store(response)
+}
+
+fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts_with_cookie(cookie: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, HeaderValue::from_str(cookie).unwrap());
+        headers
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        assert_eq!(session_of(&parts_with_cookie("a=1; quern_dashboard=abc; b=2")), Some("abc"));
+        assert_eq!(session_of(&parts_with_cookie("quern_dashboardx=abc")), None);
+        assert_eq!(session_of(&parts_with_cookie("a=1")), None);
+    }
+
+    #[test]
+    fn sessions_open_and_close() {
+        let sessions = Sessions::default();
+        let id = sessions.open();
+        assert_eq!(id.len(), 64);
+        assert!(sessions.is_open(&id));
+        assert!(!sessions.is_open("nope"));
+        sessions.close(&id);
+        assert!(!sessions.is_open(&id));
+    }
+}
