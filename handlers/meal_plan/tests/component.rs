@@ -107,3 +107,13 @@ async fn upstream_down_failing_or_rate_limited_is_a_retry() {
     harness.respond("POST", OLLAMA, CannedResponse::text(429, "busy").with_header("Retry-After", "4"));
     assert_eq!(harness.run(json!({"profile": profile()})).await.retry().1, Some(std::time::Duration::from_secs(4)));
 }
+
+#[tokio::test]
+async fn malformed_output_is_sent_back_once_then_fails_quoting_it() {
+    let harness = harness();
+    harness.respond("POST", OLLAMA, CannedResponse::chat_completion("llama3.2", "Aqui está seu plano: segunda..."));
+    harness.respond("POST", OLLAMA, CannedResponse::chat_completion("llama3.2", "Aqui está seu plano: segunda..."));
+    let run = harness.run(json!({"profile": profile(), "days": 1})).await;
+    assert_eq!(run.requests.len(), 2, "asked once more with the parse error");
+    assert!(run.failure().contains("it starts: Aqui está seu plano"), "{}", run.failure());
+}

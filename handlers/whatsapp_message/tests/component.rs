@@ -81,3 +81,12 @@ async fn the_api_s_refusals_and_outages_are_told_apart() {
         assert_eq!(run.requests.len(), 1);
     }
 }
+
+#[tokio::test]
+async fn an_acceptance_without_a_message_id_fails_without_resending() {
+    let harness = harness();
+    harness.respond("POST", API, CannedResponse::text(200, "<html>captive portal</html>"));
+    let run = harness.run(json!({"to": "+5511999998888", "text": "oi"})).await;
+    assert!(run.failure().contains("has no message id: <html>captive portal"), "{}", run.failure());
+    assert_eq!(run.requests.len(), 1, "an answer that may mean delivery is never followed by a second send");
+}

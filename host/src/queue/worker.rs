@@ -339,12 +339,14 @@ impl Drop for Untrack {
     }
 }
 
-/// Ends the attempt, retrying briefly if the database is unavailable. If it
-/// stays unavailable the lease lapses and the reaper runs the job again:
-/// nothing is lost.
+/// Ends the attempt, retrying while the database is unavailable for as long
+/// as a lease lasts: until then no other worker runs the job, so a result
+/// recorded late is still the only one. Past that the reaper may have handed
+/// the job on; the store refuses a stale end, so trying longer gains nothing.
 async fn finish_with_retries(shared: &Shared, end: &AttemptEnd) -> bool {
+    let give_up = Instant::now() + shared.queue.settings().lease;
     let mut delay = Duration::from_millis(100);
-    for _ in 0..6 {
+    loop {
         match shared.queue.store().finish_attempt(end, Utc::now()).await {
             Ok(recorded) => {
                 if !recorded {
@@ -352,15 +354,17 @@ async fn finish_with_retries(shared: &Shared, end: &AttemptEnd) -> bool {
                 }
                 return recorded;
             }
-            Err(error) => {
+            Err(error) if Instant::now() + delay < give_up => {
                 tracing::warn!(job_id = %end.job_id, %error, "could not record the end of an attempt; retrying");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(error) => {
+                tracing::error!(job_id = %end.job_id, %error, "gave up recording the end of an attempt; the job runs again when its lease lapses");
+                return false;
             }
         }
     }
-    tracing::error!(job_id = %end.job_id, "gave up recording the end of an attempt; the job runs again when its lease lapses");
-    false
 }
 
 /// A worker row silent this long is dropped: whatever alert it raised has
