@@ -193,6 +193,9 @@ pub struct GatewayArgs {
     /// How often alerts are judged, in milliseconds.
     #[arg(long, env = "QUERN_ALERT_CHECK_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(50..))]
     pub alert_check_ms: u64,
+    /// The largest handler upload, in MiB.
+    #[arg(long, env = "QUERN_MAX_UPLOAD_MB", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_upload_mb: u32,
     /// Where alert starts and resolves are POSTed as JSON.
     #[arg(long, env = "QUERN_ALERT_WEBHOOK_URL", hide_env_values = true)]
     pub alert_webhook_url: Option<url::Url>,
@@ -211,6 +214,7 @@ impl GatewayArgs {
                 .filter(|t| !t.is_empty())
                 .collect(),
             dashboard_password: self.dashboard_password.clone().filter(|p| !p.is_empty()),
+            max_upload_bytes: (self.max_upload_mb as usize) << 20,
             alerts: crate::alerts::AlertSettings {
                 queue_pending: self.alert_queue_pending,
                 worker_offline: std::time::Duration::from_secs(self.alert_worker_offline_s),

@@ -170,6 +170,12 @@ async fn openapi_lists_every_route() {
         "POST /dashboard/login",
         "POST /dashboard/logout",
         "GET /dashboard/jobs/{id}",
+        "GET /v1/handlers",
+        "POST /v1/handlers/{type}/versions",
+        "POST /v1/handlers/{type}/rollout",
+        "POST /v1/handlers/{type}/rollback",
+        "POST /v1/handlers/{type}/pause",
+        "POST /v1/handlers/{type}/resume",
     ]
     .into_iter()
     .map(String::from)

@@ -71,6 +71,7 @@ conformance!(
     enqueue_refuses_bad_requests_with_clear_errors,
     recent_attempts_and_failures_are_read_for_stats,
     workers_that_stop_leave_and_long_silent_ones_are_forgotten,
+    handler_versions_and_rollouts_are_stored_and_announced,
 );
 
 fn queue(db: &Db, settings: QueueSettings) -> Arc<Queue> {
@@ -601,12 +602,17 @@ async fn recent_attempts_and_failures_are_read_for_stats(db: &Db) {
         } else {
             Transition::Fail { error: "upstream said no".into(), outcome: AttemptOutcome::Failed }
         };
-        assert!(db.store.finish_attempt(&end_of(&job, "w1", transition), Utc::now()).await.unwrap());
+        let end = AttemptEnd { handler_version: Some(format!("v-{}", job.job_type)), ..end_of(&job, "w1", transition) };
+        assert!(db.store.finish_attempt(&end, Utc::now()).await.unwrap());
     }
     let mut samples = db.store.attempts_since(before, 100).await.unwrap();
     samples.sort_by(|a, b| a.job_type.cmp(&b.job_type));
-    let seen: Vec<(&str, AttemptOutcome)> = samples.iter().map(|s| (s.job_type.as_str(), s.outcome)).collect();
-    assert_eq!(seen, [("echo", AttemptOutcome::Completed), ("slow", AttemptOutcome::Failed)]);
+    let seen: Vec<(&str, Option<&str>, AttemptOutcome)> =
+        samples.iter().map(|s| (s.job_type.as_str(), s.handler_version.as_deref(), s.outcome)).collect();
+    assert_eq!(
+        seen,
+        [("echo", Some("v-echo"), AttemptOutcome::Completed), ("slow", Some("v-slow"), AttemptOutcome::Failed)]
+    );
     assert!(samples.iter().all(|s| s.started_at <= s.ended_at && s.ended_at >= before));
     assert!(db.store.attempts_since(Utc::now() + chrono::Duration::seconds(1), 100).await.unwrap().is_empty());
     assert_eq!(db.store.attempts_since(before, 1).await.unwrap().len(), 1, "the limit holds");
@@ -637,4 +643,39 @@ async fn workers_that_stop_leave_and_long_silent_ones_are_forgotten(db: &Db) {
     assert_eq!(left, ["vanished"], "a worker that stopped cleanly removed its row");
     assert_eq!(db.store.forget_workers(now - chrono::Duration::days(1)).await.unwrap(), 1);
     assert!(db.store.workers().await.unwrap().is_empty());
+}
+
+async fn handler_versions_and_rollouts_are_stored_and_announced(db: &Db) {
+    use quern::store::{Rollout, StoredVersion};
+    let stored = StoredVersion {
+        job_type: "probe".into(),
+        version: "0123456789ab".into(),
+        sha256: "0123456789ab".repeat(5) + "0123",
+        component: vec![0, 97, 115, 109, 13, 0, 1, 0, 255],
+        manifest: "type = \"probe\"\n".into(),
+        uploaded_by: "ops".into(),
+        uploaded_at: Utc::now(),
+    };
+    assert!(db.store.put_version(&stored).await.unwrap());
+    assert!(!db.store.put_version(&stored).await.unwrap(), "the same version twice is stored once");
+    let read = db.store.version("probe", "0123456789ab").await.unwrap().unwrap();
+    assert_eq!((read.component, read.manifest), (stored.component.clone(), stored.manifest.clone()));
+    assert!(db.store.version("probe", "ffffffffffff").await.unwrap().is_none());
+    let listed = db.store.versions().await.unwrap();
+    assert_eq!((listed.len(), listed[0].size_bytes), (1, 9));
+
+    let mut changes = db.store.rollout_changes().await.unwrap();
+    let rollout = Rollout {
+        job_type: "probe".into(),
+        active_version: Some("0123456789ab".into()),
+        canary_version: Some("ba9876543210".into()),
+        canary_percent: 10,
+        ..Rollout::default()
+    };
+    db.store.put_rollout(&rollout, Utc::now()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), changes.wait()).await.expect("a change notice");
+    assert_eq!(db.store.rollouts().await.unwrap(), std::slice::from_ref(&rollout));
+    let paused = Rollout { paused: true, canary_version: None, canary_percent: 0, ..rollout };
+    db.store.put_rollout(&paused, Utc::now()).await.unwrap();
+    assert_eq!(db.store.rollouts().await.unwrap(), [paused]);
 }

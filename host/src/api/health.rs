@@ -77,6 +77,35 @@ pub struct HandlerView {
     #[serde(rename = "type")]
     pub job_type: String,
     pub version: String,
+    /// A canary version taking `canary_percent` of new jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_percent: Option<u8>,
+    /// Paused on every gateway and worker.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+impl HandlerView {
+    /// What this process's registry serves for each type.
+    pub fn all(registry: &crate::runtime::registry::Registry) -> Vec<Self> {
+        registry
+            .all()
+            .iter()
+            .map(|h| {
+                let job_type = h.manifest.job_type.clone();
+                let canary = registry.canary(&job_type);
+                Self {
+                    version: h.version.to_string(),
+                    canary_version: canary.as_ref().map(|c| c.version.version.to_string()),
+                    canary_percent: canary.map(|c| c.percent),
+                    paused: registry.is_paused(&job_type),
+                    job_type,
+                }
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -109,12 +138,7 @@ pub async fn detailed(State(state): State<AppState>, caller: Caller) -> Result<a
         database: DatabaseHealth { backend: store.backend().to_string(), latency_ms },
         queue,
         workers,
-        handlers: state
-            .registry
-            .all()
-            .iter()
-            .map(|h| HandlerView { job_type: h.manifest.job_type.clone(), version: h.version.to_string() })
-            .collect(),
+        handlers: HandlerView::all(&state.registry),
         cache: CacheView {
             enabled: state.queue.settings().cache_enabled,
             entries: cache.entries,

@@ -10,6 +10,7 @@ pub mod auth;
 mod body;
 mod dashboard;
 pub mod error;
+mod handlers;
 mod health;
 mod jobs;
 mod limits;
@@ -39,6 +40,7 @@ use self::dashboard::Sessions;
 use self::limits::IpLimiter;
 use crate::alerts::{AlertSettings, Alerts};
 use crate::queue::Queue;
+use crate::queue::versions::VersionSync;
 use crate::queue::worker::WorkerProbe;
 use crate::runtime::registry::Registry;
 
@@ -60,6 +62,8 @@ pub struct GatewaySettings {
     /// A password that opens the dashboard (besides a service_role token).
     pub dashboard_password: Option<String>,
     pub alerts: AlertSettings,
+    /// The largest handler upload (QUERN_MAX_UPLOAD_MB).
+    pub max_upload_bytes: usize,
 }
 
 impl Default for GatewaySettings {
@@ -72,6 +76,7 @@ impl Default for GatewaySettings {
             max_wait: Duration::from_secs(30),
             dashboard_password: None,
             alerts: AlertSettings::default(),
+            max_upload_bytes: 50 << 20,
         }
     }
 }
@@ -90,6 +95,8 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Judged from the database while the gateway runs.
     pub alerts: Arc<Alerts>,
+    /// Applies rollouts this gateway writes before it answers.
+    pub versions: Arc<VersionSync>,
     sessions: Sessions,
     disabled: RwLock<BTreeSet<String>>,
     limiter: Option<IpLimiter>,
@@ -111,6 +118,7 @@ impl Gateway {
         let disabled = settings.disabled_types.iter().cloned().collect();
         let limiter = settings.rate_limit_per_min.and_then(IpLimiter::per_minute);
         let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), shutdown.clone());
+        let versions = VersionSync::new(queue.store().clone(), registry.clone());
         Arc::new(Self {
             queue,
             registry,
@@ -120,6 +128,7 @@ impl Gateway {
             metrics,
             shutdown,
             alerts,
+            versions,
             sessions: Sessions::default(),
             disabled: RwLock::new(disabled),
             limiter,
@@ -127,9 +136,10 @@ impl Gateway {
         })
     }
 
-    /// Whether a type's feature flag is off.
+    /// Whether a type's feature flag is off: on this gateway, or paused for
+    /// every gateway and worker through the handler API.
     pub fn is_disabled(&self, job_type: &str) -> bool {
-        self.disabled.read().unwrap_or_else(|e| e.into_inner()).contains(job_type)
+        self.registry.is_paused(job_type) || self.disabled.read().unwrap_or_else(|e| e.into_inner()).contains(job_type)
     }
 
     pub fn set_enabled(&self, job_type: &str, enabled: bool) {
@@ -167,7 +177,19 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .routes(routes!(dashboard::login))
         .routes(routes!(dashboard::logout))
         .routes(routes!(dashboard::job))
+        .routes(routes!(handlers::list))
+        .routes(routes!(handlers::rollout))
+        .routes(routes!(handlers::rollback))
+        .routes(routes!(handlers::pause))
+        .routes(routes!(handlers::resume))
         .routes(routes!(openapi_json))
+        // Components are larger than job requests: this route alone takes
+        // up to QUERN_MAX_UPLOAD_MB (the innermost body limit wins).
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(handlers::upload))
+                .layer(DefaultBodyLimit::max(state.settings.max_upload_bytes)),
+        )
         .split_for_parts();
     let document = Arc::new(openapi.clone());
     let request_id = HeaderName::from_static("x-request-id");

@@ -158,12 +158,7 @@ pub async fn collect(state: &AppState, window: Duration) -> Result<Stats, ApiErr
         types: stats::by_type(&samples),
         truncated: samples.len() >= MAX_SAMPLES as usize,
         workers,
-        handlers: state
-            .registry
-            .all()
-            .iter()
-            .map(|h| HandlerView { job_type: h.manifest.job_type.clone(), version: h.version.to_string() })
-            .collect(),
+        handlers: HandlerView::all(&state.registry),
         failures: store.recent_failures(FAILURES_SHOWN).await?,
         cache: CacheStatsView {
             enabled: state.queue.settings().cache_enabled,

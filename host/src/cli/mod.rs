@@ -1,5 +1,6 @@
 //! Command-line glue: parse, set up, dispatch. Work lives in the library.
 
+mod handlers;
 mod jobs;
 mod run;
 mod serve;
@@ -42,6 +43,8 @@ enum Command {
     Healthcheck(token::HealthcheckArgs),
     /// Enqueue, inspect and cancel jobs in the database.
     Jobs(jobs::JobsArgs),
+    /// Upload, roll out, roll back and pause handler versions across every worker.
+    Handlers(handlers::HandlersArgs),
     /// Apply the database migrations and exit.
     Migrate(serve::MigrateArgs),
     /// Measure; print the numbers.
@@ -104,6 +107,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Healthcheck(args) => token::healthcheck(args),
         Command::Migrate(args) => serve::migrate(args),
         Command::Jobs(args) => jobs::jobs(args),
+        Command::Handlers(args) => handlers::handlers(args),
         Command::Bench(BenchCommand::Queue(args)) => {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

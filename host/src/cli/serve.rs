@@ -13,6 +13,7 @@ use quern::api::metrics::Metrics;
 use quern::api::{self, Gateway};
 use quern::config::{DatabaseArgs, DevSecret, GatewayArgs, RuntimeArgs, WorkerArgs};
 use quern::queue::Queue;
+use quern::queue::versions::VersionSync;
 use quern::queue::worker::Worker;
 use quern::runtime::Runtime;
 use quern::runtime::registry::{DirWatch, Registry};
@@ -60,7 +61,14 @@ struct Host {
     _watch: Option<DirWatch>,
 }
 
-async fn start_host(runtime: &RuntimeArgs, database: &DatabaseArgs, worker: &WorkerArgs) -> anyhow::Result<Host> {
+/// Opens the database, loads the handlers directory (watched), applies the
+/// rollouts stored in the database, and keeps following them until `stop`.
+async fn start_host(
+    runtime: &RuntimeArgs,
+    database: &DatabaseArgs,
+    worker: &WorkerArgs,
+    stop: &CancellationToken,
+) -> anyhow::Result<Host> {
     let store = open_store(runtime, database).await?;
     let mut settings = runtime.settings()?;
     settings.max_instances = worker.concurrency * 2 + 4;
@@ -77,6 +85,11 @@ async fn start_host(runtime: &RuntimeArgs, database: &DatabaseArgs, worker: &Wor
         tracing::warn!(dir = %dir.display(), "no handlers directory: build the handlers with `cargo xtask build-handlers` or set QUERN_HANDLERS_DIR");
         None
     };
+    let versions = VersionSync::new(store.clone(), registry.clone());
+    if let Err(error) = versions.sync().await {
+        tracing::warn!(%error, "cannot read the handler rollouts yet; following them once the database answers");
+    }
+    versions.spawn(stop.clone());
     let queue = Arc::new(Queue::new(store, worker.queue_settings()));
     Ok(Host { queue, registry, _watch: watch })
 }
@@ -84,7 +97,9 @@ async fn start_host(runtime: &RuntimeArgs, database: &DatabaseArgs, worker: &Wor
 /// `quern serve` (`with_worker`) or `quern gateway`.
 pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
-        let host = start_host(&args.runtime, &args.database, &args.worker).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(shutdown_on_signal(shutdown.clone()));
+        let host = start_host(&args.runtime, &args.database, &args.worker, &shutdown).await?;
         let (auth_settings, dev) = args
             .gateway
             .auth_settings(&args.runtime.data_dir)
@@ -98,8 +113,6 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
                 "no QUERN_JWT_SECRET or QUERN_JWKS_URL: tokens are checked against a development secret"
             );
         }
-        let shutdown = CancellationToken::new();
-        tokio::spawn(shutdown_on_signal(shutdown.clone()));
         let worker =
             with_worker.then(|| Worker::new(host.queue.clone(), host.registry.clone(), args.worker.worker_settings()));
         let gateway = Gateway::new(
@@ -134,10 +147,10 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
 /// `quern worker`.
 pub fn worker(args: WorkerOnlyArgs) -> anyhow::Result<ExitCode> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
-        let host = start_host(&args.runtime, &args.database, &args.worker).await?;
-        let worker = Worker::new(host.queue, host.registry, args.worker.worker_settings());
         let shutdown = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
+        let host = start_host(&args.runtime, &args.database, &args.worker, &shutdown).await?;
+        let worker = Worker::new(host.queue, host.registry, args.worker.worker_settings());
         worker.run(shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })

@@ -5,6 +5,7 @@
 
 pub mod cache_key;
 pub mod stats;
+pub mod versions;
 pub mod worker;
 
 use std::sync::Arc;

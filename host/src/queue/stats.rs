@@ -46,12 +46,32 @@ pub struct Bucket {
 
 /// Per type, sorted by type.
 pub fn by_type(samples: &[AttemptSample]) -> Vec<TypeStats> {
-    let mut types: BTreeMap<&str, (TypeStats, Vec<f64>)> = BTreeMap::new();
+    summarize(samples, |sample| Some(&sample.job_type)).into_values().collect()
+}
+
+/// Per handler version of one type, by version (attempts that never ran on
+/// a version, such as lapsed leases, are left out). `job_type` of each is the type.
+pub fn by_version(samples: &[AttemptSample], job_type: &str) -> BTreeMap<String, TypeStats> {
+    let of_type = samples.iter().filter(|s| s.job_type == job_type);
+    let mut versions = summarize(of_type, |sample| sample.handler_version.as_ref());
+    for stats in versions.values_mut() {
+        stats.job_type = job_type.to_string();
+    }
+    versions
+}
+
+/// Figures per key (`job_type` set to the key).
+fn summarize<'a>(
+    samples: impl IntoIterator<Item = &'a AttemptSample>,
+    key: impl Fn(&'a AttemptSample) -> Option<&'a String>,
+) -> BTreeMap<String, TypeStats> {
+    let mut groups: BTreeMap<&str, (TypeStats, Vec<f64>)> = BTreeMap::new();
     for sample in samples {
+        let Some(key) = key(sample) else { continue };
         if sample.outcome == AttemptOutcome::Released {
             continue;
         }
-        let (stats, durations) = types.entry(&sample.job_type).or_default();
+        let (stats, durations) = groups.entry(key).or_default();
         stats.attempts += 1;
         match sample.outcome {
             AttemptOutcome::Completed => {
@@ -64,10 +84,10 @@ pub fn by_type(samples: &[AttemptSample]) -> Vec<TypeStats> {
             AttemptOutcome::Released => {}
         }
     }
-    types
+    groups
         .into_iter()
-        .map(|(job_type, (mut stats, mut durations))| {
-            stats.job_type = job_type.to_string();
+        .map(|(key, (mut stats, mut durations))| {
+            stats.job_type = key.to_string();
             durations.sort_by(f64::total_cmp);
             if !durations.is_empty() {
                 stats.avg_ms = Some(durations.iter().sum::<f64>() / durations.len() as f64);
@@ -75,7 +95,7 @@ pub fn by_type(samples: &[AttemptSample]) -> Vec<TypeStats> {
             }
             stats.error_rate = ratio(stats.failed, stats.completed + stats.failed);
             stats.retry_rate = ratio(stats.retried, stats.attempts);
-            stats
+            (key.to_string(), stats)
         })
         .collect()
 }
@@ -125,6 +145,7 @@ mod tests {
         let ended_at = DateTime::from_timestamp(1_800_000_000 + ended_s, 0).unwrap();
         AttemptSample {
             job_type: job_type.into(),
+            handler_version: Some(format!("v{}", ended_s % 2)),
             outcome,
             started_at: ended_at - TimeDelta::milliseconds(ran_ms),
             ended_at,
@@ -149,6 +170,19 @@ mod tests {
         assert_eq!(a.retry_rate, Some(2.0 / 23.0));
         let b = &stats[1];
         assert_eq!((b.job_type.as_str(), b.cancelled, b.avg_ms, b.error_rate), ("b", 1, None, None));
+    }
+
+    #[test]
+    fn figures_per_version_keep_versions_apart() {
+        let samples: Vec<_> = (0..10).map(|n| sample("a", AttemptOutcome::Completed, n, 10)).collect();
+        let mut samples = samples;
+        samples.push(sample("a", AttemptOutcome::Failed, 11, 1));
+        samples.push(sample("b", AttemptOutcome::Failed, 12, 1));
+        let versions = by_version(&samples, "a");
+        assert_eq!(versions.keys().collect::<Vec<_>>(), ["v0", "v1"]);
+        assert_eq!((versions["v0"].completed, versions["v0"].failed), (5, 0));
+        assert_eq!((versions["v1"].completed, versions["v1"].failed), (5, 1));
+        assert_eq!(versions["v1"].job_type, "a");
     }
 
     #[test]

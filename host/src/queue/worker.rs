@@ -150,7 +150,7 @@ impl Worker {
                 let lease_until = now + shared.queue.settings().lease;
                 // Only types this worker can run: another worker (or a later
                 // deploy) takes the rest, instead of attempts being burnt here.
-                let types = shared.registry.job_types();
+                let types = shared.registry.claimable_types();
                 match store.claim(&settings.id, free, now, lease_until, Some(&types)).await {
                     Ok(jobs) => {
                         claimed = jobs.len() as u32;
@@ -249,7 +249,7 @@ async fn run_job(shared: Arc<Shared>, job: Job, running: Running) {
     // lapses and the reaper runs it again instead of it being renewed forever.
     let _untrack = Untrack(shared.clone(), job.id);
     let started = Instant::now();
-    let handler = shared.registry.get(&job.job_type);
+    let handler = shared.registry.pick(&job.job_type, &job.id);
     let outcome = match &handler {
         None => Outcome::Retry { reason: format!("no handler is loaded for job type `{}`", job.job_type), delay: None },
         Some(handler) => {

@@ -7,6 +7,12 @@
 //! finishes on that version whatever is swapped in meanwhile. A file that does
 //! not load is reported and the previous version keeps serving; a deleted file
 //! unloads nothing (a handler disappears only by restarting without it).
+//!
+//! Types rolled out through the API are *managed*: their active version, a
+//! canary taking a share of jobs, and a pause flag come from the database
+//! (see `queue::versions`), and the directory no longer decides for them.
+//! [`Registry::pick`] chooses a job's version by a stable hash of its id, so
+//! a canary split is the same for the same jobs wherever they run.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,7 +22,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use notify_debouncer_mini::notify::RecursiveMode;
 use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
+use uuid::Uuid;
 
 use super::{HandlerVersion, LoadError, Runtime};
 use crate::manifest::{Manifest, validate_job_type};
@@ -31,7 +39,27 @@ pub enum RegistryEvent {
 pub struct Registry {
     runtime: Arc<Runtime>,
     active: ArcSwap<HashMap<String, Arc<HandlerVersion>>>,
+    canaries: ArcSwap<HashMap<String, Canary>>,
+    /// Types whose versions come from the database, not the directory.
+    managed: ArcSwap<BTreeSet<String>>,
+    /// Types neither enqueued nor claimed for now.
+    paused: ArcSwap<BTreeSet<String>>,
     events: broadcast::Sender<RegistryEvent>,
+}
+
+/// A version taking `percent` of a type's new jobs.
+#[derive(Debug, Clone)]
+pub struct Canary {
+    pub version: Arc<HandlerVersion>,
+    pub percent: u8,
+}
+
+/// A job's place in 0..100 for canary splits: a stable hash of its id.
+pub fn canary_bucket(job_id: &Uuid) -> u8 {
+    let digest = Sha256::digest(job_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) % 100) as u8
 }
 
 /// What loading a directory did, file by file.
@@ -45,7 +73,14 @@ pub struct DirWatch {
 impl Registry {
     pub fn new(runtime: Arc<Runtime>) -> Arc<Self> {
         let (events, _) = broadcast::channel(64);
-        Arc::new(Self { runtime, active: ArcSwap::default(), events })
+        Arc::new(Self {
+            runtime,
+            active: ArcSwap::default(),
+            canaries: ArcSwap::default(),
+            managed: ArcSwap::default(),
+            paused: ArcSwap::default(),
+            events,
+        })
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -71,13 +106,71 @@ impl Registry {
         types
     }
 
+    /// The types a worker may claim: loaded and not paused.
+    pub fn claimable_types(&self) -> Vec<String> {
+        let paused = self.paused.load();
+        self.job_types().into_iter().filter(|t| !paused.contains(t)).collect()
+    }
+
+    /// The version a job runs on: the canary when the job's bucket falls in
+    /// its share, the active version otherwise.
+    pub fn pick(&self, job_type: &str, job_id: &Uuid) -> Option<Arc<HandlerVersion>> {
+        if let Some(canary) = self.canaries.load().get(job_type)
+            && canary_bucket(job_id) < canary.percent
+        {
+            return Some(canary.version.clone());
+        }
+        self.get(job_type)
+    }
+
+    pub fn canary(&self, job_type: &str) -> Option<Canary> {
+        self.canaries.load().get(job_type).cloned()
+    }
+
+    pub fn is_paused(&self, job_type: &str) -> bool {
+        self.paused.load().contains(job_type)
+    }
+
+    pub fn set_paused(&self, paused: BTreeSet<String>) {
+        self.paused.store(Arc::new(paused));
+    }
+
+    pub fn is_managed(&self, job_type: &str) -> bool {
+        self.managed.load().contains(job_type)
+    }
+
+    /// Makes `active` (and `canary`, if any) serve a type from now on, which
+    /// the directory then no longer decides for.
+    pub fn apply_rollout(&self, active: Arc<HandlerVersion>, canary: Option<Canary>) {
+        let job_type = active.manifest.job_type.clone();
+        self.managed.rcu(|current| {
+            let mut next = BTreeSet::clone(current);
+            next.insert(job_type.clone());
+            next
+        });
+        if self.get(&job_type).is_none_or(|current| current.sha256 != active.sha256) {
+            self.install_shared(active);
+        }
+        self.canaries.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            match &canary {
+                Some(canary) => next.insert(job_type.clone(), canary.clone()),
+                None => next.remove(&job_type),
+            };
+            next
+        });
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<RegistryEvent> {
         self.events.subscribe()
     }
 
     /// Makes `handler` the active version of its type.
     pub fn install(&self, handler: HandlerVersion) -> Arc<HandlerVersion> {
-        let handler = Arc::new(handler);
+        self.install_shared(Arc::new(handler))
+    }
+
+    fn install_shared(&self, handler: Arc<HandlerVersion>) -> Arc<HandlerVersion> {
         let job_type = handler.manifest.job_type.clone();
         self.active.rcu(|current| {
             let mut next = HashMap::clone(current);
@@ -92,6 +185,13 @@ impl Registry {
     /// Loads `<type>.wasm` with its `<type>.toml` and makes it active.
     pub fn load_file(&self, wasm_path: &Path) -> Result<Arc<HandlerVersion>, LoadError> {
         let (bytes, manifest) = read_handler_pair(wasm_path)?;
+        if self.is_managed(&manifest.job_type) {
+            return Err(LoadError::Layout(format!(
+                "type `{}` is rolled out through the API (quern handlers push); {} is ignored",
+                manifest.job_type,
+                wasm_path.display()
+            )));
+        }
         let handler = self.runtime.load(&bytes, manifest)?;
         Ok(self.install(handler))
     }
@@ -204,4 +304,19 @@ pub fn read_component(path: &Path) -> Result<(Vec<u8>, Manifest), LoadError> {
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("handler");
     let job_type = if validate_job_type(stem).is_ok() { stem } else { "handler" };
     Ok((bytes, Manifest::bare(job_type)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canary_buckets_split_a_thousand_ids_near_their_share_and_never_change() {
+        let ids: Vec<Uuid> = (0..1000).map(|_| Uuid::now_v7()).collect();
+        let in_ten = ids.iter().filter(|id| canary_bucket(id) < 10).count();
+        assert!((50..=150).contains(&in_ten), "{in_ten} of 1000 in a 10 % canary");
+        let again = ids.iter().filter(|id| canary_bucket(id) < 10).count();
+        assert_eq!(in_ten, again);
+        assert!(ids.iter().all(|id| canary_bucket(id) < 100));
+    }
 }

@@ -160,6 +160,7 @@ pub struct AttemptRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptSample {
     pub job_type: String,
+    pub handler_version: Option<String>,
     pub outcome: AttemptOutcome,
     pub started_at: DateTime<Utc>,
     pub ended_at: DateTime<Utc>,
@@ -174,6 +175,43 @@ pub struct FailedJob {
     pub error: Option<String>,
     pub attempts: i32,
     pub failed_at: DateTime<Utc>,
+}
+
+/// A handler version as uploaded: the component and its manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredVersion {
+    pub job_type: String,
+    pub version: String,
+    pub sha256: String,
+    pub component: Vec<u8>,
+    /// `handler.toml`, as uploaded.
+    pub manifest: String,
+    pub uploaded_by: String,
+    pub uploaded_at: DateTime<Utc>,
+}
+
+/// A stored version without its bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VersionInfo {
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub version: String,
+    pub size_bytes: i64,
+    pub uploaded_by: String,
+    pub uploaded_at: DateTime<Utc>,
+}
+
+/// A type's rollout: the version serving it, the one before (for a
+/// rollback), a canary taking `canary_percent` of jobs, and the pause flag.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Rollout {
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub active_version: Option<String>,
+    pub previous_version: Option<String>,
+    pub canary_version: Option<String>,
+    pub canary_percent: i16,
+    pub paused: bool,
 }
 
 /// The end of an attempt held by `worker_id`.
@@ -446,6 +484,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// A source of wake-ups for workers.
     async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError>;
+
+    /// Stores an uploaded version; `false` when that version was there already.
+    async fn put_version(&self, version: &StoredVersion) -> Result<bool, StoreError>;
+
+    /// One stored version with its bytes.
+    async fn version(&self, job_type: &str, version: &str) -> Result<Option<StoredVersion>, StoreError>;
+
+    /// Every stored version, without bytes, newest first.
+    async fn versions(&self) -> Result<Vec<VersionInfo>, StoreError>;
+
+    /// Every type's rollout.
+    async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+
+    /// Writes a type's rollout and tells every worker and gateway.
+    async fn put_rollout(&self, rollout: &Rollout, now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Wakes when any rollout changes (may be spurious; poll as well).
+    async fn rollout_changes(&self) -> Result<Box<dyn Wakeups>, StoreError>;
 }
 
 /// Opens the store a `DATABASE_URL` names: `sqlite://…` (or a plain path) or

@@ -11,12 +11,14 @@ use uuid::Uuid;
 
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
-    FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Store, StoreError, Transition, Wakeups, WorkerRow,
-    corrupt, parse_status, requeueable,
+    FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Rollout, Store, StoreError, StoredVersion,
+    Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status, requeueable,
 };
 
 /// The channel enqueues notify and workers listen on.
 const CHANNEL: &str = "quern_jobs";
+/// The channel rollout changes notify; workers and gateways listen on it.
+const ROLLOUTS_CHANNEL: &str = "quern_handlers";
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -630,7 +632,7 @@ impl Store for PostgresStore {
 
     async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError> {
         let rows = sqlx::query(
-            "SELECT j.type, a.outcome, a.started_at, a.ended_at FROM quern_job_attempts a \
+            "SELECT j.type, a.handler_version, a.outcome, a.started_at, a.ended_at FROM quern_job_attempts a \
              JOIN quern_jobs j ON j.id = a.job_id WHERE a.ended_at >= $1 ORDER BY a.ended_at DESC LIMIT $2",
         )
         .bind(since)
@@ -642,6 +644,7 @@ impl Store for PostgresStore {
                 let outcome: String = row.try_get("outcome")?;
                 Ok(AttemptSample {
                     job_type: row.try_get("type")?,
+                    handler_version: row.try_get("handler_version")?,
                     outcome: AttemptOutcome::parse(&outcome)
                         .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
                     started_at: row.try_get("started_at")?,
@@ -693,6 +696,123 @@ impl Store for PostgresStore {
     async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
+        Ok(Box::new(PgWakeups { listener }))
+    }
+
+    async fn put_version(&self, version: &StoredVersion) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO quern_handler_versions (type, version, sha256, component, manifest, size_bytes, uploaded_by, \
+             uploaded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (type, version) DO NOTHING",
+        )
+        .bind(&version.job_type)
+        .bind(&version.version)
+        .bind(&version.sha256)
+        .bind(&version.component)
+        .bind(&version.manifest)
+        .bind(version.component.len() as i64)
+        .bind(&version.uploaded_by)
+        .bind(version.uploaded_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn version(&self, job_type: &str, version: &str) -> Result<Option<StoredVersion>, StoreError> {
+        let row = sqlx::query(
+            "SELECT type, version, sha256, component, manifest, uploaded_by, uploaded_at FROM quern_handler_versions \
+             WHERE type = $1 AND version = $2",
+        )
+        .bind(job_type)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(StoredVersion {
+                job_type: row.try_get("type")?,
+                version: row.try_get("version")?,
+                sha256: row.try_get("sha256")?,
+                component: row.try_get("component")?,
+                manifest: row.try_get("manifest")?,
+                uploaded_by: row.try_get("uploaded_by")?,
+                uploaded_at: row.try_get("uploaded_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn versions(&self) -> Result<Vec<VersionInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT type, version, size_bytes, uploaded_by, uploaded_at FROM quern_handler_versions \
+             ORDER BY uploaded_at DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(VersionInfo {
+                    job_type: row.try_get("type")?,
+                    version: row.try_get("version")?,
+                    size_bytes: row.try_get("size_bytes")?,
+                    uploaded_by: row.try_get("uploaded_by")?,
+                    uploaded_at: row.try_get("uploaded_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT type, active_version, previous_version, canary_version, canary_percent, paused \
+             FROM quern_handler_rollouts ORDER BY type",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Rollout {
+                    job_type: row.try_get("type")?,
+                    active_version: row.try_get("active_version")?,
+                    previous_version: row.try_get("previous_version")?,
+                    canary_version: row.try_get("canary_version")?,
+                    canary_percent: row.try_get("canary_percent")?,
+                    paused: row.try_get("paused")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_rollout(&self, rollout: &Rollout, now: DateTime<Utc>) -> Result<(), StoreError> {
+        // The write and the NOTIFY commit together: whoever hears of the
+        // change reads it.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO quern_handler_rollouts (type, active_version, previous_version, canary_version, \
+             canary_percent, paused, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (type) DO UPDATE SET \
+             active_version = EXCLUDED.active_version, previous_version = EXCLUDED.previous_version, \
+             canary_version = EXCLUDED.canary_version, canary_percent = EXCLUDED.canary_percent, \
+             paused = EXCLUDED.paused, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(&rollout.job_type)
+        .bind(&rollout.active_version)
+        .bind(&rollout.previous_version)
+        .bind(&rollout.canary_version)
+        .bind(rollout.canary_percent)
+        .bind(rollout.paused)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(ROLLOUTS_CHANNEL)
+            .bind(&rollout.job_type)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rollout_changes(&self) -> Result<Box<dyn Wakeups>, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(ROLLOUTS_CHANNEL).await?;
         Ok(Box::new(PgWakeups { listener }))
     }
 }

@@ -19,14 +19,16 @@ use uuid::Uuid;
 
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
-    FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Store, StoreError, Transition, Wakeups, WorkerRow,
-    corrupt, parse_status, requeueable,
+    FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Rollout, Store, StoreError, StoredVersion,
+    Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status, requeueable,
 };
 
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     enqueued: watch::Sender<u64>,
+    /// Rollout changes, for this process (SQLite has one).
+    rollouts_changed: watch::Sender<u64>,
 }
 
 impl SqliteStore {
@@ -45,7 +47,8 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
         let reader = SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
         let (enqueued, _) = watch::channel(0);
-        Ok(Self { writer, reader, enqueued })
+        let (rollouts_changed, _) = watch::channel(0);
+        Ok(Self { writer, reader, enqueued, rollouts_changed })
     }
 
     fn wake_workers(&self) {
@@ -681,7 +684,7 @@ impl Store for SqliteStore {
 
     async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError> {
         let rows = sqlx::query(
-            "SELECT j.type, a.outcome, a.started_at, a.ended_at FROM quern_job_attempts a \
+            "SELECT j.type, a.handler_version, a.outcome, a.started_at, a.ended_at FROM quern_job_attempts a \
              JOIN quern_jobs j ON j.id = a.job_id WHERE a.ended_at >= ?1 ORDER BY a.ended_at DESC LIMIT ?2",
         )
         .bind(micros(since))
@@ -693,6 +696,7 @@ impl Store for SqliteStore {
                 let outcome: String = row.try_get("outcome")?;
                 Ok(AttemptSample {
                     job_type: row.try_get("type")?,
+                    handler_version: row.try_get("handler_version")?,
                     outcome: AttemptOutcome::parse(&outcome)
                         .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
                     started_at: at(row.try_get("started_at")?)?,
@@ -744,6 +748,113 @@ impl Store for SqliteStore {
 
     async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError> {
         Ok(Box::new(SqliteWakeups { receiver: self.enqueued.subscribe() }))
+    }
+
+    async fn put_version(&self, version: &StoredVersion) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO quern_handler_versions (type, version, sha256, component, manifest, size_bytes, uploaded_by, \
+             uploaded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (type, version) DO NOTHING",
+        )
+        .bind(&version.job_type)
+        .bind(&version.version)
+        .bind(&version.sha256)
+        .bind(&version.component)
+        .bind(&version.manifest)
+        .bind(version.component.len() as i64)
+        .bind(&version.uploaded_by)
+        .bind(micros(version.uploaded_at))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn version(&self, job_type: &str, version: &str) -> Result<Option<StoredVersion>, StoreError> {
+        let row = sqlx::query(
+            "SELECT type, version, sha256, component, manifest, uploaded_by, uploaded_at FROM quern_handler_versions \
+             WHERE type = ?1 AND version = ?2",
+        )
+        .bind(job_type)
+        .bind(version)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| {
+            Ok(StoredVersion {
+                job_type: row.try_get("type")?,
+                version: row.try_get("version")?,
+                sha256: row.try_get("sha256")?,
+                component: row.try_get("component")?,
+                manifest: row.try_get("manifest")?,
+                uploaded_by: row.try_get("uploaded_by")?,
+                uploaded_at: at(row.try_get("uploaded_at")?)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn versions(&self) -> Result<Vec<VersionInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT type, version, size_bytes, uploaded_by, uploaded_at FROM quern_handler_versions \
+             ORDER BY uploaded_at DESC",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(VersionInfo {
+                    job_type: row.try_get("type")?,
+                    version: row.try_get("version")?,
+                    size_bytes: row.try_get("size_bytes")?,
+                    uploaded_by: row.try_get("uploaded_by")?,
+                    uploaded_at: at(row.try_get("uploaded_at")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT type, active_version, previous_version, canary_version, canary_percent, paused \
+             FROM quern_handler_rollouts ORDER BY type",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Rollout {
+                    job_type: row.try_get("type")?,
+                    active_version: row.try_get("active_version")?,
+                    previous_version: row.try_get("previous_version")?,
+                    canary_version: row.try_get("canary_version")?,
+                    canary_percent: row.try_get("canary_percent")?,
+                    paused: row.try_get("paused")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_rollout(&self, rollout: &Rollout, now: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO quern_handler_rollouts (type, active_version, previous_version, canary_version, \
+             canary_percent, paused, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (type) DO UPDATE SET \
+             active_version = excluded.active_version, previous_version = excluded.previous_version, \
+             canary_version = excluded.canary_version, canary_percent = excluded.canary_percent, \
+             paused = excluded.paused, updated_at = excluded.updated_at",
+        )
+        .bind(&rollout.job_type)
+        .bind(&rollout.active_version)
+        .bind(&rollout.previous_version)
+        .bind(&rollout.canary_version)
+        .bind(rollout.canary_percent)
+        .bind(rollout.paused)
+        .bind(micros(now))
+        .execute(&self.writer)
+        .await?;
+        self.rollouts_changed.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
+    }
+
+    async fn rollout_changes(&self) -> Result<Box<dyn Wakeups>, StoreError> {
+        Ok(Box::new(SqliteWakeups { receiver: self.rollouts_changed.subscribe() }))
     }
 }
 

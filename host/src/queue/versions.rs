@@ -1,0 +1,149 @@
+//! Handler versions from the database, brought into this process's registry.
+//!
+//! Every worker and gateway runs a [`VersionSync`]: it reads the rollouts at
+//! start, again whenever one changes (NOTIFY `quern_handlers` on PostgreSQL,
+//! in-process on SQLite) and every few seconds in case a notice was missed.
+//! A version is fetched and compiled once per process; the runtime's compile
+//! cache keeps the native artifact on local disk, so a restart or a second
+//! process on the machine loads it in a fraction of a millisecond.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::manifest::{Manifest, ManifestError};
+use crate::runtime::registry::{Canary, Registry};
+use crate::runtime::{HandlerVersion, LoadError};
+use crate::store::{Store, StoreError};
+
+/// How often rollouts are read when no notice comes.
+const POLL: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("version {version} of `{job_type}` is rolled out but not stored")]
+    Missing { job_type: String, version: String },
+    #[error("the stored manifest of {job_type} {version} does not parse: {source}")]
+    Manifest { job_type: String, version: String, source: ManifestError },
+    #[error("{job_type} {version} does not load: {source}")]
+    Load { job_type: String, version: String, source: LoadError },
+}
+
+pub struct VersionSync {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    loaded: Mutex<HashMap<(String, String), Arc<HandlerVersion>>>,
+}
+
+impl VersionSync {
+    pub fn new(store: Arc<dyn Store>, registry: Arc<Registry>) -> Arc<Self> {
+        Arc::new(Self { store, registry, loaded: Mutex::default() })
+    }
+
+    /// Brings every rollout into the registry. A version that does not load
+    /// is logged and its type keeps what it had; the others still apply.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let rollouts = self.store.rollouts().await?;
+        let paused: BTreeSet<String> = rollouts.iter().filter(|r| r.paused).map(|r| r.job_type.clone()).collect();
+        self.registry.set_paused(paused);
+        for rollout in rollouts {
+            let Some(active) = &rollout.active_version else { continue };
+            let active = match self.load(&rollout.job_type, active).await {
+                Ok(active) => active,
+                Err(error) => {
+                    tracing::error!(%error, "cannot apply a rollout; the type keeps its current version");
+                    continue;
+                }
+            };
+            let canary = match (&rollout.canary_version, u8::try_from(rollout.canary_percent)) {
+                (Some(version), Ok(percent)) if percent > 0 => match self.load(&rollout.job_type, version).await {
+                    Ok(version) => Some(Canary { version, percent }),
+                    Err(error) => {
+                        tracing::error!(%error, "cannot load a canary; all jobs stay on the active version");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            self.registry.apply_rollout(active, canary);
+        }
+        Ok(())
+    }
+
+    /// A stored version, compiled (once per process).
+    pub async fn load(&self, job_type: &str, version: &str) -> Result<Arc<HandlerVersion>, SyncError> {
+        let key = (job_type.to_string(), version.to_string());
+        if let Some(loaded) = self.lock().get(&key) {
+            return Ok(loaded.clone());
+        }
+        let stored = self
+            .store
+            .version(job_type, version)
+            .await?
+            .ok_or_else(|| SyncError::Missing { job_type: job_type.into(), version: version.into() })?;
+        let manifest = Manifest::parse(&stored.manifest).map_err(|source| SyncError::Manifest {
+            job_type: job_type.into(),
+            version: version.into(),
+            source,
+        })?;
+        let runtime = self.registry.runtime().clone();
+        // Compiling takes tens of milliseconds of CPU: off the async threads.
+        let handler = tokio::task::spawn_blocking(move || runtime.load(&stored.component, manifest))
+            .await
+            .map_err(|error| SyncError::Load {
+                job_type: job_type.into(),
+                version: version.into(),
+                source: LoadError::Compile(error.to_string()),
+            })?
+            .map_err(|source| SyncError::Load { job_type: job_type.into(), version: version.into(), source })?;
+        let handler = Arc::new(handler);
+        self.lock().insert(key, handler.clone());
+        Ok(handler)
+    }
+
+    /// Syncs now, then on every change notice and every few seconds, until `stop`.
+    pub fn spawn(self: Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut changes = loop {
+                match self.store.rollout_changes().await {
+                    Ok(changes) => break Some(changes),
+                    Err(error) if !stop.is_cancelled() => {
+                        tracing::warn!(%error, "cannot listen for rollout changes yet; polling meanwhile");
+                        if let Err(error) = self.sync().await {
+                            tracing::warn!(%error, "reading rollouts failed");
+                        }
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(POLL) => {}
+                        }
+                    }
+                    Err(_) => break None,
+                }
+            };
+            loop {
+                if let Err(error) = self.sync().await {
+                    tracing::warn!(%error, "reading rollouts failed; trying again shortly");
+                }
+                let notice = async {
+                    match changes.as_mut() {
+                        Some(changes) => changes.wait().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = notice => {}
+                    () = tokio::time::sleep(POLL) => {}
+                }
+            }
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<HandlerVersion>>> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
