@@ -33,6 +33,38 @@ pub struct Manifest {
     pub allowed_hosts: Vec<HostRule>,
     pub config_keys: Vec<String>,
     pub limits: LimitOverrides,
+    /// Whether this build, as a canary, is rolled back by itself when it
+    /// fails more than the active version.
+    pub auto_rollback: Option<AutoRollback>,
+}
+
+/// `[rollout]` of a manifest: when a canary of this build is rolled back
+/// without anyone asking.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoRollback {
+    /// Canary jobs that must have ended before it is judged.
+    pub min_jobs: u64,
+    /// How far the canary's failure rate may exceed the active version's (0–1).
+    pub failure_rate_margin: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    #[serde(default)]
+    auto_rollback: bool,
+    #[serde(default = "default_min_jobs")]
+    min_jobs: u64,
+    #[serde(default = "default_failure_rate_margin")]
+    failure_rate_margin: f64,
+}
+
+fn default_min_jobs() -> u64 {
+    20
+}
+
+fn default_failure_rate_margin() -> f64 {
+    0.2
 }
 
 /// Limits a manifest sets; unset ones take the host's defaults.
@@ -85,6 +117,8 @@ pub enum ManifestError {
     Limit { name: &'static str, value: u32, max: u32 },
     #[error("max_attempts = {0} is out of range: it must be between 1 and 100")]
     MaxAttempts(u32),
+    #[error("rollout.{name} = {value} is out of range: {range}")]
+    Rollout { name: &'static str, value: f64, range: &'static str },
 }
 
 #[derive(Deserialize)]
@@ -107,6 +141,7 @@ struct RawManifest {
     config: RawConfig,
     #[serde(default)]
     limits: LimitOverrides,
+    rollout: Option<RawRollout>,
 }
 
 #[derive(Deserialize, Default)]
@@ -144,6 +179,7 @@ impl Manifest {
             allowed_hosts: Vec::new(),
             config_keys: Vec::new(),
             limits: LimitOverrides::default(),
+            auto_rollback: None,
         }
     }
 
@@ -161,6 +197,22 @@ impl Manifest {
         if !(1..=100).contains(&raw.max_attempts) {
             return Err(ManifestError::MaxAttempts(raw.max_attempts));
         }
+        let auto_rollback = match raw.rollout {
+            Some(rollout) if rollout.auto_rollback => {
+                if !(0.0..=1.0).contains(&rollout.failure_rate_margin) {
+                    return Err(ManifestError::Rollout {
+                        name: "failure_rate_margin",
+                        value: rollout.failure_rate_margin,
+                        range: "between 0 and 1",
+                    });
+                }
+                if rollout.min_jobs == 0 {
+                    return Err(ManifestError::Rollout { name: "min_jobs", value: 0.0, range: "at least 1" });
+                }
+                Some(AutoRollback { min_jobs: rollout.min_jobs, failure_rate_margin: rollout.failure_rate_margin })
+            }
+            _ => None,
+        };
         Ok(Self {
             job_type: raw.job_type,
             description: raw.description,
@@ -171,6 +223,7 @@ impl Manifest {
             allowed_hosts,
             config_keys: raw.config.keys,
             limits: raw.limits,
+            auto_rollback,
         })
     }
 }
@@ -204,6 +257,16 @@ fn check_limit(name: &'static str, value: Option<u32>, max: u32) -> Result<(), M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_auto_rollback_is_asked_for_in_rollout_and_checked() {
+        let manifest = Manifest::parse("type = \"a\"\n[rollout]\nauto_rollback = true\nmin_jobs = 5\n").unwrap();
+        assert_eq!(manifest.auto_rollback, Some(AutoRollback { min_jobs: 5, failure_rate_margin: 0.2 }));
+        assert_eq!(Manifest::parse("type = \"a\"\n[rollout]\nmin_jobs = 5\n").unwrap().auto_rollback, None);
+        let error = Manifest::parse("type = \"a\"\n[rollout]\nauto_rollback = true\nfailure_rate_margin = 2.0\n");
+        assert!(error.unwrap_err().to_string().contains("rollout.failure_rate_margin = 2 is out of range"));
+        assert!(Manifest::parse("type = \"a\"\n[rollout]\nauto = true\n").is_err(), "unknown fields are errors");
+    }
 
     #[test]
     fn full_manifest_parses() {

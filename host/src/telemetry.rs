@@ -21,6 +21,7 @@ pub const INSTANCE_TIME: &str = "quern_instance_seconds";
 pub const ALERTS_ACTIVE: &str = "quern_alerts_active";
 pub const ALERTS_FIRED: &str = "quern_alerts_fired_total";
 pub const WORKERS_OFFLINE: &str = "quern_workers_offline";
+pub const CANARY_ROLLBACKS: &str = "quern_canary_rollbacks_total";
 
 /// Help texts for `/metrics`, registered once with the recorder.
 pub fn describe() {
@@ -40,4 +41,8 @@ pub fn describe() {
     describe_gauge!(ALERTS_ACTIVE, "Alerts firing now, by alert (queue_backlog, worker_offline, failure_rate).");
     describe_counter!(ALERTS_FIRED, "Alerts that started, by alert.");
     describe_gauge!(WORKERS_OFFLINE, "Workers whose last heartbeat is older than the offline threshold.");
+    describe_counter!(
+        CANARY_ROLLBACKS,
+        "Canaries rolled back by themselves for failing more than the active version, by type."
+    );
 }

@@ -390,3 +390,51 @@ async fn the_cli_pushes_lists_rolls_back_and_pauses() {
     server.finish().await;
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_that_asks_for_it_rolls_itself_back() {
+    let db = Db::sqlite().await;
+    let server = Server::start_with(&db, unlimited(Vec::new())).await;
+    let (ops, user) = (server.service_token(), server.token("alice"));
+    let stable = push(&server, &ops, echo(), 100).await;
+    // The hostile fixture panics on request: a build that breaks every job.
+    let manifest = format!("{PROBE}[rollout]\nauto_rollback = true\nmin_jobs = 10\nfailure_rate_margin = 0.2\n");
+    let broken = upload(&server, &ops, "probe", hostile(), &manifest).await;
+    assert_eq!(broken.status, 201, "{}", broken.text);
+    let broken = broken.body["version"].as_str().unwrap().to_string();
+    let rolled = server.post("/v1/handlers/probe/rollout", &ops, json!({"version": broken, "percent": 50})).await;
+    assert_eq!(rolled.body["canary_version"], broken.as_str(), "{}", rolled.text);
+
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        ids.push(id_of(
+            &server.enqueue(&user, "probe", json!({"mode": "panic", "message": "canary broke", "n": n})).await,
+        ));
+    }
+    finished(&server, &user, &ids).await;
+    let started = Instant::now();
+    loop {
+        let listed = server.get("/v1/handlers", &ops).await;
+        let probe = listed.body.as_array().unwrap().iter().find(|t| t["type"] == "probe").unwrap().clone();
+        if probe["canary_version"].is_null() {
+            assert_eq!(probe["active_version"], stable.as_str(), "{probe}");
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "the failing canary was never rolled back: {probe}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = server.call(reqwest::Method::GET, "/metrics", None, None).await.text;
+    assert!(metrics.contains(r#"quern_canary_rollbacks_total{type="probe"} 1"#), "{metrics}");
+    let mut after = Vec::new();
+    for n in 0..20 {
+        after.push(id_of(&server.enqueue(&user, "probe", json!({"after": n})).await));
+    }
+    for job in finished(&server, &user, &after).await {
+        assert_eq!(
+            (job["status"].as_str(), job["handler_version"].as_str()),
+            (Some("completed"), Some(stable.as_str()))
+        );
+    }
+    server.finish().await;
+    db.cleanup().await;
+}

@@ -6,20 +6,30 @@
 //! A version is fetched and compiled once per process; the runtime's compile
 //! cache keeps the native artifact on local disk, so a restart or a second
 //! process on the machine loads it in a fraction of a millisecond.
+//!
+//! The same loop judges canaries whose build asks for it (`[rollout]
+//! auto_rollback` in its manifest): one that fails more than the active
+//! version by its margin, over at least its number of jobs, is rolled back.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{Manifest, ManifestError};
+use crate::queue::stats;
 use crate::runtime::registry::{Canary, Registry};
 use crate::runtime::{HandlerVersion, LoadError};
 use crate::store::{Store, StoreError};
+use crate::telemetry::CANARY_ROLLBACKS;
 
 /// How often rollouts are read when no notice comes.
 const POLL: Duration = Duration::from_secs(3);
+/// How far back a canary's failures are counted.
+const CANARY_WINDOW: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
+const MAX_SAMPLES: u32 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -72,6 +82,59 @@ impl VersionSync {
             self.registry.apply_rollout(active, canary);
         }
         Ok(())
+    }
+
+    /// Rolls back each canary whose build asks for it and fails more than
+    /// the active version by its margin; returns the types rolled back.
+    pub async fn judge_canaries(&self) -> Result<Vec<String>, StoreError> {
+        let now = Utc::now();
+        let canaries: Vec<_> = self
+            .store
+            .rollouts()
+            .await?
+            .into_iter()
+            .filter(|r| r.canary_version.is_some() && r.canary_percent > 0)
+            .collect();
+        if canaries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let samples = self.store.attempts_since(now - CANARY_WINDOW, MAX_SAMPLES).await?;
+        let mut rolled_back = Vec::new();
+        for mut rollout in canaries {
+            let (Some(canary), Some(active)) = (rollout.canary_version.clone(), rollout.active_version.clone()) else {
+                continue;
+            };
+            let Some(rule) = self.load(&rollout.job_type, &canary).await.ok().and_then(|h| h.manifest.auto_rollback)
+            else {
+                continue;
+            };
+            let versions = stats::by_version(&samples, &rollout.job_type);
+            let Some(on_canary) = versions.get(&canary) else { continue };
+            let ended = on_canary.completed + on_canary.failed;
+            let canary_rate = on_canary.error_rate.unwrap_or(0.0);
+            let active_rate = versions.get(&active).and_then(|a| a.error_rate).unwrap_or(0.0);
+            if ended < rule.min_jobs || canary_rate <= active_rate + rule.failure_rate_margin {
+                continue;
+            }
+            rollout.canary_version = None;
+            rollout.canary_percent = 0;
+            self.store.put_rollout(&rollout, now).await?;
+            metrics::counter!(CANARY_ROLLBACKS, "type" => rollout.job_type.clone()).increment(1);
+            tracing::warn!(
+                job_type = %rollout.job_type,
+                canary = %canary,
+                active = %active,
+                canary_failure_rate = canary_rate,
+                active_failure_rate = active_rate,
+                jobs = ended,
+                "canary rolled back by itself: it failed more than the active version"
+            );
+            rolled_back.push(rollout.job_type);
+        }
+        if !rolled_back.is_empty() {
+            self.sync().await?;
+        }
+        Ok(rolled_back)
     }
 
     /// A stored version, compiled (once per process).
@@ -127,6 +190,9 @@ impl VersionSync {
             loop {
                 if let Err(error) = self.sync().await {
                     tracing::warn!(%error, "reading rollouts failed; trying again shortly");
+                }
+                if let Err(error) = self.judge_canaries().await {
+                    tracing::warn!(%error, "judging canaries failed; trying again shortly");
                 }
                 let notice = async {
                     match changes.as_mut() {
