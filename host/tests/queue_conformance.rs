@@ -637,7 +637,12 @@ async fn workers_that_stop_leave_and_long_silent_ones_are_forgotten(db: &Db) {
         version: "0.1.0".into(),
     };
     db.store.upsert_worker(&silent).await.unwrap();
-    assert_eq!(db.store.workers().await.unwrap().len(), 2);
+    // The worker writes its row at its first heartbeat, just after it starts.
+    let started = Instant::now();
+    while db.store.workers().await.unwrap().len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the running worker never wrote its row");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     running.stop().await;
     let left: Vec<String> = db.store.workers().await.unwrap().into_iter().map(|w| w.id).collect();
     assert_eq!(left, ["vanished"], "a worker that stopped cleanly removed its row");
