@@ -244,12 +244,60 @@ pub enum Transition {
     Release,
 }
 
+impl Transition {
+    /// The name the stores' batch statements give this kind of end.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::Complete { .. } => "complete",
+            Self::Retry { .. } => "retry",
+            Self::Fail { .. } => "fail",
+            Self::Cancelled => "cancelled",
+            Self::Release => "release",
+        }
+    }
+
+    /// How the attempt is recorded (a release records nothing).
+    pub(crate) fn outcome(&self) -> AttemptOutcome {
+        match self {
+            Self::Complete { .. } => AttemptOutcome::Completed,
+            Self::Retry { outcome, .. } | Self::Fail { outcome, .. } => *outcome,
+            Self::Cancelled => AttemptOutcome::Cancelled,
+            Self::Release => AttemptOutcome::Released,
+        }
+    }
+
+    /// The error the job and the attempt record carry.
+    pub(crate) fn error(&self) -> Option<&str> {
+        match self {
+            Self::Retry { error, .. } | Self::Fail { error, .. } => Some(error),
+            Self::Cancelled => Some(CANCELLED_WHILE_RUNNING),
+            Self::Complete { .. } | Self::Release => None,
+        }
+    }
+}
+
+/// The error of an attempt cut short by a cancel.
+pub(crate) const CANCELLED_WHILE_RUNNING: &str = "cancelled while running";
+
 /// A completed job's result to cache.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheWrite {
     pub key: String,
     pub job_type: String,
     pub expires_at: DateTime<Utc>,
+}
+
+/// What became of an attempt's end handed to [`Store::finish_attempts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndWritten {
+    /// Written as asked.
+    Recorded,
+    /// The job was cancelled while the attempt ran (or while its end waited
+    /// to be written): the attempt is recorded as cancelled, its result dropped.
+    Cancelled,
+    /// The worker no longer held the attempt (the job was reclaimed, or its
+    /// lease lapsed and it was reaped): nothing was written.
+    Stale,
 }
 
 /// What a cancel did.
@@ -413,11 +461,25 @@ pub trait Store: Send + Sync + 'static {
         types: Option<&[String]>,
     ) -> Result<Vec<Job>, StoreError>;
 
-    /// Ends an attempt. Returns `false`, writing nothing, when `worker_id`
-    /// no longer holds that attempt (the job was cancelled or reclaimed);
-    /// [`Transition::Cancelled`] is the exception: it records the attempt of a
-    /// job cancelled while it ran.
-    async fn finish_attempt(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<bool, StoreError>;
+    /// Inserts many jobs in one transaction, all or none, and wakes workers
+    /// once. No per-user limit: this is for trusted server-side producers.
+    async fn enqueue_batch(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Ends many attempts in one transaction (one commit for all: a worker's
+    /// group commit), answering for each, in order, what was written. Each
+    /// end is guarded on its own: it is written only while its worker still
+    /// holds that attempt. A job cancelled meanwhile keeps its cancellation
+    /// (the attempt is recorded as cancelled, the result dropped); a reclaimed
+    /// or reaped one is left alone. A completion's cache entry and pipeline
+    /// step are written with it, or not at all.
+    async fn finish_attempts(&self, ends: &[AttemptEnd], now: DateTime<Utc>) -> Result<Vec<EndWritten>, StoreError>;
+
+    /// Ends one attempt: `true` when it was written as asked (see
+    /// [`Store::finish_attempts`]).
+    async fn finish_attempt(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let written = self.finish_attempts(std::slice::from_ref(end), now).await?;
+        Ok(written.first() == Some(&EndWritten::Recorded))
+    }
 
     /// Extends the leases of `ids` that `worker_id` still holds; returns the
     /// ids it no longer holds (cancelled, reaped), whose instances should stop.

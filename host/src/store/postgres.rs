@@ -11,8 +11,8 @@ use uuid::Uuid;
 
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
-    FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Rollout, Store, StoreError, StoredVersion,
-    Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status, requeueable,
+    EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Rollout, Store, StoreError,
+    StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status, requeueable,
 };
 
 /// The channel enqueues notify and workers listen on.
@@ -155,84 +155,142 @@ async fn unfinished_of(tx: &mut Transaction<'_, Postgres>, user_id: &str) -> Res
         .await?)
 }
 
-/// Ends an attempt in one statement: the job's transition, guarded by who
-/// holds it, and the attempt's record, written only if the transition was.
-/// Returns the query counting the jobs changed (0 or 1).
-fn finish_query(end: &AttemptEnd, now: DateTime<Utc>) -> sqlx::query::QueryScalar<'static, Postgres, i64, PgArguments> {
-    const HELD: &str = "id = $1 AND status = 'processing' AND worker_id = $2 AND attempts = $3";
-    let (set, filter, outcome, error) = match &end.transition {
-        Transition::Complete { .. } => (
-            "status = 'completed', result = $9, error = NULL, processing_time_ms = $10, handler_version = $4, \
-             progress_percent = 100, completed_at = $5, updated_at = $5, lease_expires_at = NULL",
-            HELD,
-            AttemptOutcome::Completed,
-            None,
-        ),
-        Transition::Retry { error, outcome, .. } => (
-            "status = 'pending', error = $8, run_at = $9, handler_version = $4, worker_id = NULL, \
-             lease_expires_at = NULL, updated_at = $5",
-            HELD,
-            *outcome,
-            Some(error.clone()),
-        ),
-        Transition::Fail { error, outcome } => (
-            "status = 'failed', error = $8, handler_version = $4, completed_at = $5, updated_at = $5, lease_expires_at = NULL",
-            HELD,
-            *outcome,
-            Some(error.clone()),
-        ),
-        Transition::Cancelled => (
-            "lease_expires_at = NULL, handler_version = $4, updated_at = $5",
-            "id = $1 AND status = 'cancelled' AND worker_id = $2 AND attempts = $3",
-            AttemptOutcome::Cancelled,
-            Some("cancelled while running".to_string()),
-        ),
-        Transition::Release => (
-            "status = 'pending', attempts = attempts - 1, worker_id = NULL, lease_expires_at = NULL, run_at = $5, \
-             updated_at = $5",
-            HELD,
-            AttemptOutcome::Released,
-            None,
-        ),
-    };
-    // A released attempt is not an attempt: nothing is recorded for it.
-    let record = if matches!(end.transition, Transition::Release) { "WHERE false" } else { "" };
-    let cache = match &end.transition {
-        Transition::Complete { cache: Some(_), .. } => {
-            ", cached AS (INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at) \
-             SELECT $11, $12, $9, $13, $5 FROM done \
-             ON CONFLICT (cache_key) DO UPDATE SET response = EXCLUDED.response, expires_at = EXCLUDED.expires_at)"
-        }
-        _ => "",
-    };
-    let sql = format!(
-        "WITH done AS (UPDATE quern_jobs SET {set} WHERE {filter} RETURNING id), \
-         recorded AS (INSERT INTO quern_job_attempts \
-             (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error) \
-             SELECT id, $3, $2, $4, $6, $5, $7, $8::text FROM done {record} ON CONFLICT (job_id, attempt) DO NOTHING) \
-         {cache} SELECT count(*) FROM done"
-    );
-    let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(end.job_id)
-        .bind(end.worker_id.clone())
-        .bind(end.attempt)
-        .bind(end.handler_version.clone())
-        .bind(now)
-        .bind(end.started_at)
-        .bind(outcome.as_str())
-        .bind(error);
-    match &end.transition {
-        Transition::Complete { result, processing_time_ms, cache, .. } => {
-            let query = query.bind(result.clone()).bind(*processing_time_ms);
-            match cache {
-                Some(cache) => query.bind(cache.key.clone()).bind(cache.job_type.clone()).bind(cache.expires_at),
-                None => query,
-            }
-        }
-        Transition::Retry { run_at, .. } => query.bind(*run_at),
-        _ => query,
+/// Ends a batch of attempts in one statement (so one commit): the jobs'
+/// transitions, each guarded by who holds it, then for the ends written the
+/// attempt records, the cache entries and the pipelines' next jobs. The ends
+/// arrive as parallel arrays (`unnest`), so the statement is the same for any
+/// batch and stays prepared. A job cancelled while its attempt ran keeps its
+/// status: only its lease is cleared and the attempt recorded as cancelled.
+const FINISH_ATTEMPTS: &str = "
+WITH ends AS (
+    SELECT * FROM unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::jsonb[], $8::int4[],
+                         $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[])
+        AS e(job_id, worker_id, attempt, handler_version, kind, result, processing_time_ms, error, run_at,
+             started_at, outcome)
+),
+done AS (
+    UPDATE quern_jobs AS j SET
+        status = CASE WHEN j.status = 'cancelled' THEN 'cancelled'
+                      WHEN e.kind = 'complete' THEN 'completed'
+                      WHEN e.kind = 'fail' THEN 'failed'
+                      ELSE 'pending' END,
+        result = CASE WHEN j.status = 'processing' AND e.kind = 'complete' THEN e.result ELSE j.result END,
+        error = CASE WHEN j.status = 'processing' AND e.kind IN ('complete', 'retry', 'fail') THEN e.error
+                     ELSE j.error END,
+        processing_time_ms = CASE WHEN j.status = 'processing' AND e.kind = 'complete' THEN e.processing_time_ms
+                                  ELSE j.processing_time_ms END,
+        handler_version = CASE WHEN j.status = 'processing' AND e.kind = 'release' THEN j.handler_version
+                               ELSE e.handler_version END,
+        progress_percent = CASE WHEN j.status = 'processing' AND e.kind = 'complete' THEN 100
+                                ELSE j.progress_percent END,
+        completed_at = CASE WHEN j.status = 'processing' AND e.kind IN ('complete', 'fail') THEN $1
+                            ELSE j.completed_at END,
+        run_at = CASE WHEN j.status = 'processing' AND e.kind = 'retry' THEN e.run_at
+                      WHEN j.status = 'processing' AND e.kind = 'release' THEN $1
+                      ELSE j.run_at END,
+        worker_id = CASE WHEN j.status = 'processing' AND e.kind IN ('retry', 'release') THEN NULL
+                         ELSE j.worker_id END,
+        attempts = CASE WHEN j.status = 'processing' AND e.kind = 'release' THEN j.attempts - 1
+                        ELSE j.attempts END,
+        lease_expires_at = NULL,
+        updated_at = $1
+    FROM ends AS e
+    WHERE j.id = e.job_id AND j.worker_id = e.worker_id AND j.attempts = e.attempt
+      AND ((j.status = 'processing' AND e.kind <> 'cancelled')
+           OR (j.status = 'cancelled' AND j.lease_expires_at IS NOT NULL))
+    RETURNING j.id, j.status, j.result, e.attempt, e.worker_id, e.handler_version, e.started_at, e.kind,
+              e.outcome, e.error
+),
+recorded AS (
+    INSERT INTO quern_job_attempts (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error)
+    SELECT id, attempt, worker_id, handler_version, started_at, $1,
+           CASE WHEN status = 'cancelled' THEN 'cancelled' ELSE outcome END,
+           CASE WHEN status = 'cancelled' THEN 'cancelled while running' ELSE error END
+    FROM done WHERE status = 'cancelled' OR kind <> 'release'
+    ON CONFLICT (job_id, attempt) DO NOTHING
+),
+cached AS (
+    INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at)
+    SELECT DISTINCT ON (c.cache_key) c.cache_key, c.type, d.result, c.expires_at, $1
+    FROM unnest($13::uuid[], $14::text[], $15::text[], $16::timestamptz[]) AS c(job_id, cache_key, type, expires_at)
+    JOIN done AS d ON d.id = c.job_id AND d.status = 'completed'
+    ORDER BY c.cache_key
+    ON CONFLICT (cache_key) DO UPDATE SET response = EXCLUDED.response, expires_at = EXCLUDED.expires_at
+),
+next_jobs AS (
+    INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id,
+                            created_at, updated_at)
+    SELECT n.id, n.user_id, n.type, n.input, n.priority, n.max_attempts, n.run_at, n.next_steps, n.parent_id,
+           n.root_id, $1, $1
+    FROM unnest($17::uuid[], $18::text[], $19::text[], $20::jsonb[], $21::int2[], $22::int4[], $23::timestamptz[],
+                $24::jsonb[], $25::uuid[], $26::uuid[])
+        AS n(id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id)
+    JOIN done AS d ON d.id = n.parent_id AND d.status = 'completed'
+    RETURNING pg_notify('quern_jobs', '')::text AS notified
+)
+SELECT id, status, (SELECT count(notified) FROM next_jobs) AS next_jobs FROM done";
+
+/// New jobs as parallel arrays, for `unnest`.
+#[derive(Default)]
+struct JobColumns {
+    id: Vec<Uuid>,
+    user_id: Vec<String>,
+    job_type: Vec<String>,
+    input: Vec<Value>,
+    priority: Vec<i16>,
+    max_attempts: Vec<i32>,
+    run_at: Vec<DateTime<Utc>>,
+    next_steps: Vec<Value>,
+    parent_id: Vec<Option<Uuid>>,
+    root_id: Vec<Option<Uuid>>,
+}
+
+impl JobColumns {
+    fn push(&mut self, job: &NewJob) -> Result<(), StoreError> {
+        self.id.push(job.id);
+        self.user_id.push(job.user_id.clone());
+        self.job_type.push(job.job_type.clone());
+        self.input.push(job.input.clone());
+        self.priority.push(job.priority);
+        self.max_attempts.push(job.max_attempts);
+        self.run_at.push(job.run_at);
+        self.next_steps.push(serde_json::to_value(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?);
+        self.parent_id.push(job.parent_id);
+        self.root_id.push(job.root_id);
+        Ok(())
+    }
+
+    fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, Postgres, PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+        query
+            .bind(self.id)
+            .bind(self.user_id)
+            .bind(self.job_type)
+            .bind(self.input)
+            .bind(self.priority)
+            .bind(self.max_attempts)
+            .bind(self.run_at)
+            .bind(self.next_steps)
+            .bind(self.parent_id)
+            .bind(self.root_id)
     }
 }
+
+/// Many jobs inserted by one statement, waking workers once at commit.
+const INSERT_JOBS: &str = "
+WITH inserted AS (
+    INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id,
+                            created_at, updated_at)
+    SELECT n.id, n.user_id, n.type, n.input, n.priority, n.max_attempts, n.run_at, n.next_steps, n.parent_id,
+           n.root_id, $1, $1
+    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::int2[], $7::int4[], $8::timestamptz[],
+                $9::jsonb[], $10::uuid[], $11::uuid[])
+        AS n(id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted) AS inserted, pg_notify('quern_jobs', '')::text AS notified";
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -400,18 +458,79 @@ impl Store for PostgresStore {
         Ok(jobs)
     }
 
-    async fn finish_attempt(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<bool, StoreError> {
-        let Transition::Complete { next: Some(next), .. } = &end.transition else {
-            return Ok(finish_query(end, now).fetch_one(&self.pool).await? == 1);
-        };
-        // A pipeline's next job is inserted with the completion, or not at all.
-        let mut tx = self.pool.begin().await?;
-        if finish_query(end, now).fetch_one(&mut *tx).await? != 1 {
-            return Ok(false);
+    async fn enqueue_batch(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<(), StoreError> {
+        if jobs.is_empty() {
+            return Ok(());
         }
-        insert_job(&mut tx, next, now).await?;
-        tx.commit().await?;
-        Ok(true)
+        let mut columns = JobColumns::default();
+        for job in jobs {
+            columns.push(job)?;
+        }
+        columns.bind(sqlx::query(INSERT_JOBS).bind(now)).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn finish_attempts(&self, ends: &[AttemptEnd], now: DateTime<Utc>) -> Result<Vec<EndWritten>, StoreError> {
+        if ends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query = sqlx::query(FINISH_ATTEMPTS)
+            .bind(now)
+            .bind(ends.iter().map(|end| end.job_id).collect::<Vec<_>>())
+            .bind(ends.iter().map(|end| end.worker_id.as_str()).collect::<Vec<_>>())
+            .bind(ends.iter().map(|end| end.attempt).collect::<Vec<_>>())
+            .bind(ends.iter().map(|end| end.handler_version.as_deref()).collect::<Vec<_>>())
+            .bind(ends.iter().map(|end| end.transition.kind()).collect::<Vec<_>>());
+        let (mut result, mut processing_time_ms, mut run_at) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut cache_job, mut cache_key, mut cache_type, mut cache_expires) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut next = JobColumns::default();
+        for end in ends {
+            let (done, took, due) = match &end.transition {
+                Transition::Complete { result, processing_time_ms, next: step, cache } => {
+                    if let Some(cache) = cache {
+                        cache_job.push(end.job_id);
+                        cache_key.push(cache.key.as_str());
+                        cache_type.push(cache.job_type.as_str());
+                        cache_expires.push(cache.expires_at);
+                    }
+                    if let Some(step) = step {
+                        next.push(step)?;
+                    }
+                    (Some(result.clone()), Some(*processing_time_ms), None)
+                }
+                Transition::Retry { run_at, .. } => (None, None, Some(*run_at)),
+                _ => (None, None, None),
+            };
+            result.push(done);
+            processing_time_ms.push(took);
+            run_at.push(due);
+        }
+        query = query
+            .bind(result)
+            .bind(processing_time_ms)
+            .bind(ends.iter().map(|end| end.transition.error()).collect::<Vec<_>>())
+            .bind(run_at)
+            .bind(ends.iter().map(|end| end.started_at).collect::<Vec<_>>())
+            .bind(ends.iter().map(|end| end.transition.outcome().as_str()).collect::<Vec<_>>())
+            .bind(cache_job)
+            .bind(cache_key)
+            .bind(cache_type)
+            .bind(cache_expires);
+        let rows = next.bind(query).fetch_all(&self.pool).await?;
+        let mut written = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let status: String = row.try_get("status")?;
+            written.insert(row.try_get::<Uuid, _>("id")?, status == "cancelled");
+        }
+        Ok(ends
+            .iter()
+            .map(|end| match written.get(&end.job_id) {
+                None => EndWritten::Stale,
+                Some(true) if !matches!(end.transition, Transition::Cancelled) => EndWritten::Cancelled,
+                Some(_) => EndWritten::Recorded,
+            })
+            .collect())
     }
 
     async fn renew_leases(

@@ -18,9 +18,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
-    FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Rollout, Store, StoreError, StoredVersion,
-    Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status, requeueable,
+    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats,
+    CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Rollout, Store,
+    StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status, requeueable,
 };
 
 pub struct SqliteStore {
@@ -168,6 +168,164 @@ async fn unfinished_of(tx: &mut Transaction<'_, Sqlite>, user_id: &str) -> Resul
 /// `?, ?, ?` for an `IN (…)` list of `n` values.
 fn placeholders(n: usize, first: usize) -> String {
     (first..first + n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Ends a batch of attempts in one statement: the jobs' transitions, each
+/// guarded by who holds it. The ends arrive as one JSON array (`json_each`),
+/// so the statement is the same for any batch and stays prepared. A job
+/// cancelled while its attempt ran keeps its status: only its lease is
+/// cleared. The attempt records, cache entries and next jobs follow in the
+/// same transaction, for the ends that were written.
+const FINISH_ATTEMPTS: &str = "
+UPDATE quern_jobs SET
+    status = CASE WHEN status = 'cancelled' THEN 'cancelled'
+                  WHEN e.kind = 'complete' THEN 'completed'
+                  WHEN e.kind = 'fail' THEN 'failed'
+                  ELSE 'pending' END,
+    result = CASE WHEN status = 'processing' AND e.kind = 'complete' THEN e.end_result ELSE result END,
+    error = CASE WHEN status = 'processing' AND e.kind IN ('complete', 'retry', 'fail') THEN e.end_error ELSE error END,
+    processing_time_ms = CASE WHEN status = 'processing' AND e.kind = 'complete' THEN e.took_ms
+                              ELSE processing_time_ms END,
+    handler_version = CASE WHEN status = 'processing' AND e.kind = 'release' THEN handler_version
+                           ELSE e.end_version END,
+    progress_percent = CASE WHEN status = 'processing' AND e.kind = 'complete' THEN 100 ELSE progress_percent END,
+    completed_at = CASE WHEN status = 'processing' AND e.kind IN ('complete', 'fail') THEN ?1 ELSE completed_at END,
+    run_at = CASE WHEN status = 'processing' AND e.kind = 'retry' THEN e.end_run_at
+                  WHEN status = 'processing' AND e.kind = 'release' THEN ?1
+                  ELSE run_at END,
+    worker_id = CASE WHEN status = 'processing' AND e.kind IN ('retry', 'release') THEN NULL ELSE worker_id END,
+    attempts = CASE WHEN status = 'processing' AND e.kind = 'release' THEN attempts - 1 ELSE attempts END,
+    lease_expires_at = NULL,
+    updated_at = ?1
+FROM (SELECT value ->> 'job_id' AS end_job, value ->> 'worker_id' AS end_worker, value ->> 'attempt' AS end_attempt,
+             value ->> 'handler_version' AS end_version, value ->> 'kind' AS kind, value -> 'result' AS end_result,
+             value ->> 'processing_time_ms' AS took_ms, value ->> 'error' AS end_error, value ->> 'run_at' AS end_run_at
+      FROM json_each(?2)) AS e
+WHERE id = e.end_job AND worker_id = e.end_worker AND attempts = e.end_attempt
+  AND ((status = 'processing' AND e.kind <> 'cancelled') OR (status = 'cancelled' AND lease_expires_at IS NOT NULL))
+RETURNING id, status";
+
+const INSERT_ATTEMPTS: &str = "
+INSERT INTO quern_job_attempts (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error)
+SELECT value ->> 'job_id', value ->> 'attempt', value ->> 'worker_id', value ->> 'handler_version',
+       value ->> 'started_at', ?2, value ->> 'outcome', value ->> 'error'
+FROM json_each(?1) WHERE true
+ON CONFLICT (job_id, attempt) DO NOTHING";
+
+const UPSERT_CACHE: &str = "
+INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at)
+SELECT value ->> 'key', value ->> 'type', value -> 'response', value ->> 'expires_at', ?2
+FROM json_each(?1) WHERE true
+ON CONFLICT (cache_key) DO UPDATE SET response = excluded.response, expires_at = excluded.expires_at";
+
+const INSERT_JOBS: &str = "
+INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id,
+                        created_at, updated_at)
+SELECT value ->> 'id', value ->> 'user_id', value ->> 'type', value -> 'input', value ->> 'priority',
+       value ->> 'max_attempts', value ->> 'run_at', value -> 'next_steps', value ->> 'parent_id',
+       value ->> 'root_id', ?2, ?2
+FROM json_each(?1)";
+
+/// One attempt's end as an element of [`FINISH_ATTEMPTS`]'s JSON array.
+#[derive(serde::Serialize)]
+struct EndRow<'a> {
+    job_id: String,
+    worker_id: &'a str,
+    attempt: i32,
+    handler_version: Option<&'a str>,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a Value>,
+    processing_time_ms: Option<i32>,
+    error: Option<&'a str>,
+    run_at: Option<i64>,
+}
+
+impl<'a> EndRow<'a> {
+    fn of(end: &'a AttemptEnd) -> Self {
+        let (result, processing_time_ms, run_at) = match &end.transition {
+            Transition::Complete { result, processing_time_ms, .. } => (Some(result), Some(*processing_time_ms), None),
+            Transition::Retry { run_at, .. } => (None, None, Some(micros(*run_at))),
+            _ => (None, None, None),
+        };
+        Self {
+            job_id: end.job_id.to_string(),
+            worker_id: &end.worker_id,
+            attempt: end.attempt,
+            handler_version: end.handler_version.as_deref(),
+            kind: end.transition.kind(),
+            result,
+            processing_time_ms,
+            error: end.transition.error(),
+            run_at,
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct AttemptRow<'a> {
+    job_id: &'a str,
+    attempt: i32,
+    worker_id: &'a str,
+    handler_version: Option<&'a str>,
+    started_at: i64,
+    outcome: &'static str,
+    error: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct CacheRow<'a> {
+    key: &'a str,
+    #[serde(rename = "type")]
+    job_type: &'a str,
+    response: &'a Value,
+    expires_at: i64,
+}
+
+/// A new job as an element of [`INSERT_JOBS`]'s JSON array.
+#[derive(serde::Serialize)]
+struct JobRow<'a> {
+    id: String,
+    user_id: &'a str,
+    #[serde(rename = "type")]
+    job_type: &'a str,
+    input: &'a Value,
+    priority: i16,
+    max_attempts: i32,
+    run_at: i64,
+    next_steps: &'a [super::Step],
+    parent_id: Option<String>,
+    root_id: Option<String>,
+}
+
+impl<'a> JobRow<'a> {
+    fn of(job: &'a NewJob) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: job.id.to_string(),
+            user_id: &job.user_id,
+            job_type: &job.job_type,
+            input: &job.input,
+            priority: job.priority,
+            max_attempts: job.max_attempts,
+            run_at: micros(job.run_at),
+            next_steps: &job.next_steps,
+            parent_id: job.parent_id.map(|id| id.to_string()),
+            root_id: job.root_id.map(|id| id.to_string()),
+        })
+    }
+}
+
+async fn insert_jobs(
+    tx: &mut Transaction<'_, Sqlite>,
+    rows: &[JobRow<'_>],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(INSERT_JOBS).bind(to_json(rows)?).bind(micros(now)).execute(&mut **tx).await?;
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(rows: &T) -> Result<String, StoreError> {
+    serde_json::to_string(rows).map_err(|e| corrupt("quern_jobs", e))
 }
 
 #[async_trait]
@@ -331,131 +489,89 @@ impl Store for SqliteStore {
         Ok(jobs)
     }
 
-    async fn finish_attempt(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    async fn enqueue_batch(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<(), StoreError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let rows = jobs.iter().map(JobRow::of).collect::<Result<Vec<_>, _>>()?;
         let mut tx = self.begin().await?;
-        let held = "WHERE id = ?1 AND status = 'processing' AND worker_id = ?2 AND attempts = ?3";
-        let id = end.job_id.to_string();
-        let (updated, outcome, error) = match &end.transition {
-            Transition::Complete { result, processing_time_ms, .. } => {
-                let sql = format!(
-                    "UPDATE quern_jobs SET status = 'completed', result = ?4, error = NULL, processing_time_ms = ?5, \
-                     handler_version = ?6, progress_percent = 100, completed_at = ?7, updated_at = ?7, \
-                     lease_expires_at = NULL {held}"
-                );
-                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(&id)
-                    .bind(&end.worker_id)
-                    .bind(end.attempt)
-                    .bind(result.to_string())
-                    .bind(processing_time_ms)
-                    .bind(&end.handler_version)
-                    .bind(micros(now))
-                    .execute(&mut *tx)
-                    .await?;
-                (done.rows_affected(), AttemptOutcome::Completed, None)
-            }
-            Transition::Retry { error, run_at, outcome } => {
-                let sql = format!(
-                    "UPDATE quern_jobs SET status = 'pending', error = ?4, run_at = ?5, handler_version = ?6, \
-                     worker_id = NULL, lease_expires_at = NULL, updated_at = ?7 {held}"
-                );
-                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(&id)
-                    .bind(&end.worker_id)
-                    .bind(end.attempt)
-                    .bind(error)
-                    .bind(micros(*run_at))
-                    .bind(&end.handler_version)
-                    .bind(micros(now))
-                    .execute(&mut *tx)
-                    .await?;
-                (done.rows_affected(), *outcome, Some(error.as_str()))
-            }
-            Transition::Fail { error, outcome } => {
-                let sql = format!(
-                    "UPDATE quern_jobs SET status = 'failed', error = ?4, handler_version = ?5, completed_at = ?6, \
-                     updated_at = ?6, lease_expires_at = NULL {held}"
-                );
-                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(&id)
-                    .bind(&end.worker_id)
-                    .bind(end.attempt)
-                    .bind(error)
-                    .bind(&end.handler_version)
-                    .bind(micros(now))
-                    .execute(&mut *tx)
-                    .await?;
-                (done.rows_affected(), *outcome, Some(error.as_str()))
-            }
-            Transition::Cancelled => {
-                let done = sqlx::query(
-                    "UPDATE quern_jobs SET lease_expires_at = NULL, handler_version = ?4, updated_at = ?5 \
-                     WHERE id = ?1 AND status = 'cancelled' AND worker_id = ?2 AND attempts = ?3",
-                )
-                .bind(&id)
-                .bind(&end.worker_id)
-                .bind(end.attempt)
-                .bind(&end.handler_version)
-                .bind(micros(now))
-                .execute(&mut *tx)
-                .await?;
-                (done.rows_affected(), AttemptOutcome::Cancelled, Some("cancelled while running"))
-            }
-            Transition::Release => {
-                let sql = format!(
-                    "UPDATE quern_jobs SET status = 'pending', attempts = attempts - 1, worker_id = NULL, \
-                     lease_expires_at = NULL, run_at = ?4, updated_at = ?4 {held}"
-                );
-                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(&id)
-                    .bind(&end.worker_id)
-                    .bind(end.attempt)
-                    .bind(micros(now))
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                self.wake_workers();
-                return Ok(done.rows_affected() == 1);
-            }
-        };
-        if updated != 1 {
-            return Ok(false);
+        insert_jobs(&mut tx, &rows, now).await?;
+        tx.commit().await?;
+        self.wake_workers();
+        Ok(())
+    }
+
+    async fn finish_attempts(&self, ends: &[AttemptEnd], now: DateTime<Utc>) -> Result<Vec<EndWritten>, StoreError> {
+        if ends.is_empty() {
+            return Ok(Vec::new());
         }
-        sqlx::query(
-            "INSERT INTO quern_job_attempts (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (job_id, attempt) DO NOTHING",
-        )
-        .bind(&id)
-        .bind(end.attempt)
-        .bind(&end.worker_id)
-        .bind(&end.handler_version)
-        .bind(micros(end.started_at))
-        .bind(micros(now))
-        .bind(outcome.as_str())
-        .bind(error)
-        .execute(&mut *tx)
-        .await?;
-        if let Transition::Complete { next: Some(next), .. } = &end.transition {
-            insert_job(&mut *tx, next, now, None).await?;
+        let batch: Vec<EndRow> = ends.iter().map(EndRow::of).collect();
+        let mut tx = self.begin().await?;
+        // SQLite's RETURNING sees only the updated table: which ends were
+        // written is matched back by job id.
+        let rows = sqlx::query(FINISH_ATTEMPTS).bind(micros(now)).bind(to_json(&batch)?).fetch_all(&mut *tx).await?;
+        let mut written = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let status: String = row.try_get("status")?;
+            written.insert(row.try_get::<String, _>("id")?, status == "cancelled");
         }
-        if let Transition::Complete { result, cache: Some(cache), .. } = &end.transition {
-            sqlx::query(
-                "INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5) \
-                 ON CONFLICT (cache_key) DO UPDATE SET response = excluded.response, expires_at = excluded.expires_at",
-            )
-            .bind(&cache.key)
-            .bind(&cache.job_type)
-            .bind(result.to_string())
-            .bind(micros(cache.expires_at))
-            .bind(micros(now))
-            .execute(&mut *tx)
-            .await?;
+        let mut results = Vec::with_capacity(ends.len());
+        let (mut attempts, mut cache, mut next) = (Vec::new(), Vec::new(), Vec::new());
+        for (end, row) in ends.iter().zip(&batch) {
+            let Some(&cancelled) = written.get(&row.job_id) else {
+                results.push(EndWritten::Stale);
+                continue;
+            };
+            let cut_short = cancelled && !matches!(end.transition, Transition::Cancelled);
+            results.push(if cut_short { EndWritten::Cancelled } else { EndWritten::Recorded });
+            if cancelled || !matches!(end.transition, Transition::Release) {
+                attempts.push(AttemptRow {
+                    job_id: &row.job_id,
+                    attempt: end.attempt,
+                    worker_id: &end.worker_id,
+                    handler_version: end.handler_version.as_deref(),
+                    started_at: micros(end.started_at),
+                    outcome: if cancelled {
+                        AttemptOutcome::Cancelled.as_str()
+                    } else {
+                        end.transition.outcome().as_str()
+                    },
+                    error: if cancelled { Some(CANCELLED_WHILE_RUNNING) } else { end.transition.error() },
+                });
+            }
+            if let (false, Transition::Complete { result, next: step, cache: entry, .. }) = (cancelled, &end.transition)
+            {
+                if let Some(entry) = entry {
+                    cache.push(CacheRow {
+                        key: &entry.key,
+                        job_type: &entry.job_type,
+                        response: result,
+                        expires_at: micros(entry.expires_at),
+                    });
+                }
+                if let Some(step) = step {
+                    next.push(JobRow::of(step)?);
+                }
+            }
+        }
+        if !attempts.is_empty() {
+            sqlx::query(INSERT_ATTEMPTS).bind(to_json(&attempts)?).bind(micros(now)).execute(&mut *tx).await?;
+        }
+        if !cache.is_empty() {
+            sqlx::query(UPSERT_CACHE).bind(to_json(&cache)?).bind(micros(now)).execute(&mut *tx).await?;
+        }
+        if !next.is_empty() {
+            insert_jobs(&mut tx, &next, now).await?;
         }
         tx.commit().await?;
-        if matches!(end.transition, Transition::Retry { .. } | Transition::Complete { next: Some(_), .. }) {
+        // Jobs back to pending (retries, releases) and pipelines' next steps
+        // are work for the workers.
+        if !next.is_empty()
+            || ends.iter().any(|end| matches!(end.transition, Transition::Retry { .. } | Transition::Release))
+        {
             self.wake_workers();
         }
-        Ok(true)
+        Ok(results)
     }
 
     async fn renew_leases(
