@@ -105,6 +105,18 @@ pub struct WorkerArgs {
     /// How long a cached result lives, for types whose manifest sets none.
     #[arg(long, env = "CACHE_TTL_HOURS", default_value_t = 24)]
     pub cache_ttl_hours: u64,
+    /// The most claimed jobs a worker holds beyond its running ones; it holds
+    /// about 20 ms of work at its jobs' recent speed, up to this (0: claim
+    /// only for free slots).
+    #[arg(long, env = "QUERN_WORKER_LOCAL_QUEUE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub local_queue: u32,
+    /// The most attempt ends a worker writes with one statement and one commit.
+    #[arg(long, env = "QUERN_COMPLETION_BATCH_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub completion_batch_max: u64,
+    /// How long a worker's next commit of attempt ends may wait for the ends
+    /// of its jobs still running (never when none are running).
+    #[arg(long, env = "QUERN_COMPLETION_BATCH_DELAY_MS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub completion_batch_delay_ms: u64,
     /// The handlers directory (`<type>.wasm` + `<type>.toml`), watched for new builds.
     #[arg(long, env = "QUERN_HANDLERS_DIR", default_value = "handlers-dist")]
     pub handlers_dir: PathBuf,
@@ -130,6 +142,11 @@ impl WorkerArgs {
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             stuck_timeout: Duration::from_millis(self.stuck_job_timeout_ms),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+            local_queue: self.local_queue,
+            completion: crate::queue::completer::CompletionSettings {
+                max_batch: self.completion_batch_max as usize,
+                delay: Duration::from_millis(self.completion_batch_delay_ms),
+            },
             ..defaults
         }
     }

@@ -20,6 +20,8 @@ use crate::telemetry::{HTTP_DURATION, QUEUE_DEPTH};
 const BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+
 /// The installed recorder, and the queue-depth labels set so far (so a
 /// type whose jobs all finished drops to 0 instead of keeping its last value).
 pub struct Metrics {
@@ -34,8 +36,14 @@ impl Metrics {
     pub fn install() -> Option<Self> {
         let handle = INSTALLED
             .get_or_init(|| {
-                let builder =
-                    PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS);
+                let builder = PrometheusBuilder::new()
+                    .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+                    .and_then(|b| {
+                        b.set_buckets_for_metric(
+                            Matcher::Full(crate::telemetry::COMPLETION_BATCH.into()),
+                            BATCH_BUCKETS,
+                        )
+                    });
                 match builder.and_then(|b| b.install_recorder()) {
                     Ok(handle) => {
                         crate::telemetry::describe();

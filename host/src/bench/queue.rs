@@ -13,7 +13,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{Latencies, millis, thousands};
-use crate::queue::worker::{Worker, WorkerSettings};
+use crate::queue::completer::CompletionSettings;
+use crate::queue::worker::{Worker, WorkerProbe, WorkerSettings};
 use crate::queue::{EnqueueRequest, Queue, QueueSettings};
 use crate::runtime::registry::{Registry, read_component};
 use crate::runtime::{Runtime, RuntimeSettings};
@@ -40,12 +41,21 @@ pub struct QueueBenchArgs {
     /// Tasks enqueueing at once.
     #[arg(long, default_value_t = 4)]
     pub enqueuers: usize,
+    /// Jobs per transaction in the bulk enqueue.
+    #[arg(long, default_value_t = 1000, value_parser = parse_bulk_batch)]
+    pub bulk_batch: usize,
     /// Jobs enqueued one at a time to an idle worker for the pickup latency.
     #[arg(long, default_value_t = 300)]
     pub latency_samples: usize,
     /// The handler to run.
     #[arg(long, default_value = "handlers-dist/echo.wasm")]
     pub component: PathBuf,
+    /// The worker's local queue (QUERN_WORKER_LOCAL_QUEUE).
+    #[arg(long, default_value_t = WorkerSettings::default().local_queue)]
+    pub local_queue: u32,
+    /// The completion batch delay in ms (QUERN_COMPLETION_BATCH_DELAY_MS).
+    #[arg(long, default_value_t = CompletionSettings::default().delay.as_millis() as u64)]
+    pub completion_delay_ms: u64,
 }
 
 pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
@@ -61,31 +71,32 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
     let settings = QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() };
     let queue = Arc::new(Queue::new(store.clone(), settings));
     println!(
-        "quern bench queue: {} on {}, {} jobs, concurrency {}",
-        job_type,
+        "quern bench queue: {} on {}, {} jobs, concurrency {}, local queue ≤ {}, completion delay {} ms",
+        &job_type,
         store.backend(),
         thousands(args.jobs as f64),
-        args.concurrency
+        args.concurrency,
+        args.local_queue,
+        args.completion_delay_ms,
     );
+    let request = move |user: String, input| EnqueueRequest {
+        user_id: user,
+        job_type: job_type.clone(),
+        input,
+        ..Default::default()
+    };
 
-    // 1. Enqueue, no worker running.
+    // 1. Enqueue one job per call, several callers at once, no worker running.
     let bar = progress(args.jobs as u64, "enqueue");
     let started = Instant::now();
     let per_task = args.jobs.div_ceil(args.enqueuers.max(1));
     let mut tasks = tokio::task::JoinSet::new();
     for task in 0..args.enqueuers.max(1) {
-        let (queue, bar, job_type) = (queue.clone(), bar.clone(), job_type.clone());
+        let (queue, bar, request) = (queue.clone(), bar.clone(), request.clone());
         let count = per_task.min(args.jobs.saturating_sub(task * per_task));
         tasks.spawn(async move {
             for n in 0..count {
-                let input = json!({"n": n, "task": task});
-                let request = EnqueueRequest {
-                    user_id: format!("user-{}", n % 100),
-                    job_type: job_type.clone(),
-                    input,
-                    ..Default::default()
-                };
-                queue.enqueue(request).await?;
+                queue.enqueue(request(format!("user-{}", n % 100), json!({"n": n, "task": task}))).await?;
                 bar.inc(1);
             }
             anyhow::Ok(())
@@ -97,34 +108,56 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
     let enqueue_time = started.elapsed();
     bar.finish_and_clear();
 
-    // 2. Process the backlog.
-    let shutdown = CancellationToken::new();
-    let worker_settings = WorkerSettings { concurrency: args.concurrency, ..WorkerSettings::default() };
-    let worker = tokio::spawn(Worker::new(queue.clone(), registry.clone(), worker_settings).run(shutdown.clone()));
-    let bar = progress(args.jobs as u64, "process");
-    let started = Instant::now();
-    loop {
-        let left = store.count_unfinished().await?;
-        bar.set_position((args.jobs as i64 - left).max(0) as u64);
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let process_time = started.elapsed();
-    bar.finish_and_clear();
+    // 2. Process the backlog with a worker started for it.
+    let worker_settings = WorkerSettings {
+        concurrency: args.concurrency,
+        local_queue: args.local_queue,
+        completion: CompletionSettings {
+            delay: Duration::from_millis(args.completion_delay_ms),
+            ..CompletionSettings::default()
+        },
+        ..WorkerSettings::default()
+    };
+    let start_worker = || {
+        let worker = Worker::new(queue.clone(), registry.clone(), worker_settings.clone());
+        let (probe, shutdown) = (worker.probe(), CancellationToken::new());
+        (probe, shutdown.clone(), tokio::spawn(worker.run(shutdown)))
+    };
+    let (probe, shutdown, worker) = start_worker();
+    let process_time = drain(&probe, args.jobs as u64, "process").await;
+    let first_statements = probe.statements();
+    shutdown.cancel();
+    worker.await??;
 
-    // 3. Pickup latency: one job at a time to an idle worker.
+    // 3. Bulk enqueue, `--bulk-batch` jobs per transaction, no worker
+    //    running; 4. process that backlog with a fresh worker.
+    let bar = progress(args.jobs as u64, "bulk");
+    let bulk_started = Instant::now();
+    let mut sent = 0;
+    while sent < args.jobs {
+        let batch: Vec<_> = (sent..(sent + args.bulk_batch).min(args.jobs))
+            .map(|n| request(format!("user-{}", n % 100), json!({"n": n, "bulk": true})))
+            .collect();
+        sent += batch.len();
+        queue.enqueue_batch(batch).await.map_err(|error| anyhow::anyhow!("bulk enqueue: {error}"))?;
+        bar.set_position(sent as u64);
+    }
+    let bulk_time = bulk_started.elapsed();
+    bar.finish_and_clear();
+    let (probe, shutdown, worker) = start_worker();
+    let second_process_time = drain(&probe, args.jobs as u64, "process").await;
+    let second_statements = probe.statements();
+    let left = store.count_unfinished().await?;
+    anyhow::ensure!(left == 0, "{left} jobs are still unfinished after the worker ended all of them");
+
+    // 5. Pickup latency: one job at a time to an idle worker.
     let bar = progress(args.latency_samples as u64, "latency");
     let mut ids = Vec::with_capacity(args.latency_samples);
+    let mut enqueue_calls = Vec::with_capacity(args.latency_samples);
     for n in 0..args.latency_samples {
-        let request = EnqueueRequest {
-            user_id: "latency".into(),
-            job_type: job_type.clone(),
-            input: json!({"n": n}),
-            ..Default::default()
-        };
-        ids.push(queue.enqueue(request).await?.id);
+        let call = Instant::now();
+        ids.push(queue.enqueue(request("latency".into(), json!({"n": n}))).await?.id);
+        enqueue_calls.push(call.elapsed());
         tokio::time::sleep(Duration::from_millis(5)).await;
         bar.inc(1);
     }
@@ -146,18 +179,23 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
     cleanup.run().await;
 
     let pickup = Latencies::of(&mut pickups).ok_or_else(|| anyhow::anyhow!("no latency samples"))?;
-    println!(
-        "  enqueue     {:>10} jobs/s  ({} jobs in {})",
-        thousands(args.jobs as f64 / enqueue_time.as_secs_f64()),
-        args.jobs,
-        millis(enqueue_time)
-    );
-    println!(
-        "  processed   {:>10} jobs/s  ({} jobs in {})",
-        thousands(args.jobs as f64 / process_time.as_secs_f64()),
-        args.jobs,
-        millis(process_time)
-    );
+    let enqueue_call = Latencies::of(&mut enqueue_calls).ok_or_else(|| anyhow::anyhow!("no latency samples"))?;
+    let rate = |jobs: usize, time: Duration| {
+        format!("{:>10} jobs/s  ({} jobs in {})", thousands(jobs as f64 / time.as_secs_f64()), jobs, millis(time))
+    };
+    println!("  enqueue     {}, one per call, {} callers", rate(args.jobs, enqueue_time), args.enqueuers);
+    println!("  bulk        {}, {} per batch", rate(args.jobs, bulk_time), args.bulk_batch);
+    println!("  processed   {}, first backlog", rate(args.jobs, process_time));
+    println!("  processed   {}, second backlog (after the bulk enqueue)", rate(args.jobs, second_process_time));
+    for (label, s) in [("first", first_statements), ("second", second_statements)] {
+        println!(
+            "  statements  {label} backlog: {} claims ({:.1} jobs each), {} commits of attempt ends ({:.1} each)",
+            s.claims,
+            s.claimed as f64 / s.claims.max(1) as f64,
+            s.completion_commits,
+            s.ended as f64 / s.completion_commits.max(1) as f64
+        );
+    }
     println!(
         "  pickup      p50 {}  p95 {}  p99 {}  ({} jobs, enqueue → claim, idle worker)",
         millis(pickup.p50),
@@ -165,7 +203,35 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
         millis(pickup.p99),
         args.latency_samples
     );
+    println!(
+        "              of which the enqueue's own insert and commit: p50 {}  p99 {}",
+        millis(enqueue_call.p50),
+        millis(enqueue_call.p99)
+    );
     Ok(())
+}
+
+fn parse_bulk_batch(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=crate::queue::MAX_BATCH).contains(&n) => Ok(n),
+        _ => Err(format!("use 1 to {}", crate::queue::MAX_BATCH)),
+    }
+}
+
+/// Waits until the worker has ended `total` jobs since it started; returns
+/// how long this backlog took (from the first end counted here). The worker
+/// counts the ends it committed: watching that costs the database nothing,
+/// and a millisecond's poll keeps the timing exact.
+async fn drain(probe: &WorkerProbe, total: u64, label: &'static str) -> Duration {
+    let first = probe.ended();
+    let bar = progress(total - first, label);
+    let started = Instant::now();
+    while probe.ended() < total {
+        bar.set_position(probe.ended() - first);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    bar.finish_and_clear();
+    started.elapsed()
 }
 
 pub(super) fn progress(len: u64, label: &'static str) -> ProgressBar {

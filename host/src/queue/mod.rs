@@ -4,6 +4,7 @@
 //! transitions these functions choose.
 
 pub mod cache_key;
+pub mod completer;
 pub mod stats;
 pub mod versions;
 pub mod worker;
@@ -18,8 +19,8 @@ use uuid::Uuid;
 use crate::manifest::validate_job_type;
 use crate::runtime::Outcome;
 use crate::store::{
-    AttemptEnd, AttemptOutcome, CancelOutcome, Job, JobStatus, NewJob, RequeueOutcome, Step, Store, StoreError,
-    Transition,
+    AttemptEnd, AttemptOutcome, CancelOutcome, EndWritten, Job, JobStatus, NewJob, RequeueOutcome, Step, Store,
+    StoreError, Transition,
 };
 
 /// Queue-wide settings (names from the customer's worker: WORKER_*, CACHE_*).
@@ -99,6 +100,21 @@ impl From<StoreError> for QueueError {
     }
 }
 
+/// The most jobs one batch enqueue takes.
+pub const MAX_BATCH: usize = 1000;
+
+/// Why a batch enqueue wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("a batch takes at most {MAX_BATCH} jobs, got {count}; split it")]
+    TooMany { count: usize },
+    /// Each invalid job's index and what is wrong with it.
+    #[error("{} of the jobs are invalid; nothing was enqueued", .0.len())]
+    Invalid(Vec<(usize, QueueError)>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 pub struct Queue {
     store: Arc<dyn Store>,
     settings: QueueSettings,
@@ -121,6 +137,28 @@ impl Queue {
     pub async fn enqueue(&self, request: EnqueueRequest) -> Result<Job, QueueError> {
         let job = self.new_job(request)?;
         Ok(self.store.enqueue(&job, Utc::now(), self.settings.max_unfinished_per_user).await?)
+    }
+
+    /// Validates every request, then inserts them all in one transaction, or
+    /// none when any is invalid (each problem named with its index). No
+    /// per-user limit applies: this is for trusted server-side producers.
+    pub async fn enqueue_batch(&self, requests: Vec<EnqueueRequest>) -> Result<Vec<NewJob>, BatchError> {
+        if requests.len() > MAX_BATCH {
+            return Err(BatchError::TooMany { count: requests.len() });
+        }
+        let mut jobs = Vec::with_capacity(requests.len());
+        let mut invalid = Vec::new();
+        for (index, request) in requests.into_iter().enumerate() {
+            match self.new_job(request) {
+                Ok(job) => jobs.push(job),
+                Err(error) => invalid.push((index, error)),
+            }
+        }
+        if !invalid.is_empty() {
+            return Err(BatchError::Invalid(invalid));
+        }
+        self.store.enqueue_batch(&jobs, Utc::now()).await?;
+        Ok(jobs)
     }
 
     fn new_job(&self, request: EnqueueRequest) -> Result<NewJob, QueueError> {
@@ -240,27 +278,34 @@ impl Queue {
     /// store's conditional updates make concurrent reapers harmless.
     pub async fn reap_expired_leases(&self) -> Result<usize, StoreError> {
         let now = Utc::now();
+        let lapsed = self.store.expired_leases(now, 100).await?;
+        let ends: Vec<AttemptEnd> = lapsed
+            .iter()
+            .map(|job| {
+                let worker = job.worker_id.clone().unwrap_or_default();
+                let reason = format!("lease expired: worker {worker} stopped heartbeating");
+                AttemptEnd {
+                    job_id: job.id,
+                    worker_id: worker,
+                    attempt: job.attempts,
+                    handler_version: job.handler_version.clone(),
+                    started_at: job.started_at.unwrap_or(now),
+                    transition: match self.retry_or_fail(job, reason, None, AttemptOutcome::LeaseExpired, now) {
+                        // The job lost its worker through no fault of its own: it
+                        // goes back to its place in line, due at once, rather
+                        // than wait out a backoff behind every job queued since.
+                        Transition::Retry { error, outcome, .. } => {
+                            Transition::Retry { error, outcome, run_at: job.run_at.min(now) }
+                        }
+                        other => other,
+                    },
+                }
+            })
+            .collect();
+        let written = self.store.finish_attempts(&ends, now).await?;
         let mut reaped = 0;
-        for job in self.store.expired_leases(now, 100).await? {
-            let worker = job.worker_id.clone().unwrap_or_default();
-            let reason = format!("lease expired: worker {worker} stopped heartbeating");
-            let end = AttemptEnd {
-                job_id: job.id,
-                worker_id: worker,
-                attempt: job.attempts,
-                handler_version: job.handler_version.clone(),
-                started_at: job.started_at.unwrap_or(now),
-                transition: match self.retry_or_fail(&job, reason, None, AttemptOutcome::LeaseExpired, now) {
-                    // The job lost its worker through no fault of its own: it
-                    // goes back to its place in line, due at once, rather
-                    // than wait out a backoff behind every job queued since.
-                    Transition::Retry { error, outcome, .. } => {
-                        Transition::Retry { error, outcome, run_at: job.run_at.min(now) }
-                    }
-                    other => other,
-                },
-            };
-            if self.store.finish_attempt(&end, now).await? {
+        for ((job, end), written) in lapsed.iter().zip(&ends).zip(written) {
+            if written == EndWritten::Recorded {
                 tracing::warn!(job_id = %job.id, job_type = %job.job_type, worker_id = %end.worker_id, "reaped a job whose lease lapsed");
                 reaped += 1;
             }

@@ -1,27 +1,39 @@
-//! A worker: claims jobs up to its concurrency, runs each on the active
-//! handler version, and ends each attempt in the store. Alongside, it checks
-//! whether running jobs were cancelled (also by a direct database update),
-//! flushes their progress, renews their leases, heartbeats its `quern_workers`
+//! A worker: claims jobs in batches, keeps them in a small local queue,
+//! runs up to its concurrency at once on the active handler version, and
+//! hands each attempt's end to its [`Completer`], which writes many ends
+//! with one commit. Alongside, it checks whether held jobs were cancelled
+//! (also by a direct database update), flushes their progress, renews their
+//! leases (one statement for all of them), heartbeats its `quern_workers`
 //! row, reaps lapsed leases of dead workers and purges the expired cache.
 //!
-//! On shutdown it stops claiming, lets running jobs finish within the grace
-//! period, then interrupts the rest and releases them to `pending` unharmed.
+//! The local queue is sized by what the worker observes: it holds about
+//! [`LOCAL_QUEUE_HORIZON`] of work at the recent speed of its jobs, at most
+//! `local_queue` jobs. Jobs of a few microseconds are claimed hundreds at a
+//! time; jobs of seconds only as slots free up, so no worker hoards work
+//! another could start.
+//!
+//! On shutdown it stops claiming, releases the jobs it has not started,
+//! lets running jobs finish within the grace period, then interrupts the
+//! rest and releases them to `pending` unharmed.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures_util::future::{BoxFuture, OptionFuture};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Queue;
 use super::cache_key::cache_key;
+use super::completer::{Completer, Completion, CompletionSettings};
 use crate::runtime::registry::Registry;
 use crate::runtime::{JobSpec, Outcome, RunOptions};
-use crate::store::{AttemptEnd, CacheWrite, Job, StoreError, Transition, WorkerRow};
+use crate::store::{AttemptEnd, CacheWrite, EndWritten, Job, Progress, StoreError, Transition, WorkerRow};
 use crate::telemetry::{JOB_DURATION, JOB_PICKUP, JOBS_COMPLETED, JOBS_FAILED, JOBS_RETRIED};
 
 #[derive(Debug, Clone)]
@@ -32,12 +44,16 @@ pub struct WorkerSettings {
     pub concurrency: u32,
     /// WORKER_POLL_INTERVAL_MS: how often to look for jobs without a wake-up.
     pub poll_interval: Duration,
-    /// How often running jobs are checked for cancellation.
+    /// How often held jobs are checked for cancellation.
     pub cancel_check_interval: Duration,
     /// WORKER_STUCK_JOB_TIMEOUT_MS: a job running longer is interrupted and failed.
     pub stuck_timeout: Duration,
     /// QUERN_SHUTDOWN_GRACE_S: how long running jobs may finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// QUERN_WORKER_LOCAL_QUEUE: the most claimed jobs held beyond the
+    /// running ones (0: claim only for free slots).
+    pub local_queue: u32,
+    pub completion: CompletionSettings,
 }
 
 impl Default for WorkerSettings {
@@ -49,6 +65,8 @@ impl Default for WorkerSettings {
             cancel_check_interval: Duration::from_millis(250),
             stuck_timeout: Duration::from_millis(300_000),
             shutdown_grace: Duration::from_secs(30),
+            local_queue: 500,
+            completion: CompletionSettings::default(),
         }
     }
 }
@@ -60,7 +78,12 @@ pub fn default_worker_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Why a running job's instance was interrupted.
+/// How much work, at the recent speed of its jobs, a worker keeps claimed
+/// beyond its running jobs: enough to never wait on a claim between jobs of
+/// a few microseconds, and nothing for jobs that run for seconds.
+pub const LOCAL_QUEUE_HORIZON: Duration = Duration::from_millis(20);
+
+/// Why a held job's instance was interrupted.
 const STOP_NONE: u8 = 0;
 const STOP_CANCELLED: u8 = 1;
 const STOP_SHUTDOWN: u8 = 2;
@@ -68,9 +91,9 @@ const STOP_SHUTDOWN: u8 = 2;
 /// The latest progress of a job, not yet written.
 type ProgressSlot = Arc<Mutex<Option<(u8, String)>>>;
 
-/// What the worker holds of a running job; cheap to clone.
+/// What the worker holds of a claimed job, queued or running; cheap to clone.
 #[derive(Clone)]
-struct Running {
+struct Held {
     cancel: CancellationToken,
     stop: Arc<AtomicU8>,
     progress: ProgressSlot,
@@ -80,12 +103,36 @@ struct Shared {
     queue: Arc<Queue>,
     registry: Arc<Registry>,
     settings: WorkerSettings,
-    running: Mutex<HashMap<Uuid, Running>>,
+    /// Every claimed job whose end is not committed yet: its lease is renewed
+    /// and its cancellation watched.
+    held: Mutex<HashMap<Uuid, Held>>,
+    /// One permit per running job.
+    slots: Arc<Semaphore>,
+    /// Signalled when a job gives its slot back.
+    slot_freed: Notify,
+    completer: Completer,
+    /// Recent mean time from a job's start to its end being handed in, in
+    /// microseconds (0 until the first job ends).
+    mean_run_micros: AtomicU64,
+    /// Attempt ends committed since the worker started.
+    ended: AtomicU64,
+    /// Claim statements made, and the jobs they returned.
+    claims: AtomicU64,
+    claimed: AtomicU64,
     started_at: chrono::DateTime<Utc>,
 }
 
 pub struct Worker {
     shared: Arc<Shared>,
+}
+
+/// Counts of a worker's claim and completion statements, for benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStatements {
+    pub claims: u64,
+    pub claimed: u64,
+    pub completion_commits: u64,
+    pub ended: u64,
 }
 
 /// A read-only view of a running worker, for health checks.
@@ -99,13 +146,42 @@ impl WorkerProbe {
 
     /// Jobs running right now.
     pub fn active_jobs(&self) -> usize {
-        self.0.lock_running().len()
+        self.0.running()
+    }
+
+    /// Attempt ends this worker has committed since it started.
+    pub fn ended(&self) -> u64 {
+        self.0.ended.load(Ordering::Relaxed)
+    }
+
+    /// What the worker asked of the database so far.
+    pub fn statements(&self) -> WorkerStatements {
+        WorkerStatements {
+            claims: self.0.claims.load(Ordering::Relaxed),
+            claimed: self.0.claimed.load(Ordering::Relaxed),
+            completion_commits: self.0.completer.flushes(),
+            ended: self.ended(),
+        }
     }
 }
 
 impl Worker {
     pub fn new(queue: Arc<Queue>, registry: Arc<Registry>, settings: WorkerSettings) -> Self {
-        let shared = Shared { queue, registry, settings, running: Mutex::default(), started_at: Utc::now() };
+        let completer = Completer::start(queue.store().clone(), settings.completion.clone(), queue.settings().lease);
+        let shared = Shared {
+            slots: Arc::new(Semaphore::new(settings.concurrency as usize)),
+            slot_freed: Notify::new(),
+            held: Mutex::default(),
+            mean_run_micros: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+            claims: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            started_at: Utc::now(),
+            completer,
+            queue,
+            registry,
+            settings,
+        };
         Self { shared: Arc::new(shared) }
     }
 
@@ -139,54 +215,72 @@ impl Worker {
         tracing::info!(worker_id = %settings.id, concurrency = settings.concurrency, backend = store.backend(), "worker started");
 
         let mut tasks = JoinSet::new();
+        let mut local: VecDeque<Job> = VecDeque::new();
+        // At most one claim in flight, polled here beside the jobs (not a
+        // task of its own: an idle worker's claim starts the moment it wakes).
+        let mut claim: Option<BoxFuture<'static, Result<(Vec<Job>, u32), StoreError>>> = None;
+        // Set when a claim came back short: look again only when woken or polled.
+        let mut drained = false;
+        let mut poll = tokio::time::interval(settings.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !shutdown.is_cancelled() {
-            // Reap every finished task first, so one claim fills every free
-            // slot: claiming a job at a time would cost a round trip per job.
             while tasks.try_join_next().is_some() {}
-            let free = settings.concurrency.saturating_sub(tasks.len() as u32);
-            let mut claimed = 0;
-            if free > 0 {
-                let now = Utc::now();
-                let lease_until = now + shared.queue.settings().lease;
-                // Only types this worker can run: another worker (or a later
-                // deploy) takes the rest, instead of attempts being burnt here.
-                let types = shared.registry.claimable_types();
-                match store.claim(&settings.id, free, now, lease_until, Some(&types)).await {
-                    Ok(jobs) => {
-                        claimed = jobs.len() as u32;
-                        for job in jobs {
-                            let waited = (now - job.run_at.max(job.created_at)).to_std().unwrap_or_default();
-                            metrics::histogram!(JOB_PICKUP, "type" => job.job_type.clone())
-                                .record(waited.as_secs_f64());
-                            let running = shared.track(job.id);
-                            tasks.spawn(run_job(shared.clone(), job, running));
-                        }
-                    }
-                    Err(error) => tracing::warn!(%error, "claiming jobs failed; trying again after the poll interval"),
+            // Start queued jobs while slots are free.
+            while !local.is_empty() {
+                let Ok(slot) = shared.slots.clone().try_acquire_owned() else { break };
+                if let Some(job) = local.pop_front() {
+                    tasks.spawn(run_job(shared.clone(), job, slot));
                 }
             }
-            if free > 0 && claimed == free {
-                continue; // there may be more waiting
+            if claim.is_none() && !drained {
+                let target = shared.local_queue_target();
+                let wanted = (settings.concurrency as usize + target).saturating_sub(local.len() + shared.running());
+                if wanted > 0 && local.len() <= target / 2 {
+                    claim = Some(Box::pin(shared.clone().claim(wanted as u32)));
+                }
             }
             tokio::select! {
                 () = shutdown.cancelled() => {}
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                () = wakeups.wait(), if free > claimed => {}
-                () = tokio::time::sleep(settings.poll_interval) => {}
+                Some(claimed) = OptionFuture::from(claim.as_mut()) => {
+                    claim = None;
+                    match claimed {
+                        Ok((jobs, asked)) => {
+                            drained = jobs.len() < asked as usize;
+                            local.extend(jobs);
+                        }
+                        Err(error) => {
+                            drained = true;
+                            tracing::warn!(%error, "claiming jobs failed; trying again after the poll interval");
+                        }
+                    }
+                }
+                () = shared.slot_freed.notified() => {}
+                () = wakeups.wait() => drained = false,
+                _ = poll.tick() => drained = false,
             }
         }
 
-        tracing::info!(worker_id = %settings.id, running = tasks.len(), "shutting down: no new claims");
+        tracing::info!(worker_id = %settings.id, running = shared.running(), queued = local.len(), "shutting down: no new claims");
+        if let Some(claim) = claim.take()
+            && let Ok((jobs, _)) = claim.await
+        {
+            local.extend(jobs);
+        }
+        // Jobs not started go back at once, for another worker to take.
+        for job in local.drain(..) {
+            tasks.spawn(release_unstarted(shared.clone(), job));
+        }
         let drained =
             tokio::time::timeout(settings.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!(running = tasks.len(), "grace period over: releasing the remaining jobs to pending");
-            for running in shared.lock_running().values() {
-                running.stop.store(STOP_SHUTDOWN, Ordering::SeqCst);
-                running.cancel.cancel();
+            for held in shared.lock_held().values() {
+                held.stop.store(STOP_SHUTDOWN, Ordering::SeqCst);
+                held.cancel.cancel();
             }
             while tasks.join_next().await.is_some() {}
         }
+        shared.completer.close().await;
         maintenance_stop.cancel();
         let _ = maintenance.await;
         // A worker that stops cleanly leaves no row: only one that vanished
@@ -200,28 +294,72 @@ impl Worker {
 }
 
 impl Shared {
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Running>> {
-        self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Held>> {
+        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn track(&self, id: Uuid) -> Running {
-        let running = Running {
-            cancel: CancellationToken::new(),
-            stop: Arc::new(AtomicU8::new(STOP_NONE)),
-            progress: Arc::default(),
-        };
-        self.lock_running().insert(id, running.clone());
-        running
+    /// Jobs running right now (holding a slot).
+    fn running(&self) -> usize {
+        (self.settings.concurrency as usize).saturating_sub(self.slots.available_permits())
     }
 
-    fn running_ids(&self) -> Vec<Uuid> {
-        self.lock_running().keys().copied().collect()
+    /// How many claimed jobs to keep queued beyond the running ones.
+    fn local_queue_target(&self) -> usize {
+        let mean = self.mean_run_micros.load(Ordering::Relaxed);
+        if mean == 0 {
+            return 0; // no job has ended yet: their speed is unknown
+        }
+        let per_slot = LOCAL_QUEUE_HORIZON.as_micros() as u64 / mean;
+        (per_slot.saturating_mul(u64::from(self.settings.concurrency)) as usize).min(self.settings.local_queue as usize)
+    }
+
+    /// Folds one job's run time into the recent mean (weight 1/16).
+    fn observe_run(&self, took: Duration) {
+        let sample = (took.as_micros() as u64).max(1);
+        let _ = self.mean_run_micros.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |mean| {
+            Some(if mean == 0 { sample } else { mean - mean / 16 + sample / 16 })
+        });
+    }
+
+    /// Claims up to `wanted` jobs (only of types this worker can run: another
+    /// worker, or a later deploy, takes the rest instead of attempts being
+    /// burnt here) and holds them.
+    async fn claim(self: Arc<Self>, wanted: u32) -> Result<(Vec<Job>, u32), StoreError> {
+        let now = Utc::now();
+        let lease_until = now + self.queue.settings().lease;
+        let types = self.registry.claimable_types();
+        let jobs = self.queue.store().claim(&self.settings.id, wanted, now, lease_until, Some(&types)).await?;
+        self.completer.expect(jobs.len());
+        self.claims.fetch_add(1, Ordering::Relaxed);
+        self.claimed.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        let mut held = self.lock_held();
+        for job in &jobs {
+            let waited = (now - job.run_at.max(job.created_at)).to_std().unwrap_or_default();
+            metrics::histogram!(JOB_PICKUP, "type" => job.job_type.clone()).record(waited.as_secs_f64());
+            held.insert(
+                job.id,
+                Held {
+                    cancel: CancellationToken::new(),
+                    stop: Arc::new(AtomicU8::new(STOP_NONE)),
+                    progress: Arc::default(),
+                },
+            );
+        }
+        Ok((jobs, wanted))
+    }
+
+    fn held_ids(&self) -> Vec<Uuid> {
+        self.lock_held().keys().copied().collect()
+    }
+
+    fn held(&self, id: &Uuid) -> Option<Held> {
+        self.lock_held().get(id).cloned()
     }
 
     fn stop(&self, ids: &[Uuid], why: u8) {
-        let running = self.lock_running();
+        let held = self.lock_held();
         for id in ids {
-            if let Some(job) = running.get(id)
+            if let Some(job) = held.get(id)
                 && job.stop.compare_exchange(STOP_NONE, why, Ordering::SeqCst, Ordering::SeqCst).is_ok()
             {
                 job.cancel.cancel();
@@ -235,19 +373,45 @@ impl Shared {
             host: std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
             started_at: self.started_at,
             last_heartbeat_at: Utc::now(),
-            active_jobs: self.lock_running().len() as i32,
+            active_jobs: self.running() as i32,
             concurrency: self.settings.concurrency as i32,
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         self.queue.store().upsert_worker(&row).await
     }
+
+    /// Hands an end to the completer and waits for its commit; the job stays
+    /// held (its lease renewed) until then.
+    async fn finish(&self, end: AttemptEnd, job_type: &str, elapsed: Duration) {
+        let (job_id, counted) = (end.job_id, outcome_metric(&end.transition));
+        let completion = self.completer.finish(end).await;
+        if let Completion::Written(EndWritten::Recorded | EndWritten::Cancelled) = completion {
+            self.ended.fetch_add(1, Ordering::Relaxed);
+        }
+        match completion {
+            Completion::Written(EndWritten::Recorded) => {
+                if let Some(name) = counted {
+                    metrics::counter!(name, "type" => job_type.to_string()).increment(1);
+                    metrics::histogram!(JOB_DURATION, "type" => job_type.to_string()).record(elapsed.as_secs_f64());
+                }
+            }
+            Completion::Written(EndWritten::Cancelled) => {
+                tracing::info!(%job_id, "the job was cancelled meanwhile; its result is not written");
+            }
+            Completion::Written(EndWritten::Stale) => {
+                tracing::info!(%job_id, "the job was reclaimed meanwhile; its result is not written");
+            }
+            Completion::GaveUp => {}
+        }
+    }
 }
 
-async fn run_job(shared: Arc<Shared>, job: Job, running: Running) {
-    let Running { cancel, stop, progress } = running;
+async fn run_job(shared: Arc<Shared>, job: Job, slot: OwnedSemaphorePermit) {
     // Forgets the job when this task ends, even by a panic: its lease then
     // lapses and the reaper runs it again instead of it being renewed forever.
-    let _untrack = Untrack(shared.clone(), job.id);
+    let _unhold = Unhold(shared.clone(), job.id);
+    let Some(Held { cancel, stop, progress }) = shared.held(&job.id) else { return };
+    let progress_slot = progress.clone();
     let started = Instant::now();
     let handler = shared.registry.pick(&job.job_type, &job.id);
     let outcome = match &handler {
@@ -279,6 +443,8 @@ async fn run_job(shared: Arc<Shared>, job: Job, running: Running) {
         }
     };
 
+    // The end supersedes any progress not yet saved.
+    progress_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     let now = Utc::now();
     let queue = &shared.queue;
     let mut transition = match (outcome, stop.load(Ordering::SeqCst)) {
@@ -313,57 +479,46 @@ async fn run_job(shared: Arc<Shared>, job: Job, running: Running) {
         started_at: job.started_at.unwrap_or(now),
         transition,
     };
-    if finish_with_retries(&shared, &end).await {
-        record_outcome(&job.job_type, &end.transition, started.elapsed());
-    }
+    // The slot is free as soon as the handler is done: the next job starts
+    // while this end waits for its commit.
+    let elapsed = started.elapsed();
+    shared.observe_run(elapsed);
+    drop(slot);
+    shared.slot_freed.notify_one();
+    shared.finish(end, &job.job_type, elapsed).await;
 }
 
-/// Counts a recorded attempt end in the metrics.
-fn record_outcome(job_type: &str, transition: &Transition, elapsed: Duration) {
-    let name = match transition {
-        Transition::Complete { .. } => JOBS_COMPLETED,
-        Transition::Retry { .. } => JOBS_RETRIED,
-        Transition::Fail { .. } => JOBS_FAILED,
-        // Counted where the cancel was asked for; a release is not an outcome.
-        Transition::Cancelled | Transition::Release => return,
+/// Gives a claimed job that never started back to `pending` (shutdown).
+async fn release_unstarted(shared: Arc<Shared>, job: Job) {
+    let _unhold = Unhold(shared.clone(), job.id);
+    let now = Utc::now();
+    let end = AttemptEnd {
+        job_id: job.id,
+        worker_id: shared.settings.id.clone(),
+        attempt: job.attempts,
+        handler_version: None,
+        started_at: job.started_at.unwrap_or(now),
+        transition: Transition::Release,
     };
-    metrics::counter!(name, "type" => job_type.to_string()).increment(1);
-    metrics::histogram!(JOB_DURATION, "type" => job_type.to_string()).record(elapsed.as_secs_f64());
+    shared.finish(end, &job.job_type, Duration::ZERO).await;
 }
 
-struct Untrack(Arc<Shared>, Uuid);
-
-impl Drop for Untrack {
-    fn drop(&mut self) {
-        self.0.lock_running().remove(&self.1);
+/// The counter a recorded attempt end adds to.
+fn outcome_metric(transition: &Transition) -> Option<&'static str> {
+    match transition {
+        Transition::Complete { .. } => Some(JOBS_COMPLETED),
+        Transition::Retry { .. } => Some(JOBS_RETRIED),
+        Transition::Fail { .. } => Some(JOBS_FAILED),
+        // Counted where the cancel was asked for; a release is not an outcome.
+        Transition::Cancelled | Transition::Release => None,
     }
 }
 
-/// Ends the attempt, retrying while the database is unavailable for as long
-/// as a lease lasts: until then no other worker runs the job, so a result
-/// recorded late is still the only one. Past that the reaper may have handed
-/// the job on; the store refuses a stale end, so trying longer gains nothing.
-async fn finish_with_retries(shared: &Shared, end: &AttemptEnd) -> bool {
-    let give_up = Instant::now() + shared.queue.settings().lease;
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match shared.queue.store().finish_attempt(end, Utc::now()).await {
-            Ok(recorded) => {
-                if !recorded {
-                    tracing::info!(job_id = %end.job_id, "the job was cancelled or reclaimed meanwhile; its result is not written");
-                }
-                return recorded;
-            }
-            Err(error) if Instant::now() + delay < give_up => {
-                tracing::warn!(job_id = %end.job_id, %error, "could not record the end of an attempt; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            Err(error) => {
-                tracing::error!(job_id = %end.job_id, %error, "gave up recording the end of an attempt; the job runs again when its lease lapses");
-                return false;
-            }
-        }
+struct Unhold(Arc<Shared>, Uuid);
+
+impl Drop for Unhold {
+    fn drop(&mut self) {
+        self.0.lock_held().remove(&self.1);
     }
 }
 
@@ -384,7 +539,7 @@ async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let ids = shared.running_ids();
+        let ids = shared.held_ids();
         match store.released(&settings.id, &ids).await {
             Ok(gone) => shared.stop(&gone, STOP_CANCELLED),
             Err(error) => tracing::warn!(%error, "checking running jobs for cancellation failed"),
@@ -393,7 +548,7 @@ async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
         if last_renew.elapsed() >= renew_every {
             last_renew = Instant::now();
             let lease_until = Utc::now() + queue.settings().lease;
-            match store.renew_leases(&settings.id, &shared.running_ids(), lease_until).await {
+            match store.renew_leases(&settings.id, &shared.held_ids(), lease_until).await {
                 Ok(gone) => shared.stop(&gone, STOP_CANCELLED),
                 Err(error) => tracing::warn!(%error, "renewing leases failed"),
             }
@@ -424,16 +579,15 @@ async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 async fn flush_progress(shared: &Shared) {
-    let pending: Vec<(Uuid, (u8, String))> = shared
-        .lock_running()
+    let pending: Vec<Progress> = shared
+        .lock_held()
         .iter()
-        .filter_map(|(id, running)| Some((*id, running.progress.lock().unwrap_or_else(|e| e.into_inner()).take()?)))
+        .filter_map(|(id, held)| {
+            let (percent, message) = held.progress.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+            Some(Progress { job_id: *id, percent: i16::from(percent), message })
+        })
         .collect();
-    for (id, (percent, message)) in pending {
-        if let Err(error) =
-            shared.queue.store().set_progress(id, &shared.settings.id, i16::from(percent), &message).await
-        {
-            tracing::warn!(job_id = %id, %error, "could not save progress");
-        }
+    if let Err(error) = shared.queue.store().set_progress(&shared.settings.id, &pending).await {
+        tracing::warn!(jobs = pending.len(), %error, "could not save progress");
     }
 }

@@ -7,6 +7,7 @@
 //! it does not decide anything (when to retry, what a lapsed lease means):
 //! that is the queue's.
 
+mod nodelay;
 mod postgres;
 mod sqlite;
 
@@ -300,6 +301,14 @@ pub enum EndWritten {
     Stale,
 }
 
+/// A running job's latest progress report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub job_id: Uuid,
+    pub percent: i16,
+    pub message: String,
+}
+
 /// What a cancel did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -499,7 +508,8 @@ pub trait Store: Send + Sync + 'static {
     /// Cancels a pending or processing job.
     async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError>;
 
-    async fn set_progress(&self, id: Uuid, worker_id: &str, percent: i16, message: &str) -> Result<(), StoreError>;
+    /// Saves the latest progress of jobs `worker_id` holds, in one statement.
+    async fn set_progress(&self, worker_id: &str, progress: &[Progress]) -> Result<(), StoreError>;
 
     async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>, StoreError>;
 

@@ -9,9 +9,10 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOp
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use super::nodelay;
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
-    EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Rollout, Store, StoreError,
+    EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome, Rollout, Store, StoreError,
     StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status, requeueable,
 };
 
@@ -41,11 +42,13 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
             .connect_with(options.clone())
             .await?;
         let relaxed = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
             .connect_lazy_with(options.options([("synchronous_commit", "off")]));
         Ok(Self { pool, relaxed })
     }
@@ -602,15 +605,19 @@ impl Store for PostgresStore {
         Ok(CancelOutcome::Cancelled { was_running: status == JobStatus::Processing })
     }
 
-    async fn set_progress(&self, id: Uuid, worker_id: &str, percent: i16, message: &str) -> Result<(), StoreError> {
+    async fn set_progress(&self, worker_id: &str, progress: &[Progress]) -> Result<(), StoreError> {
+        if progress.is_empty() {
+            return Ok(());
+        }
         sqlx::query(
-            "UPDATE quern_jobs SET progress_percent = $3, progress_message = $4 \
-             WHERE id = $1 AND worker_id = $2 AND status = 'processing'",
+            "UPDATE quern_jobs AS j SET progress_percent = p.percent, progress_message = p.message \
+             FROM unnest($2::uuid[], $3::int2[], $4::text[]) AS p(id, percent, message) \
+             WHERE j.id = p.id AND j.worker_id = $1 AND j.status = 'processing'",
         )
-        .bind(id)
         .bind(worker_id)
-        .bind(percent)
-        .bind(message)
+        .bind(progress.iter().map(|p| p.job_id).collect::<Vec<_>>())
+        .bind(progress.iter().map(|p| p.percent).collect::<Vec<_>>())
+        .bind(progress.iter().map(|p| p.message.as_str()).collect::<Vec<_>>())
         .execute(&self.relaxed)
         .await?;
         Ok(())

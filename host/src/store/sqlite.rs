@@ -19,8 +19,9 @@ use uuid::Uuid;
 
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats,
-    CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, RequeueOutcome, Rollout, Store,
-    StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status, requeueable,
+    CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome,
+    Rollout, Store, StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status,
+    requeueable,
 };
 
 pub struct SqliteStore {
@@ -647,15 +648,18 @@ impl Store for SqliteStore {
         Ok(CancelOutcome::Cancelled { was_running: status == JobStatus::Processing })
     }
 
-    async fn set_progress(&self, id: Uuid, worker_id: &str, percent: i16, message: &str) -> Result<(), StoreError> {
+    async fn set_progress(&self, worker_id: &str, progress: &[Progress]) -> Result<(), StoreError> {
+        if progress.is_empty() {
+            return Ok(());
+        }
         sqlx::query(
-            "UPDATE quern_jobs SET progress_percent = ?3, progress_message = ?4 \
-             WHERE id = ?1 AND worker_id = ?2 AND status = 'processing'",
+            "UPDATE quern_jobs SET progress_percent = p.percent, progress_message = p.message \
+             FROM (SELECT value ->> 'job_id' AS job, value ->> 'percent' AS percent, value ->> 'message' AS message \
+                   FROM json_each(?2)) AS p \
+             WHERE id = p.job AND worker_id = ?1 AND status = 'processing'",
         )
-        .bind(id.to_string())
         .bind(worker_id)
-        .bind(percent)
-        .bind(message)
+        .bind(to_json(progress)?)
         .execute(&self.writer)
         .await?;
         Ok(())
