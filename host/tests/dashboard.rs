@@ -136,6 +136,8 @@ async fn the_dashboard_shows_counts_a_worker_and_a_failure_in_a_real_browser() {
     let db = Db::sqlite().await;
     let env = vec![
         ("WORKER_CONCURRENCY", "1".into()),
+        // Jobs behind the sleeping one stay pending: nothing claimed ahead.
+        ("QUERN_WORKER_LOCAL_QUEUE", "0".into()),
         ("WORKER_ID", "dash-worker".into()),
         // Heartbeats (and so the worker row's active count) every half second.
         ("QUERN_LEASE_MS", "1500".into()),
@@ -198,6 +200,7 @@ async fn without_credentials_the_dashboard_and_stats_answer_401_and_never_show_i
     let db = Db::sqlite().await;
     let env = vec![
         ("WORKER_CONCURRENCY", "1".into()),
+        ("QUERN_WORKER_LOCAL_QUEUE", "0".into()),
         ("QUERN_SHUTDOWN_GRACE_S", "1".into()),
         ("QUERN_DASHBOARD_PASSWORD", "correct horse".into()),
     ];

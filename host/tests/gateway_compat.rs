@@ -150,6 +150,7 @@ async fn openapi_lists_every_route() {
     }
     let expected: BTreeSet<String> = [
         "POST /v1/jobs",
+        "POST /v1/jobs/batch",
         "GET /v1/jobs",
         "GET /v1/jobs/{id}",
         "POST /v1/jobs/{id}/cancel",

@@ -33,8 +33,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",
                     format!(
-                        "the body exceeds {} KiB; send references (URLs) instead of large data",
-                        MAX_BODY_BYTES >> 10
+                        "the body exceeds this route's limit ({} KiB for a job, {} MiB for a batch); \
+                         send references (URLs) instead of large data",
+                        MAX_BODY_BYTES >> 10,
+                        super::batch::MAX_BATCH_BODY_BYTES >> 20
                     ),
                 )
             } else {

@@ -18,6 +18,19 @@ pub struct ErrorBody {
     pub error: String,
     /// A stable machine-readable code, e.g. `unknown_type`.
     pub code: String,
+    /// For a request of many items (`POST /v1/jobs/batch`): what is wrong
+    /// with each item, by its index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<ItemError>,
+}
+
+/// What is wrong with one item of a request.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ItemError {
+    /// The item's position in the request, from 0.
+    pub index: usize,
+    pub error: String,
+    pub code: String,
 }
 
 #[derive(Debug)]
@@ -27,11 +40,17 @@ pub struct ApiError {
     pub message: String,
     /// Seconds a client should wait before trying again (429, 503).
     pub retry_after: Option<Duration>,
+    pub items: Vec<ItemError>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None }
+        Self { status, code, message: message.into(), retry_after: None, items: Vec::new() }
+    }
+
+    pub fn with_items(mut self, items: Vec<ItemError>) -> Self {
+        self.items = items;
+        self
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -60,7 +79,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: self.message, code: self.code.to_string() };
+        let body = ErrorBody { error: self.message, code: self.code.to_string(), errors: self.items };
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(wait) = self.retry_after {
             // Whole seconds, rounded up: a client that waits this long succeeds.

@@ -271,7 +271,7 @@ pub async fn submit(
 }
 
 /// Refuses work for a type whose feature flag is off.
-fn ensure_enabled(state: &AppState, job_type: &str) -> Result<(), ApiError> {
+pub(super) fn ensure_enabled(state: &AppState, job_type: &str) -> Result<(), ApiError> {
     if state.is_disabled(job_type) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -282,7 +282,10 @@ fn ensure_enabled(state: &AppState, job_type: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn known_type(state: &AppState, job_type: &str) -> Result<std::sync::Arc<crate::runtime::HandlerVersion>, ApiError> {
+pub(super) fn known_type(
+    state: &AppState,
+    job_type: &str,
+) -> Result<std::sync::Arc<crate::runtime::HandlerVersion>, ApiError> {
     state.registry.get(job_type).ok_or_else(|| {
         let known = state.registry.job_types();
         let known = if known.is_empty() { "none are loaded".to_string() } else { known.join(", ") };

@@ -7,6 +7,7 @@
 //! beyond the registry's list of loaded types.
 
 pub mod auth;
+mod batch;
 mod body;
 mod dashboard;
 pub mod error;
@@ -189,6 +190,11 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
             OpenApiRouter::new()
                 .routes(routes!(handlers::upload))
                 .layer(DefaultBodyLimit::max(state.settings.max_upload_bytes)),
+        )
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(batch::enqueue_batch))
+                .layer(DefaultBodyLimit::max(batch::MAX_BATCH_BODY_BYTES)),
         )
         .split_for_parts();
     let document = Arc::new(openapi.clone());

@@ -24,9 +24,17 @@ pub struct JobsArgs {
 
 #[derive(Subcommand, Debug)]
 enum JobsCommand {
-    /// Enqueue a job and print it; `--wait` follows it to its end.
+    /// Enqueue a job and print it; `--wait` follows it to its end. With
+    /// `--file`, enqueue every job of a file instead, a thousand per
+    /// transaction, and print their ids.
     Enqueue {
-        job_type: String,
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        job_type: Option<String>,
+        /// A JSON array of jobs, or one job per line (JSON Lines), each
+        /// `{"type": …, "input": {…}}` with optional `priority`, `user_id`
+        /// and `next`; `-` reads standard input.
+        #[arg(long, conflicts_with_all = ["input", "priority", "wait"])]
+        file: Option<PathBuf>,
         #[arg(long, default_value = "{}")]
         input: String,
         #[arg(long, default_value = "cli")]
@@ -52,7 +60,8 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
         }
         let queue = Queue::new(store.clone(), queue_defaults());
         match args.command {
-            JobsCommand::Enqueue { job_type, input, user, priority, wait } => {
+            JobsCommand::Enqueue { file: Some(file), user, .. } => enqueue_file(&queue, &file, &user).await,
+            JobsCommand::Enqueue { job_type: Some(job_type), input, user, priority, wait, file: None } => {
                 let input = serde_json::from_str(&input).context("--input is not valid JSON")?;
                 let job = queue
                     .enqueue(EnqueueRequest { user_id: user, job_type, input, priority, ..Default::default() })
@@ -75,6 +84,9 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
+            JobsCommand::Enqueue { job_type: None, file: None, .. } => {
+                anyhow::bail!("name a job type, or --file with jobs to enqueue")
+            }
             JobsCommand::Get { id } => {
                 let job = store.get(id).await?.with_context(|| format!("job {id} not found"))?;
                 let attempts = store.attempts(id).await?;
@@ -88,6 +100,77 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+/// One job of a `--file`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileJob {
+    #[serde(rename = "type")]
+    job_type: String,
+    input: serde_json::Value,
+    priority: Option<i64>,
+    user_id: Option<String>,
+    #[serde(default)]
+    next: Vec<quern::store::Step>,
+}
+
+/// Reads every job of the file, checks them all, then enqueues them a
+/// batch per transaction: a file with one bad job enqueues nothing.
+async fn enqueue_file(queue: &Queue, path: &std::path::Path, user: &str) -> anyhow::Result<ExitCode> {
+    let text = if path == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let jobs =
+        parse_jobs(&text).with_context(|| format!("{} is not a JSON array of jobs nor JSON Lines", path.display()))?;
+    let requests: Vec<EnqueueRequest> = jobs
+        .into_iter()
+        .map(|job| EnqueueRequest {
+            user_id: job.user_id.unwrap_or_else(|| user.to_string()),
+            job_type: job.job_type,
+            input: job.input,
+            priority: job.priority,
+            next: job.next,
+            max_attempts: None,
+        })
+        .collect();
+    let jobs = match queue.validate_batch(requests) {
+        Ok(jobs) => jobs,
+        Err(quern::queue::BatchError::Invalid(invalid)) => {
+            for (index, error) in &invalid {
+                eprintln!("job {} (from 1): {error}", index + 1);
+            }
+            anyhow::bail!("{} of the jobs are invalid; nothing was enqueued", invalid.len());
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let mut enqueued = 0;
+    for batch in jobs.chunks(quern::queue::MAX_BATCH) {
+        queue.insert_batch(batch).await.with_context(|| {
+            format!("enqueued {enqueued} of {} jobs, then the database refused the next batch", jobs.len())
+        })?;
+        enqueued += batch.len();
+        for job in batch {
+            println!("{}", job.id);
+        }
+    }
+    eprintln!("enqueued {enqueued} jobs");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A JSON array of jobs, or JSON Lines (blank lines skipped); errors name
+/// the line.
+fn parse_jobs(text: &str) -> anyhow::Result<Vec<FileJob>> {
+    if text.trim_start().starts_with('[') {
+        return Ok(serde_json::from_str(text)?);
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(n, line)| serde_json::from_str(line).with_context(|| format!("line {}", n + 1)))
+        .collect()
 }
 
 /// The queue settings `quern serve` would use, from the same environment.

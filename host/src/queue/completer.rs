@@ -67,6 +67,8 @@ pub struct Completer {
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Statements written so far (each one commit).
     flushes: Arc<AtomicU64>,
+    /// Ends handed in and not yet answered.
+    waiting: AtomicUsize,
 }
 
 impl Completer {
@@ -85,7 +87,15 @@ impl Completer {
             flushes: flushes.clone(),
         };
         let task = tokio::spawn(flusher.run(receiver, closing.clone()));
-        Self { sender, outstanding, lease, closing, task: tokio::sync::Mutex::new(Some(task)), flushes }
+        Self {
+            sender,
+            outstanding,
+            lease,
+            closing,
+            task: tokio::sync::Mutex::new(Some(task)),
+            flushes,
+            waiting: AtomicUsize::new(0),
+        }
     }
 
     /// Counts a claimed job, whose end will come.
@@ -96,13 +106,22 @@ impl Completer {
     /// Hands in a claimed job's end and waits for its commit.
     pub async fn finish(&self, end: AttemptEnd) -> Completion {
         let (reply, answer) = oneshot::channel();
+        tracing::debug!(job_id = %end.job_id, "attempt ended; its end waits for the next commit");
         let handed = Handed { end, give_up: Instant::now() + self.lease, reply };
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         let sent = self.sender.send(handed).await;
         self.outstanding.fetch_sub(1, Ordering::SeqCst);
-        if sent.is_err() {
-            return Completion::GaveUp;
-        }
-        answer.await.unwrap_or(Completion::GaveUp)
+        let completion = match sent {
+            Ok(()) => answer.await.unwrap_or(Completion::GaveUp),
+            Err(_) => Completion::GaveUp,
+        };
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        completion
+    }
+
+    /// Ends handed in whose commit has not been answered yet.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     /// Commits of attempt ends so far.

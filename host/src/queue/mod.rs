@@ -146,6 +146,13 @@ impl Queue {
         if requests.len() > MAX_BATCH {
             return Err(BatchError::TooMany { count: requests.len() });
         }
+        let jobs = self.validate_batch(requests)?;
+        self.insert_batch(&jobs).await?;
+        Ok(jobs)
+    }
+
+    /// The jobs `requests` would become, or every problem with its index.
+    pub fn validate_batch(&self, requests: Vec<EnqueueRequest>) -> Result<Vec<NewJob>, BatchError> {
         let mut jobs = Vec::with_capacity(requests.len());
         let mut invalid = Vec::new();
         for (index, request) in requests.into_iter().enumerate() {
@@ -154,11 +161,12 @@ impl Queue {
                 Err(error) => invalid.push((index, error)),
             }
         }
-        if !invalid.is_empty() {
-            return Err(BatchError::Invalid(invalid));
-        }
-        self.store.enqueue_batch(&jobs, Utc::now()).await?;
-        Ok(jobs)
+        if invalid.is_empty() { Ok(jobs) } else { Err(BatchError::Invalid(invalid)) }
+    }
+
+    /// Inserts validated jobs in one transaction.
+    pub async fn insert_batch(&self, jobs: &[NewJob]) -> Result<(), StoreError> {
+        self.store.enqueue_batch(jobs, Utc::now()).await
     }
 
     fn new_job(&self, request: EnqueueRequest) -> Result<NewJob, QueueError> {

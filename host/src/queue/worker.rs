@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -97,6 +97,8 @@ struct Held {
     cancel: CancellationToken,
     stop: Arc<AtomicU8>,
     progress: ProgressSlot,
+    /// When it started running; unset while it waits in the local queue.
+    started: Arc<OnceLock<Instant>>,
 }
 
 struct Shared {
@@ -147,6 +149,11 @@ impl WorkerProbe {
     /// Jobs running right now.
     pub fn active_jobs(&self) -> usize {
         self.0.running()
+    }
+
+    /// Attempt ends handed to the completer and not yet committed.
+    pub fn ends_waiting(&self) -> usize {
+        self.0.completer.waiting()
     }
 
     /// Attempt ends this worker has committed since it started.
@@ -221,6 +228,8 @@ impl Worker {
         let mut claim: Option<BoxFuture<'static, Result<(Vec<Job>, u32), StoreError>>> = None;
         // Set when a claim came back short: look again only when woken or polled.
         let mut drained = false;
+        // The local queue's size, looked at again at most once a millisecond.
+        let mut target = (Instant::now(), 0);
         let mut poll = tokio::time::interval(settings.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !shutdown.is_cancelled() {
@@ -233,9 +242,11 @@ impl Worker {
                 }
             }
             if claim.is_none() && !drained {
-                let target = shared.local_queue_target();
-                let wanted = (settings.concurrency as usize + target).saturating_sub(local.len() + shared.running());
-                if wanted > 0 && local.len() <= target / 2 {
+                if target.0.elapsed() >= Duration::from_millis(1) {
+                    target = (Instant::now(), shared.local_queue_target());
+                }
+                let wanted = (settings.concurrency as usize + target.1).saturating_sub(local.len() + shared.running());
+                if wanted > 0 && local.len() <= target.1 / 2 {
                     claim = Some(Box::pin(shared.clone().claim(wanted as u32)));
                 }
             }
@@ -303,14 +314,26 @@ impl Shared {
         (self.settings.concurrency as usize).saturating_sub(self.slots.available_permits())
     }
 
-    /// How many claimed jobs to keep queued beyond the running ones.
+    /// How many claimed jobs to keep queued beyond the running ones: what
+    /// the slots that will turn over within the horizon get through in it at
+    /// the recent speed. A slot turns over soon if it is free or its job has
+    /// run less than twice the recent mean: a slot held by a longer job
+    /// counts for nothing, so a worker busy with slow jobs claims only for
+    /// its free slots and hoards nothing another worker could start.
     fn local_queue_target(&self) -> usize {
-        let mean = self.mean_run_micros.load(Ordering::Relaxed);
-        if mean == 0 {
-            return 0; // no job has ended yet: their speed is unknown
+        let mean = Duration::from_micros(self.mean_run_micros.load(Ordering::Relaxed));
+        if mean.is_zero() || self.settings.local_queue == 0 || mean >= LOCAL_QUEUE_HORIZON {
+            return 0; // unknown speed, or jobs too slow to be worth claiming ahead
         }
-        let per_slot = LOCAL_QUEUE_HORIZON.as_micros() as u64 / mean;
-        (per_slot.saturating_mul(u64::from(self.settings.concurrency)) as usize).min(self.settings.local_queue as usize)
+        let soon = (mean * 2).min(LOCAL_QUEUE_HORIZON);
+        let turning = self
+            .lock_held()
+            .values()
+            .filter(|held| held.started.get().is_some_and(|started| started.elapsed() < soon))
+            .count();
+        let slots = (turning + self.slots.available_permits()) as u128;
+        let per_slot = LOCAL_QUEUE_HORIZON.as_micros() / mean.as_micros().max(1);
+        (per_slot.saturating_mul(slots) as usize).min(self.settings.local_queue as usize)
     }
 
     /// Folds one job's run time into the recent mean (weight 1/16).
@@ -342,6 +365,7 @@ impl Shared {
                     cancel: CancellationToken::new(),
                     stop: Arc::new(AtomicU8::new(STOP_NONE)),
                     progress: Arc::default(),
+                    started: Arc::default(),
                 },
             );
         }
@@ -410,7 +434,8 @@ async fn run_job(shared: Arc<Shared>, job: Job, slot: OwnedSemaphorePermit) {
     // Forgets the job when this task ends, even by a panic: its lease then
     // lapses and the reaper runs it again instead of it being renewed forever.
     let _unhold = Unhold(shared.clone(), job.id);
-    let Some(Held { cancel, stop, progress }) = shared.held(&job.id) else { return };
+    let Some(Held { cancel, stop, progress, started }) = shared.held(&job.id) else { return };
+    let _ = started.set(Instant::now());
     let progress_slot = progress.clone();
     let started = Instant::now();
     let handler = shared.registry.pick(&job.job_type, &job.id);
