@@ -39,6 +39,10 @@ fn request(job_type: &str, input: Value) -> EnqueueRequest {
     EnqueueRequest { user_id: "u1".into(), job_type: job_type.into(), input, ..EnqueueRequest::default() }
 }
 
+fn any_type() -> Vec<String> {
+    vec!["echo".into()]
+}
+
 fn end(job: &Job, transition: Transition) -> AttemptEnd {
     AttemptEnd {
         job_id: job.id,
@@ -69,7 +73,7 @@ async fn a_batch_of_attempt_ends_is_written_each_by_its_own_guard(db: &Db) {
         queue.enqueue(request("echo", json!({ "n": n }))).await.unwrap();
     }
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 10, now, now + chrono::Duration::seconds(30), None).await.unwrap();
+    let claimed = db.store.claim("w1", 10, now, now + chrono::Duration::seconds(30), &any_type()).await.unwrap();
     let [done, retried, cancelled, stale, same_a, same_b] = <[Job; 6]>::try_from(claimed).unwrap();
     queue.cancel(cancelled.id).await.unwrap();
     let child = NewJob {

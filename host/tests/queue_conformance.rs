@@ -50,6 +50,7 @@ conformance!(
     claim_takes_the_most_urgent_and_oldest_first,
     claim_skips_jobs_that_are_not_due,
     claim_takes_only_the_types_asked_for,
+    claim_takes_the_most_urgent_across_its_types,
     concurrent_claimers_never_share_a_job,
     retry_returns_the_job_to_pending_after_a_backoff,
     attempts_exhausted_fail_the_job_keeping_every_error,
@@ -82,6 +83,11 @@ fn request(user: &str, job_type: &str, input: Value) -> EnqueueRequest {
     EnqueueRequest { user_id: user.into(), job_type: job_type.into(), input, ..EnqueueRequest::default() }
 }
 
+/// Every type these tests enqueue: a claim names the types it takes.
+fn any_type() -> Vec<String> {
+    ["echo", "echo_cached", "hostile", "slow"].map(String::from).to_vec()
+}
+
 fn lease() -> chrono::Duration {
     chrono::Duration::seconds(30)
 }
@@ -93,14 +99,14 @@ async fn claim_marks_jobs_processing_with_a_lease(db: &Db) {
     assert_eq!((job.priority, job.attempts, job.max_attempts), (5, 0, 3));
 
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 10, now, now + lease(), None).await.unwrap();
+    let claimed = db.store.claim("w1", 10, now, now + lease(), &any_type()).await.unwrap();
     assert_eq!(claimed.len(), 1);
     let claimed = &claimed[0];
     assert_eq!((claimed.id, claimed.status, claimed.attempts), (job.id, JobStatus::Processing, 1));
     assert_eq!(claimed.worker_id.as_deref(), Some("w1"));
     assert!(claimed.lease_expires_at.unwrap() > now);
     assert!(
-        db.store.claim("w2", 10, now, now + lease(), None).await.unwrap().is_empty(),
+        db.store.claim("w2", 10, now, now + lease(), &any_type()).await.unwrap().is_empty(),
         "a claimed job is not claimed again"
     );
 }
@@ -117,10 +123,10 @@ async fn claim_takes_the_most_urgent_and_oldest_first(db: &Db) {
     }
     let now = Utc::now();
     let claimed: Vec<Uuid> =
-        db.store.claim("w1", 3, now, now + lease(), None).await.unwrap().iter().map(|j| j.id).collect();
+        db.store.claim("w1", 3, now, now + lease(), &any_type()).await.unwrap().iter().map(|j| j.id).collect();
     assert_eq!(claimed, vec![ids[2], ids[4], ids[0]], "priority 1, then 3, then the older of the two 5s");
     let rest: Vec<Uuid> =
-        db.store.claim("w1", 10, now, now + lease(), None).await.unwrap().iter().map(|j| j.id).collect();
+        db.store.claim("w1", 10, now, now + lease(), &any_type()).await.unwrap().iter().map(|j| j.id).collect();
     assert_eq!(rest, vec![ids[3], ids[1]]);
 }
 
@@ -128,7 +134,7 @@ async fn claim_skips_jobs_that_are_not_due(db: &Db) {
     let queue = queue(db, QueueSettings::default());
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap();
+    let claimed = db.store.claim("w1", 1, now, now + lease(), &any_type()).await.unwrap();
     let later = now + chrono::Duration::seconds(60);
     let end = end_of(
         &claimed[0],
@@ -136,9 +142,34 @@ async fn claim_skips_jobs_that_are_not_due(db: &Db) {
         Transition::Retry { error: "busy".into(), run_at: later, outcome: AttemptOutcome::Retry },
     );
     assert!(db.store.finish_attempt(&end, now).await.unwrap());
-    assert!(db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().is_empty(), "not due yet");
-    let due = db.store.claim("w1", 1, later, later + lease(), None).await.unwrap();
+    assert!(db.store.claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().is_empty(), "not due yet");
+    let due = db.store.claim("w1", 1, later, later + lease(), &any_type()).await.unwrap();
     assert_eq!(due[0].id, job.id);
+}
+
+async fn claim_takes_the_most_urgent_across_its_types(db: &Db) {
+    let queue = queue(db, QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() });
+    let mut ids = std::collections::HashMap::new();
+    for (name, job_type, priority) in [
+        ("alpha-3", "alpha", 3),
+        ("beta-2", "beta", 2),
+        ("alpha-4", "alpha", 4),
+        ("beta-9", "beta", 9),
+        ("gamma-1", "gamma", 1),
+    ] {
+        let job = queue
+            .enqueue(EnqueueRequest { priority: Some(priority), ..request("u1", job_type, json!({})) })
+            .await
+            .unwrap();
+        ids.insert(job.id, name);
+    }
+    let now = Utc::now();
+    let types = vec!["alpha".to_string(), "beta".to_string()];
+    let names = |jobs: Vec<quern::store::Job>| jobs.iter().map(|job| ids[&job.id]).collect::<Vec<_>>();
+    let first = db.store.claim("w1", 3, now, now + lease(), &types).await.unwrap();
+    assert_eq!(names(first), vec!["beta-2", "alpha-3", "alpha-4"], "gamma is not this worker's");
+    let rest = db.store.claim("w1", 3, now, now + lease(), &types).await.unwrap();
+    assert_eq!(names(rest), vec!["beta-9"], "the rows looked at but not taken were left for later claims");
 }
 
 async fn claim_takes_only_the_types_asked_for(db: &Db) {
@@ -148,7 +179,7 @@ async fn claim_takes_only_the_types_asked_for(db: &Db) {
         queue.enqueue(EnqueueRequest { priority: Some(1), ..request("u1", "not_deployed", json!({})) }).await.unwrap();
     let now = Utc::now();
     let types = vec!["echo".to_string()];
-    let claimed = db.store.claim("w1", 10, now, now + lease(), Some(&types)).await.unwrap();
+    let claimed = db.store.claim("w1", 10, now, now + lease(), &types).await.unwrap();
     assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![echo.id]);
     assert_eq!(
         db.store.get(other.id).await.unwrap().unwrap().status,
@@ -173,7 +204,8 @@ async fn concurrent_claimers_never_share_a_job(db: &Db) {
             let mut mine = Vec::new();
             loop {
                 let now = Utc::now();
-                let batch = store.claim(&worker, 25, now, now + chrono::Duration::seconds(30), None).await.unwrap();
+                let batch =
+                    store.claim(&worker, 25, now, now + chrono::Duration::seconds(30), &any_type()).await.unwrap();
                 if batch.is_empty() {
                     return mine;
                 }
@@ -205,7 +237,7 @@ async fn retry_returns_the_job_to_pending_after_a_backoff(db: &Db) {
     let queue = queue(db, QueueSettings { retry_base: Duration::from_millis(2000), ..QueueSettings::default() });
     queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let job = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
+    let job = db.store.claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().remove(0);
     let transition =
         queue.transition(&job, Outcome::Retry { reason: "upstream 503".into(), delay: None }, Duration::ZERO, now);
     let Transition::Retry { run_at, .. } = transition.clone() else { panic!("expected a retry, got {transition:?}") };
@@ -221,7 +253,7 @@ async fn retry_returns_the_job_to_pending_after_a_backoff(db: &Db) {
     assert_eq!((attempts[0].outcome, attempts[0].error.as_deref()), (AttemptOutcome::Retry, Some("upstream 503")));
 
     // The second retry waits twice as long.
-    let again = db.store.claim("w1", 1, run_at, run_at + lease(), None).await.unwrap().remove(0);
+    let again = db.store.claim("w1", 1, run_at, run_at + lease(), &any_type()).await.unwrap().remove(0);
     assert_eq!(again.attempts, 2);
     let Transition::Retry { run_at: second, .. } =
         queue.transition(&again, Outcome::Retry { reason: "x".into(), delay: None }, Duration::ZERO, run_at)
@@ -238,7 +270,7 @@ async fn attempts_exhausted_fail_the_job_keeping_every_error(db: &Db) {
         queue.enqueue(EnqueueRequest { max_attempts: Some(2), ..request("u1", "echo", json!({})) }).await.unwrap();
     let mut now = Utc::now();
     for attempt in 1..=2 {
-        let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
+        let claimed = db.store.claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().remove(0);
         assert_eq!(claimed.attempts, attempt);
         let reason = format!("timeout {attempt}");
         let transition = queue.transition(&claimed, Outcome::Retry { reason, delay: None }, Duration::ZERO, now);
@@ -259,7 +291,7 @@ async fn a_lapsed_lease_is_reaped_back_to_pending(db: &Db) {
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
     let lapsed = now - chrono::Duration::seconds(1);
-    assert_eq!(db.store.claim("dead-worker", 1, now, lapsed, None).await.unwrap().len(), 1);
+    assert_eq!(db.store.claim("dead-worker", 1, now, lapsed, &any_type()).await.unwrap().len(), 1);
     assert_eq!(queue.reap_expired_leases().await.unwrap(), 1);
     let reaped = db.store.get(job.id).await.unwrap().unwrap();
     assert_eq!(reaped.status, JobStatus::Pending);
@@ -275,7 +307,7 @@ async fn a_lapsed_lease_on_the_last_attempt_fails_the_job(db: &Db) {
         queue.enqueue(EnqueueRequest { max_attempts: Some(1), ..request("u1", "echo", json!({})) }).await.unwrap();
     let now = Utc::now();
     let lapsed = now - chrono::Duration::seconds(1);
-    assert_eq!(db.store.claim("dead-worker", 1, now, lapsed, None).await.unwrap().len(), 1);
+    assert_eq!(db.store.claim("dead-worker", 1, now, lapsed, &any_type()).await.unwrap().len(), 1);
     queue.reap_expired_leases().await.unwrap();
     let failed = db.store.get(job.id).await.unwrap().unwrap();
     assert_eq!(failed.status, JobStatus::Failed);
@@ -286,7 +318,7 @@ async fn a_stale_attempt_end_writes_nothing(db: &Db) {
     let queue = queue(db, QueueSettings::default());
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
+    let claimed = db.store.claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().remove(0);
     let complete =
         || Transition::Complete { result: json!({"late": true}), processing_time_ms: 1, next: None, cache: None };
     assert!(!db.store.finish_attempt(&end_of(&claimed, "w2", complete()), now).await.unwrap(), "another worker's end");
@@ -302,14 +334,14 @@ async fn cancel_pending_is_immediate(db: &Db) {
     assert_eq!(queue.cancel(job.id).await.unwrap(), CancelOutcome::Cancelled { was_running: false });
     assert_eq!(db.store.get(job.id).await.unwrap().unwrap().status, JobStatus::Cancelled);
     let now = Utc::now();
-    assert!(db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().is_empty());
+    assert!(db.store.claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().is_empty());
 }
 
 async fn cancel_of_a_finished_job_is_refused(db: &Db) {
     let queue = queue(db, QueueSettings::default());
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 1, now, now + lease(), None).await.unwrap().remove(0);
+    let claimed = db.store.claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().remove(0);
     let done = Transition::Complete { result: json!({}), processing_time_ms: 1, next: None, cache: None };
     db.store.finish_attempt(&end_of(&claimed, "w1", done), now).await.unwrap();
     let error = queue.cancel(job.id).await.unwrap_err();
@@ -596,7 +628,7 @@ async fn recent_attempts_and_failures_are_read_for_stats(db: &Db) {
     let ok = queue.enqueue(request("u1", "echo", json!({"n": 1}))).await.unwrap();
     let bad = queue.enqueue(request("u1", "slow", json!({"n": 2}))).await.unwrap();
     let now = Utc::now();
-    for job in db.store.claim("w1", 10, now, now + lease(), None).await.unwrap() {
+    for job in db.store.claim("w1", 10, now, now + lease(), &any_type()).await.unwrap() {
         let transition = if job.id == ok.id {
             Transition::Complete { result: json!({}), processing_time_ms: 1, next: None, cache: None }
         } else {

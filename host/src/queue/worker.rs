@@ -351,7 +351,7 @@ impl Shared {
         let now = Utc::now();
         let lease_until = now + self.queue.settings().lease;
         let types = self.registry.claimable_types();
-        let jobs = self.queue.store().claim(&self.settings.id, wanted, now, lease_until, Some(&types)).await?;
+        let jobs = self.queue.store().claim(&self.settings.id, wanted, now, lease_until, &types).await?;
         self.completer.expect(jobs.len());
         self.claims.fetch_add(1, Ordering::Relaxed);
         self.claimed.fetch_add(jobs.len() as u64, Ordering::Relaxed);

@@ -456,18 +456,19 @@ pub trait Store: Send + Sync + 'static {
 
     async fn cache_stats(&self, now: DateTime<Utc>) -> Result<CacheStats, StoreError>;
 
-    /// Claims up to `limit` due pending jobs, most urgent first, for
-    /// `worker_id`: each becomes `processing` with its attempt counted and a
-    /// lease until `lease_until`. No job is handed to two claimers. With
-    /// `types`, only jobs of those types are claimed (the ones this worker
-    /// has handlers for).
+    /// Claims up to `limit` due pending jobs of `types` (the ones the worker
+    /// has handlers for), most urgent first, for `worker_id`: each becomes
+    /// `processing` with its attempt counted and a lease until `lease_until`.
+    /// No job is handed to two claimers. The cost follows the jobs claimed,
+    /// not the backlog: each type is read through its own part of the claim
+    /// index, so pending jobs of other types are never scanned.
     async fn claim(
         &self,
         worker_id: &str,
         limit: u32,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-        types: Option<&[String]>,
+        types: &[String],
     ) -> Result<Vec<Job>, StoreError>;
 
     /// Inserts many jobs in one transaction, all or none, and wakes workers

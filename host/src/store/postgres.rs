@@ -158,6 +158,43 @@ async fn unfinished_of(tx: &mut Transaction<'_, Postgres>, user_id: &str) -> Res
         .await?)
 }
 
+/// Claims of one type read the claim index `(type, priority, run_at,
+/// created_at)` in order from the top, locking as they go; rows another
+/// claimer holds are skipped, so concurrent claimers never wait on each other.
+static CLAIM_ONE_TYPE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    claim_sql(
+        "SELECT id FROM quern_jobs WHERE status = 'pending' AND type = ($5::text[])[1] AND run_at <= $1 \
+         ORDER BY priority, run_at, created_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+});
+
+/// Claims of several types take the top of each type's part of the index
+/// (locking up to `limit` rows of each), then the most urgent of those; the
+/// rows not taken are unlocked when the statement commits.
+static CLAIM_TYPES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    claim_sql(
+        "SELECT c.id FROM unnest($5::text[]) AS t(type) CROSS JOIN LATERAL ( \
+             SELECT id, priority, run_at, created_at FROM quern_jobs \
+             WHERE status = 'pending' AND type = t.type AND run_at <= $1 \
+             ORDER BY priority, run_at, created_at LIMIT $2 FOR UPDATE SKIP LOCKED) AS c \
+         ORDER BY c.priority, c.run_at, c.created_at LIMIT $2",
+    )
+});
+
+/// The claim around a choice of job ids: `$1` now, `$2` the limit, `$3` the
+/// worker, `$4` the lease's end, `$5` the types.
+fn claim_sql(choose: &str) -> String {
+    let returned = JOB_COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ");
+    format!(
+        "WITH next AS ({choose}) \
+         UPDATE quern_jobs AS j \
+         SET status = 'processing', worker_id = $3, attempts = j.attempts + 1, started_at = $1, \
+             lease_expires_at = $4, updated_at = $1, progress_percent = 0, progress_message = NULL \
+         FROM next WHERE j.id = next.id \
+         RETURNING {returned}"
+    )
+}
+
 /// Ends a batch of attempts in one statement (so one commit): the jobs'
 /// transitions, each guarded by who holds it, then for the ends written the
 /// attempt records, the cache entries and the pipelines' next jobs. The ends
@@ -432,30 +469,21 @@ impl Store for PostgresStore {
         limit: u32,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-        types: Option<&[String]>,
+        types: &[String],
     ) -> Result<Vec<Job>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "WITH next AS (
-                 SELECT id FROM quern_jobs
-                 WHERE status = 'pending' AND run_at <= $1 AND ($5::text[] IS NULL OR type = ANY($5))
-                 ORDER BY priority, run_at, created_at
-                 LIMIT $2
-                 FOR UPDATE SKIP LOCKED
-             )
-             UPDATE quern_jobs AS j
-             SET status = 'processing', worker_id = $3, attempts = j.attempts + 1, started_at = $1,
-                 lease_expires_at = $4, updated_at = $1, progress_percent = 0, progress_message = NULL
-             FROM next WHERE j.id = next.id
-             RETURNING {}",
-            JOB_COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ")
-        )))
-        .bind(now)
-        .bind(i64::from(limit))
-        .bind(worker_id)
-        .bind(lease_until)
-        .bind(types)
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = match types.len() {
+            0 => return Ok(Vec::new()),
+            1 => &*CLAIM_ONE_TYPE,
+            _ => &*CLAIM_TYPES,
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            .bind(now)
+            .bind(i64::from(limit))
+            .bind(worker_id)
+            .bind(lease_until)
+            .bind(types)
+            .fetch_all(&self.pool)
+            .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
         jobs.sort_by_key(|job| (job.priority, job.run_at, job.created_at));
         Ok(jobs)

@@ -461,30 +461,42 @@ impl Store for SqliteStore {
         limit: u32,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-        types: Option<&[String]>,
+        types: &[String],
     ) -> Result<Vec<Job>, StoreError> {
-        let types = types.map(|types| serde_json::Value::from(types.to_vec()).to_string());
-        // One statement, so one write lock: atomic against every other claimer.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        if types.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The top of each type's part of the claim index `(type, priority,
+        // run_at, created_at)`, then the most urgent of those: pending jobs
+        // of other types are never scanned. One statement, so one write
+        // lock: atomic against every other claimer.
+        let per_type: Vec<String> = (0..types.len())
+            .map(|i| {
+                format!(
+                    "SELECT * FROM (SELECT id, priority, run_at, created_at FROM quern_jobs \
+                     WHERE status = 'pending' AND type = ?{} AND run_at <= ?1 \
+                     ORDER BY priority, run_at, created_at LIMIT ?2)",
+                    i + 5
+                )
+            })
+            .collect();
+        let sql = format!(
             "UPDATE quern_jobs
              SET status = 'processing', worker_id = ?3, attempts = attempts + 1, started_at = ?1,
                  lease_expires_at = ?4, updated_at = ?1, progress_percent = 0, progress_message = NULL
-             WHERE id IN (
-                 SELECT id FROM quern_jobs
-                 WHERE status = 'pending' AND run_at <= ?1
-                   AND (?5 IS NULL OR type IN (SELECT value FROM json_each(?5)))
-                 ORDER BY priority, run_at, created_at
-                 LIMIT ?2
-             )
-             RETURNING {JOB_COLUMNS}"
-        )))
-        .bind(micros(now))
-        .bind(i64::from(limit))
-        .bind(worker_id)
-        .bind(micros(lease_until))
-        .bind(types)
-        .fetch_all(&self.writer)
-        .await?;
+             WHERE id IN (SELECT id FROM ({}) ORDER BY priority, run_at, created_at LIMIT ?2)
+             RETURNING {JOB_COLUMNS}",
+            per_type.join(" UNION ALL ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(micros(now))
+            .bind(i64::from(limit))
+            .bind(worker_id)
+            .bind(micros(lease_until));
+        for job_type in types {
+            query = query.bind(job_type);
+        }
+        let rows = query.fetch_all(&self.writer).await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
         jobs.sort_by_key(|job| (job.priority, job.run_at, job.created_at));
         Ok(jobs)
