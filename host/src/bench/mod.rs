@@ -1,7 +1,9 @@
 //! Benchmarks that print their numbers (`quern bench …`). Speed is claimed
 //! from these, never from timed tests; BENCHMARKS.md records what they print.
 
+pub mod backlog;
 pub mod e2e;
+pub mod fleet;
 pub mod http;
 pub mod queue;
 pub mod runtime;

@@ -58,6 +58,10 @@ enum BenchCommand {
     Runtime(quern::bench::runtime::RuntimeBenchArgs),
     /// The queue end to end: enqueue and processing throughput, pickup latency.
     Queue(quern::bench::queue::QueueBenchArgs),
+    /// Several `quern worker` processes draining one backlog on one PostgreSQL.
+    Fleet(quern::bench::fleet::FleetBenchArgs),
+    /// Claim cost and pickup latency on an empty queue and behind a large backlog.
+    Backlog(quern::bench::backlog::BacklogBenchArgs),
     /// The HTTP gateway: enqueue, cache hit and status requests per second, latency.
     Http(quern::bench::http::HttpBenchArgs),
     /// Simulated users enqueueing and following jobs end to end (the seed's load test).
@@ -113,6 +117,20 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?
                 .block_on(quern::bench::queue::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Fleet(args)) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(quern::bench::fleet::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Backlog(args)) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(quern::bench::backlog::run(&args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::E2e(args)) => {

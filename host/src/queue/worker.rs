@@ -83,6 +83,9 @@ pub fn default_worker_id() -> String {
 /// a few microseconds, and nothing for jobs that run for seconds.
 pub const LOCAL_QUEUE_HORIZON: Duration = Duration::from_millis(20);
 
+/// The jobs a claim returned, and how many it asked for.
+type Claimed = Result<(Vec<Job>, u32), StoreError>;
+
 /// Why a held job's instance was interrupted.
 const STOP_NONE: u8 = 0;
 const STOP_CANCELLED: u8 = 1;
@@ -225,7 +228,7 @@ impl Worker {
         let mut local: VecDeque<Job> = VecDeque::new();
         // At most one claim in flight, polled here beside the jobs (not a
         // task of its own: an idle worker's claim starts the moment it wakes).
-        let mut claim: Option<BoxFuture<'static, Result<(Vec<Job>, u32), StoreError>>> = None;
+        let mut claim: Option<BoxFuture<'static, Claimed>> = None;
         // Set when a claim came back short: look again only when woken or polled.
         let mut drained = false;
         // The local queue's size, looked at again at most once a millisecond.
@@ -347,7 +350,7 @@ impl Shared {
     /// Claims up to `wanted` jobs (only of types this worker can run: another
     /// worker, or a later deploy, takes the rest instead of attempts being
     /// burnt here) and holds them.
-    async fn claim(self: Arc<Self>, wanted: u32) -> Result<(Vec<Job>, u32), StoreError> {
+    async fn claim(self: Arc<Self>, wanted: u32) -> Claimed {
         let now = Utc::now();
         let lease_until = now + self.queue.settings().lease;
         let types = self.registry.claimable_types();
