@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -100,8 +100,6 @@ struct Held {
     cancel: CancellationToken,
     stop: Arc<AtomicU8>,
     progress: ProgressSlot,
-    /// When it started running; unset while it waits in the local queue.
-    started: Arc<OnceLock<Instant>>,
 }
 
 struct Shared {
@@ -113,6 +111,8 @@ struct Shared {
     held: Mutex<HashMap<Uuid, Held>>,
     /// One permit per running job.
     slots: Arc<Semaphore>,
+    /// When each running job started (at most `concurrency` of them).
+    running_since: Mutex<HashMap<Uuid, Instant>>,
     /// Signalled when a job gives its slot back.
     slot_freed: Notify,
     completer: Completer,
@@ -180,6 +180,7 @@ impl Worker {
         let completer = Completer::start(queue.store().clone(), settings.completion.clone(), queue.settings().lease);
         let shared = Shared {
             slots: Arc::new(Semaphore::new(settings.concurrency as usize)),
+            running_since: Mutex::default(),
             slot_freed: Notify::new(),
             held: Mutex::default(),
             mean_run_micros: AtomicU64::new(0),
@@ -309,7 +310,7 @@ impl Worker {
 
 impl Shared {
     fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Held>> {
-        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.held)
     }
 
     /// Jobs running right now (holding a slot).
@@ -329,11 +330,7 @@ impl Shared {
             return 0; // unknown speed, or jobs too slow to be worth claiming ahead
         }
         let soon = (mean * 2).min(LOCAL_QUEUE_HORIZON);
-        let turning = self
-            .lock_held()
-            .values()
-            .filter(|held| held.started.get().is_some_and(|started| started.elapsed() < soon))
-            .count();
+        let turning = lock(&self.running_since).values().filter(|started| started.elapsed() < soon).count();
         let slots = (turning + self.slots.available_permits()) as u128;
         let per_slot = LOCAL_QUEUE_HORIZON.as_micros() / mean.as_micros().max(1);
         (per_slot.saturating_mul(slots) as usize).min(self.settings.local_queue as usize)
@@ -368,7 +365,6 @@ impl Shared {
                     cancel: CancellationToken::new(),
                     stop: Arc::new(AtomicU8::new(STOP_NONE)),
                     progress: Arc::default(),
-                    started: Arc::default(),
                 },
             );
         }
@@ -437,10 +433,10 @@ async fn run_job(shared: Arc<Shared>, job: Job, slot: OwnedSemaphorePermit) {
     // Forgets the job when this task ends, even by a panic: its lease then
     // lapses and the reaper runs it again instead of it being renewed forever.
     let _unhold = Unhold(shared.clone(), job.id);
-    let Some(Held { cancel, stop, progress, started }) = shared.held(&job.id) else { return };
-    let _ = started.set(Instant::now());
+    let Some(Held { cancel, stop, progress }) = shared.held(&job.id) else { return };
     let progress_slot = progress.clone();
     let started = Instant::now();
+    lock(&shared.running_since).insert(job.id, started);
     let handler = shared.registry.pick(&job.job_type, &job.id);
     let outcome = match &handler {
         None => Outcome::Retry { reason: format!("no handler is loaded for job type `{}`", job.job_type), delay: None },
@@ -511,6 +507,7 @@ async fn run_job(shared: Arc<Shared>, job: Job, slot: OwnedSemaphorePermit) {
     // while this end waits for its commit.
     let elapsed = started.elapsed();
     shared.observe_run(elapsed);
+    lock(&shared.running_since).remove(&job.id);
     drop(slot);
     shared.slot_freed.notify_one();
     shared.finish(end, &job.job_type, elapsed).await;
@@ -542,11 +539,19 @@ fn outcome_metric(transition: &Transition) -> Option<&'static str> {
     }
 }
 
+/// A poisoned lock still holds consistent maps: every critical section here
+/// is a single insert, remove or read.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 struct Unhold(Arc<Shared>, Uuid);
 
 impl Drop for Unhold {
     fn drop(&mut self) {
         self.0.lock_held().remove(&self.1);
+        // A job whose task panicked mid-run frees its start time too.
+        lock(&self.0.running_since).remove(&self.1);
     }
 }
 

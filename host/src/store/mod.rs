@@ -98,6 +98,41 @@ pub struct Job {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
+impl Job {
+    /// A job as its insert stored it: the store need not read it back.
+    /// Times keep the microseconds both databases keep.
+    pub fn pending(new: &NewJob, now: DateTime<Utc>) -> Self {
+        use chrono::SubsecRound;
+        let now = now.trunc_subsecs(6);
+        Self {
+            id: new.id,
+            user_id: new.user_id.clone(),
+            job_type: new.job_type.clone(),
+            input: new.input.clone(),
+            result: None,
+            error: None,
+            status: JobStatus::Pending,
+            priority: new.priority,
+            attempts: 0,
+            max_attempts: new.max_attempts,
+            run_at: new.run_at.trunc_subsecs(6),
+            lease_expires_at: None,
+            worker_id: None,
+            handler_version: None,
+            progress_percent: 0,
+            progress_message: None,
+            processing_time_ms: None,
+            parent_id: new.parent_id,
+            root_id: new.root_id,
+            next_steps: new.next_steps.clone(),
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            completed_at: None,
+        }
+    }
+}
+
 /// A job to insert.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewJob {

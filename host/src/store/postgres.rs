@@ -17,6 +17,7 @@ use super::{
 };
 
 /// The channel enqueues notify and workers listen on.
+/// (The static statements below spell it out: `pg_notify('quern_jobs', '')`.)
 const CHANNEL: &str = "quern_jobs";
 /// The channel rollout changes notify; workers and gateways listen on it.
 const ROLLOUTS_CHANNEL: &str = "quern_handlers";
@@ -39,13 +40,18 @@ impl PostgresStore {
     /// Connects with explicit options (tests set a private `search_path`).
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
         let options = options.application_name("quern");
+        // No ping before each acquire (sqlx's default): it doubled the round
+        // trips of every statement. A connection that died while idle fails
+        // its next statement instead, which callers retry, and is replaced.
         let pool = PgPoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(16)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
             .connect_with(options.clone())
             .await?;
         let relaxed = PgPoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
@@ -121,11 +127,11 @@ fn insert_query(
     now: DateTime<Utc>,
 ) -> Result<sqlx::query::Query<'static, Postgres, PgArguments>, StoreError> {
     let next_steps = serde_json::to_value(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?;
-    Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+    Ok(sqlx::query(
         "INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id, \
          created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
-         RETURNING {JOB_COLUMNS}, pg_notify('{CHANNEL}', '')::text AS notified"
-    )))
+         RETURNING pg_notify('quern_jobs', '')::text AS notified",
+    )
     .bind(job.id)
     .bind(job.user_id.clone())
     .bind(job.job_type.clone())
@@ -140,8 +146,8 @@ fn insert_query(
 }
 
 async fn insert_job(tx: &mut Transaction<'_, Postgres>, job: &NewJob, now: DateTime<Utc>) -> Result<Job, StoreError> {
-    let row = insert_query(job, now)?.fetch_one(&mut **tx).await?;
-    job_from_row(&row)
+    insert_query(job, now)?.execute(&mut **tx).await?;
+    Ok(Job::pending(job, now))
 }
 
 /// Serialises the transactions that count a user's unfinished jobs (enqueue,
@@ -351,8 +357,8 @@ impl Store for PostgresStore {
     ) -> Result<Job, StoreError> {
         let Some(limit) = max_unfinished_per_user else {
             // One statement, one round trip: the insert and its NOTIFY.
-            let row = insert_query(job, now)?.fetch_one(&self.pool).await?;
-            return job_from_row(&row);
+            insert_query(job, now)?.execute(&self.pool).await?;
+            return Ok(Job::pending(job, now));
         };
         let mut tx = self.pool.begin().await?;
         lock_user(&mut tx, &job.user_id).await?;

@@ -45,8 +45,18 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
-        let reader = SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
+        // A file does not hang up: no ping before each acquire (sqlx's
+        // default), which cost a round trip to the connection's thread.
+        let writer = SqlitePoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
         let (enqueued, _) = watch::channel(0);
         let (rollouts_changed, _) = watch::channel(0);
         Ok(Self { writer, reader, enqueued, rollouts_changed })
@@ -126,20 +136,19 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
 /// Inserts a job in one statement that also checks its user's unfinished
 /// jobs against `limit`: SQLite runs one write statement at a time, so the
 /// count cannot go stale between the check and the insert, and the enqueue
-/// costs one round trip. `None` when the user is at the limit.
+/// costs one round trip. `false` when the user is at the limit.
 async fn insert_job<'c>(
     executor: impl sqlx::SqliteExecutor<'c>,
     job: &NewJob,
     now: DateTime<Utc>,
     limit: Option<u32>,
-) -> Result<Option<Job>, StoreError> {
+) -> Result<bool, StoreError> {
     let next_steps = serde_json::to_string(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?;
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let done = sqlx::query(
         "INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id, \
          created_at, updated_at) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11 \
-         WHERE ?12 IS NULL OR (SELECT count(*) FROM quern_jobs WHERE user_id = ?2 AND status IN ('pending', 'processing')) < ?12 \
-         RETURNING {JOB_COLUMNS}"
-    )))
+         WHERE ?12 IS NULL OR (SELECT count(*) FROM quern_jobs WHERE user_id = ?2 AND status IN ('pending', 'processing')) < ?12",
+    )
     .bind(job.id.to_string())
     .bind(&job.user_id)
     .bind(&job.job_type)
@@ -152,9 +161,9 @@ async fn insert_job<'c>(
     .bind(job.root_id.map(|id| id.to_string()))
     .bind(micros(now))
     .bind(limit.map(i64::from))
-    .fetch_optional(executor)
+    .execute(executor)
     .await?;
-    row.as_ref().map(job_from_row).transpose()
+    Ok(done.rows_affected() == 1)
 }
 
 /// Pending and processing jobs of a user, inside the writer's transaction
@@ -348,12 +357,12 @@ impl Store for SqliteStore {
     ) -> Result<Job, StoreError> {
         let inserted = insert_job(&self.writer, job, now, max_unfinished_per_user).await?;
         match (inserted, max_unfinished_per_user) {
-            (Some(inserted), _) => {
+            (true, _) => {
                 self.wake_workers();
-                Ok(inserted)
+                Ok(Job::pending(job, now))
             }
-            (None, Some(limit)) => Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit }),
-            (None, None) => Err(corrupt("quern_jobs", "an unconditional insert returned no row")),
+            (false, Some(limit)) => Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit }),
+            (false, None) => Err(corrupt("quern_jobs", "an unconditional insert inserted nothing")),
         }
     }
 
