@@ -40,18 +40,13 @@ impl PostgresStore {
     /// Connects with explicit options (tests set a private `search_path`).
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
         let options = options.application_name("quern");
-        // No ping before each acquire (sqlx's default): it doubled the round
-        // trips of every statement. A connection that died while idle fails
-        // its next statement instead, which callers retry, and is replaced.
         let pool = PgPoolOptions::new()
-            .test_before_acquire(false)
             .max_connections(16)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
             .connect_with(options.clone())
             .await?;
         let relaxed = PgPoolOptions::new()
-            .test_before_acquire(false)
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
