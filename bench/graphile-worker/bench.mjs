@@ -25,7 +25,7 @@ const LATENCY_SAMPLES = Number(process.env.LATENCY_SAMPLES ?? 300);
 const BULK_BATCH = Number(process.env.BULK_BATCH ?? 1000);
 const PRESET = process.env.PRESET ?? "default";
 // The performance page's local queue; its release notes suggest starting at concurrency + 1.
-const LOCAL_QUEUE = Number(process.env.LOCAL_QUEUE ?? 500);
+const LOCAL_QUEUE = Number(process.env.LOCAL_QUEUE) || 500;
 const schema = `gw_bench_${process.pid}`;
 const now = () => performance.timeOrigin + performance.now();
 
@@ -38,6 +38,7 @@ const silent = new Logger(() => () => {});
 
 const pool = new pg.Pool({ connectionString, max: 20 });
 pool.on("error", (error) => console.error("pool error:", error.message));
+pool.on("connect", (client) => client.on("error", (error) => console.error("client error:", error.message)));
 const utils = await makeWorkerUtils({ pgPool: pool, schema, logger: silent });
 await utils.migrate();
 

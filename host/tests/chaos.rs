@@ -51,7 +51,17 @@ async fn behind_proxy(db: &mut Db, latency: Duration) -> (Proxy, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_under_load_loses_nothing_and_runs_nothing_twice() {
     let _alone = ALONE.lock().await;
-    let db = Db::postgres().await;
+    killed_under_load(Db::postgres().await).await;
+}
+
+/// The same on SQLite: two worker processes sharing one database file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_under_load_on_sqlite_loses_nothing_and_runs_nothing_twice() {
+    let _alone = ALONE.lock().await;
+    killed_under_load(Db::sqlite().await).await;
+}
+
+async fn killed_under_load(db: Db) {
     let handlers = handlers_dir();
     let lease_ms = 1500;
     let env = [("QUERN_LEASE_MS", "1500"), ("WORKER_CONCURRENCY", "8")];
