@@ -11,7 +11,7 @@ use chrono::Utc;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::queue::{Backend, open, progress};
+use super::queue::{Backend, open, pickup_latencies, progress};
 use super::{Latencies, millis, thousands};
 use crate::queue::worker::{Worker, WorkerSettings};
 use crate::queue::{EnqueueRequest, MAX_BATCH, Queue, QueueSettings};
@@ -144,18 +144,7 @@ async fn measure(
         ids.push(queue.enqueue(request(samples + n)).await?.id);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut pickups = Vec::with_capacity(samples);
-    for id in ids {
-        let job = loop {
-            let job = store.get(id).await?.ok_or_else(|| anyhow::anyhow!("job {id} vanished"))?;
-            if job.status.is_finished() {
-                break job;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        let started_at = job.started_at.ok_or_else(|| anyhow::anyhow!("job {id} has no start time"))?;
-        pickups.push((started_at - job.created_at).to_std().unwrap_or_default());
-    }
+    let mut pickups = pickup_latencies(store, ids).await?;
     shutdown.cancel();
     worker.await??;
 

@@ -161,18 +161,7 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
         bar.inc(1);
     }
-    let mut pickups = Vec::with_capacity(ids.len());
-    for id in ids {
-        let job = loop {
-            let job = store.get(id).await?.ok_or_else(|| anyhow::anyhow!("job {id} vanished"))?;
-            if job.status.is_finished() {
-                break job;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        let started_at = job.started_at.ok_or_else(|| anyhow::anyhow!("job {id} has no start time"))?;
-        pickups.push((started_at - job.created_at).to_std().unwrap_or_default());
-    }
+    let mut pickups = pickup_latencies(&store, ids).await?;
     bar.finish_and_clear();
     shutdown.cancel();
     worker.await??;
@@ -216,6 +205,24 @@ fn parse_bulk_batch(text: &str) -> Result<usize, String> {
         Ok(n) if (1..=crate::queue::MAX_BATCH).contains(&n) => Ok(n),
         _ => Err(format!("use 1 to {}", crate::queue::MAX_BATCH)),
     }
+}
+
+/// Waits for each job to end, then reads how long each waited between its
+/// enqueue and its claim (`started_at − created_at`).
+pub(super) async fn pickup_latencies(store: &Arc<dyn Store>, ids: Vec<uuid::Uuid>) -> anyhow::Result<Vec<Duration>> {
+    let mut pickups = Vec::with_capacity(ids.len());
+    for id in ids {
+        let job = loop {
+            let job = store.get(id).await?.ok_or_else(|| anyhow::anyhow!("job {id} vanished"))?;
+            if job.status.is_finished() {
+                break job;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let started_at = job.started_at.ok_or_else(|| anyhow::anyhow!("job {id} has no start time"))?;
+        pickups.push((started_at - job.created_at).to_std().unwrap_or_default());
+    }
+    Ok(pickups)
 }
 
 /// Waits until the worker has ended `total` jobs since it started; returns

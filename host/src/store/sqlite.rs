@@ -309,8 +309,8 @@ struct JobRow<'a> {
 }
 
 impl<'a> JobRow<'a> {
-    fn of(job: &'a NewJob) -> Result<Self, StoreError> {
-        Ok(Self {
+    fn of(job: &'a NewJob) -> Self {
+        Self {
             id: job.id.to_string(),
             user_id: &job.user_id,
             job_type: &job.job_type,
@@ -321,7 +321,7 @@ impl<'a> JobRow<'a> {
             next_steps: &job.next_steps,
             parent_id: job.parent_id.map(|id| id.to_string()),
             root_id: job.root_id.map(|id| id.to_string()),
-        })
+        }
     }
 }
 
@@ -515,7 +515,7 @@ impl Store for SqliteStore {
         if jobs.is_empty() {
             return Ok(());
         }
-        let rows = jobs.iter().map(JobRow::of).collect::<Result<Vec<_>, _>>()?;
+        let rows: Vec<JobRow> = jobs.iter().map(JobRow::of).collect();
         let mut tx = self.begin().await?;
         insert_jobs(&mut tx, &rows, now).await?;
         tx.commit().await?;
@@ -572,7 +572,7 @@ impl Store for SqliteStore {
                     });
                 }
                 if let Some(step) = step {
-                    next.push(JobRow::of(step)?);
+                    next.push(JobRow::of(step));
                 }
             }
         }
