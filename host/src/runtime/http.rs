@@ -110,14 +110,43 @@ fn canonical_host(url: &url::Url) -> Option<String> {
     }
 }
 
+/// The IPv4 address an IPv6 address carries, if it carries one: mapped
+/// (`::ffff:0:0/96`), compatible (`::/96`, but not `::` or `::1`), or NAT64
+/// (`64:ff9b::/96`, and `64:ff9b:1::/48` laid out as RFC 6052 says). Every
+/// check classifies this form, so `::ffff:169.254.169.254` is the metadata
+/// address it leads to.
+pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let o = ip.octets();
+    let last = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    let segments = ip.segments();
+    if let Some(mapped) = ip.to_ipv4_mapped() {
+        return Some(mapped);
+    }
+    if segments[..6] == [0; 6] && u32::from(last) > 1 {
+        return Some(last);
+    }
+    if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(last);
+    }
+    if segments[..3] == [0x64, 0xff9b, 1] {
+        return Some(Ipv4Addr::new(o[6], o[7], o[9], o[10]));
+    }
+    None
+}
+
+/// `ip` with an IPv4 address carried in IPv6 written as that IPv4 address.
+pub fn normalize(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => embedded_ipv4(v6).map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// Why an address is not on the public internet, or `None` when it is.
 pub fn non_public_reason(ip: IpAddr) -> Option<&'static str> {
-    match ip {
+    match normalize(ip) {
         IpAddr::V4(v4) => non_public_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => non_public_v4(v4),
-            None => non_public_v6(v6),
-        },
+        IpAddr::V6(v6) => non_public_v6(v6),
     }
 }
 
@@ -157,7 +186,7 @@ pub fn is_metadata(ip: IpAddr) -> bool {
         IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
         IpAddr::V6(Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254)),
     ];
-    METADATA.contains(&ip)
+    METADATA.contains(&normalize(ip))
 }
 
 /// A handler version's outbound rules (from its manifest).
@@ -200,7 +229,8 @@ impl HttpPolicy {
     /// admitted its host.
     fn check_address(&self, host: &str, ip: IpAddr, rule: &HostRule) -> Result<(), String> {
         let Some(reason) = non_public_reason(ip) else { return Ok(()) };
-        let named_exactly = matches!(&rule.pattern, HostPattern::Exact(exact) if exact.parse::<IpAddr>() == Ok(ip));
+        let named_exactly = matches!(&rule.pattern, HostPattern::Exact(exact)
+            if exact.parse::<IpAddr>().map(normalize) == Ok(normalize(ip)));
         if is_metadata(ip) && !named_exactly {
             return Err(format!(
                 "address {ip} of host {host} is {reason}: only an allowed_hosts entry naming {ip} itself may reach it (rule `{rule}` does not)"
@@ -242,18 +272,35 @@ impl Default for HttpSettings {
     }
 }
 
+/// Resolves a host name: the system's resolver, or a stub in tests.
+pub type Lookup = Arc<
+    dyn Fn(String, u16) -> futures_util::future::BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync,
+>;
+
+/// The system's resolver.
+pub fn system_lookup() -> Lookup {
+    Arc::new(|host, port| Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), port)).await?.collect()) }))
+}
+
 /// The shared client.
 pub struct OutboundHttp {
     client: reqwest::Client,
     settings: HttpSettings,
     exact_names: Arc<RwLock<HashSet<String>>>,
+    lookup: Lookup,
 }
 
 impl OutboundHttp {
     pub fn new(settings: HttpSettings) -> Result<Self, reqwest::Error> {
+        Self::with_lookup(settings, system_lookup())
+    }
+
+    /// The client resolving names with `lookup` (the policy check and the
+    /// connection both).
+    pub fn with_lookup(settings: HttpSettings, lookup: Lookup) -> Result<Self, reqwest::Error> {
         let exact_names = Arc::new(RwLock::new(HashSet::new()));
         let client = reqwest::Client::builder()
-            .dns_resolver(Arc::new(GuardedResolver { exact_names: exact_names.clone() }))
+            .dns_resolver(Arc::new(GuardedResolver { exact_names: exact_names.clone(), lookup: lookup.clone() }))
             // A redirect could lead anywhere, the metadata address included: the
             // handler sees the 3xx and decides.
             .redirect(reqwest::redirect::Policy::none())
@@ -261,7 +308,7 @@ impl OutboundHttp {
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("quern/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { client, settings, exact_names })
+        Ok(Self { client, settings, exact_names, lookup })
     }
 
     /// Lets the resolver return non-public addresses for the names a loaded
@@ -285,14 +332,16 @@ impl OutboundHttp {
 /// such addresses; this catches a name whose DNS answer changed in between.
 struct GuardedResolver {
     exact_names: Arc<RwLock<HashSet<String>>>,
+    lookup: Lookup,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().trim_end_matches('.').to_ascii_lowercase();
         let granted = self.exact_names.read().unwrap_or_else(|poisoned| poisoned.into_inner()).contains(&host);
+        let lookup = self.lookup.clone();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> = lookup(host.clone(), 0).await?;
             let kept: Vec<SocketAddr> = addrs
                 .into_iter()
                 .filter(|addr| !is_metadata(addr.ip()) && (granted || non_public_reason(addr.ip()).is_none()))
@@ -361,7 +410,7 @@ impl wit::Host for JobState {
         let outcome = match &cap.transport {
             Transport::Canned(canned) => canned.respond(&request),
             Transport::Network(outbound) => {
-                check_resolved_addresses(&cap.policy, rule, &url, &host, port).await?;
+                check_resolved_addresses(&outbound.lookup, &cap.policy, rule, &url, &host, port).await?;
                 send_with_retries(outbound, request, url).await
             }
         };
@@ -374,6 +423,7 @@ impl wit::Host for JobState {
 }
 
 async fn check_resolved_addresses(
+    lookup: &Lookup,
     policy: &HttpPolicy,
     rule: &HostRule,
     url: &url::Url,
@@ -383,9 +433,10 @@ async fn check_resolved_addresses(
     let addresses: Vec<IpAddr> = match url.host() {
         Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
         Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
-        _ => tokio::net::lookup_host((host, port))
+        _ => lookup(host.to_string(), port)
             .await
             .map_err(|e| HttpError::Connect(format!("could not resolve {host}: {e}")))?
+            .into_iter()
             .map(|addr| addr.ip())
             .collect(),
     };
@@ -540,6 +591,8 @@ pub(crate) fn human_bytes(bytes: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
     use super::*;
 
     fn policy(rules: &[&str]) -> HttpPolicy {
@@ -607,6 +660,78 @@ mod tests {
         ] {
             assert_eq!(non_public_reason(ip.parse().unwrap()).is_none(), public, "{ip}");
         }
+    }
+
+    #[test]
+    fn ipv4_carried_in_ipv6_is_classified_as_that_ipv4() {
+        for (form, carried) in [
+            ("::ffff:169.254.169.254", "169.254.169.254"),
+            ("::169.254.169.254", "169.254.169.254"),
+            ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+            ("64:ff9b:1:a9fe:a9:fe00::", "169.254.169.254"),
+            ("::ffff:127.0.0.1", "127.0.0.1"),
+            ("64:ff9b::a00:5", "10.0.0.5"),
+            ("64:ff9b:1:c0a8:1:100::", "192.168.1.1"),
+        ] {
+            let ip: IpAddr = form.parse().unwrap();
+            assert_eq!(normalize(ip), carried.parse::<IpAddr>().unwrap(), "{form}");
+            assert!(non_public_reason(ip).is_some(), "{form} is not public");
+        }
+        for form in ["::ffff:169.254.169.254", "::169.254.169.254", "64:ff9b::a9fe:a9fe", "64:ff9b:1:a9fe:a9:fe00::"] {
+            assert!(is_metadata(form.parse().unwrap()), "{form} is the metadata address");
+        }
+        assert_eq!(non_public_reason("64:ff9b::808:808".parse().unwrap()), None, "NAT64 of 8.8.8.8 is public");
+        assert_eq!(normalize("::1".parse().unwrap()), "::1".parse::<IpAddr>().unwrap(), "IPv6 loopback stays IPv6");
+        assert_eq!(normalize("2606:4700::1111".parse().unwrap()), "2606:4700::1111".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn a_name_rule_never_reaches_metadata_through_an_ipv6_form() {
+        let p = policy(&["metadata.example.com", "*"]);
+        let rule = p.admit("metadata.example.com", 80).unwrap();
+        for form in ["::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe"] {
+            let error = p.check_address("metadata.example.com", form.parse().unwrap(), rule).unwrap_err();
+            assert!(error.contains("metadata"), "{form}: {error}");
+        }
+        let p = policy(&["169.254.169.254"]);
+        let rule = p.admit("169.254.169.254", 80).unwrap();
+        assert!(p.check_address("169.254.169.254", "::ffff:169.254.169.254".parse().unwrap(), rule).is_ok());
+    }
+
+    /// A resolver whose DNS answers are what a test says.
+    fn stub(answers: &'static [&'static str]) -> Lookup {
+        Arc::new(move |_, port| {
+            Box::pin(async move { Ok(answers.iter().map(|ip| SocketAddr::new(ip.parse().unwrap(), port)).collect()) })
+        })
+    }
+
+    #[tokio::test]
+    async fn the_resolver_drops_metadata_answers_in_any_form() {
+        use reqwest::dns::Resolve;
+        // Even a name some handler lists exactly (which may resolve to a
+        // private address) never resolves to the metadata address.
+        let granted = Arc::new(RwLock::new(HashSet::from(["evil.example.com".to_string()])));
+        let resolver = GuardedResolver { exact_names: granted, lookup: stub(&["::ffff:169.254.169.254"]) };
+        let name = reqwest::dns::Name::from_str("evil.example.com").unwrap();
+        let error = resolver.resolve(name).await.err().expect("no address left");
+        assert!(error.to_string().contains("no address this handler may reach"), "{error}");
+
+        let resolver =
+            GuardedResolver { exact_names: Arc::default(), lookup: stub(&["64:ff9b::a9fe:a9fe", "2606:4700::1111"]) };
+        let kept: Vec<SocketAddr> =
+            resolver.resolve(reqwest::dns::Name::from_str("mixed.example.com").unwrap()).await.unwrap().collect();
+        assert_eq!(kept, vec!["[2606:4700::1111]:0".parse().unwrap()], "only the public answer is kept");
+    }
+
+    #[tokio::test]
+    async fn the_policy_check_refuses_a_name_resolving_to_mapped_metadata() {
+        let p = policy(&["*.example.com"]);
+        let url = url::Url::parse("http://imds.example.com/latest/meta-data/").unwrap();
+        let rule = p.admit("imds.example.com", 80).unwrap();
+        let error = check_resolved_addresses(&stub(&["::ffff:169.254.169.254"]), &p, rule, &url, "imds.example.com", 80)
+            .await
+            .unwrap_err();
+        assert!(matches!(&error, HttpError::Denied(message) if message.contains("metadata")), "{error:?}");
     }
 
     #[test]
