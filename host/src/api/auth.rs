@@ -137,6 +137,7 @@ impl Auth {
         };
         let mut validation = Validation::new(header.alg);
         validation.set_required_spec_claims(&["exp"]);
+        validation.validate_nbf = true;
         match &self.audience {
             Some(audience) => validation.set_audience(&[audience]),
             None => validation.validate_aud = false,
@@ -146,6 +147,12 @@ impl Auth {
             .claims;
         let service = claims.get("role").and_then(Value::as_str) == Some(SERVICE_ROLE);
         let user_id = match claims.get("sub").and_then(Value::as_str) {
+            // The owner of a service caller's own jobs: no user may be it.
+            Some(SERVICE_ROLE) if !service => {
+                return Err(AuthError(format!(
+                    "the subject `{SERVICE_ROLE}` is reserved for service callers; a user token cannot have it"
+                )));
+            }
             Some(sub) if !sub.is_empty() => sub.to_string(),
             _ if service => SERVICE_ROLE.to_string(),
             _ => {
@@ -339,6 +346,30 @@ mod tests {
         );
         let error = auth(b"s3cret").verify(&unsigned).await.unwrap_err().to_string();
         assert!(error.contains("malformed token"), "{error}");
+    }
+
+    fn signed(claims: Value) -> String {
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"s3cret")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_token_not_valid_yet_is_refused() {
+        let now = chrono::Utc::now().timestamp();
+        let early = signed(json!({"sub": "u1", "exp": now + 7200, "nbf": now + 3600}));
+        let error = auth(b"s3cret").verify(&early).await.unwrap_err().to_string();
+        assert!(error.contains("not valid yet"), "{error}");
+        let due = signed(json!({"sub": "u1", "exp": now + 7200, "nbf": now - 10}));
+        assert_eq!(auth(b"s3cret").verify(&due).await.unwrap().user_id, "u1");
+    }
+
+    #[tokio::test]
+    async fn no_user_token_owns_the_service_callers_jobs() {
+        let now = chrono::Utc::now().timestamp();
+        let service = signed(json!({"role": "service_role", "exp": now + 60}));
+        assert_eq!(auth(b"s3cret").verify(&service).await.unwrap().user_id, SERVICE_ROLE);
+        let impostor = signed(json!({"sub": "service_role", "role": "authenticated", "exp": now + 60}));
+        let error = auth(b"s3cret").verify(&impostor).await.unwrap_err().to_string();
+        assert!(error.contains("reserved for service callers"), "{error}");
     }
 
     #[test]
