@@ -290,7 +290,7 @@ pub fn dev_secret(data_dir: &std::path::Path) -> std::io::Result<(Vec<u8>, bool)
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(error),
     }
-    std::fs::create_dir_all(data_dir)?;
+    crate::runtime::engine::create_private_dir(data_dir)?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
     file.write_all(secret.as_bytes())?;

@@ -35,9 +35,7 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path`.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-        }
+        private_file(path).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)
@@ -70,6 +68,38 @@ impl SqliteStore {
         // IMMEDIATE takes the write lock up front, so a transaction that reads
         // then writes never fails to upgrade when another process writes.
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// Makes sure the database file exists readable by its owner alone (0600):
+/// it holds every input and result. SQLite gives its `-wal` and `-shm` files
+/// the database file's mode. A directory created here is 0700; one that
+/// exists keeps its mode.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        crate::runtime::engine::create_private_dir(dir)?;
+    }
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            let beside = |suffix: &str| {
+                let mut name = path.as_os_str().to_owned();
+                name.push(suffix);
+                std::path::PathBuf::from(name)
+            };
+            for file in [path.to_path_buf(), beside("-wal"), beside("-shm")] {
+                let Ok(metadata) = std::fs::metadata(&file) else { continue };
+                if metadata.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(file = %file.display(), "the database file was readable by others; it is now 0600");
+                    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+                }
+            }
+            Ok(())
+        }
+        Err(error) => Err(error),
     }
 }
 
@@ -1010,5 +1040,35 @@ impl Wakeups for SqliteWakeups {
             // The store is gone; nothing will ever wake us. Let the poll decide.
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn the_database_is_readable_by_its_owner_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("data").join("quern.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.migrate().await.unwrap();
+        let dir = path.parent().unwrap();
+        assert_eq!(mode(dir), 0o700, "the directory it created");
+        for name in ["quern.db", "quern.db-wal", "quern.db-shm"] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+        drop(store);
+
+        // A database left readable by others is tightened when opened.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(mode(&path), 0o600);
     }
 }
