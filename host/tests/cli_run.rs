@@ -105,3 +105,18 @@ fn granting_the_database_url_is_refused() {
     assert_eq!(out.status.code(), Some(3));
     assert!(text(&out.stderr).contains("can never be granted"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_handler_that_floods_its_output_logs_only_its_budget() {
+    let hostile = dist("fixtures/hostile.wasm");
+    let flood: String = (0..3000).map(|n| format!("flood line {n}\n")).collect();
+    let input = serde_json::json!({"mode": "print", "stdout": flood, "stderr": "one more"}).to_string();
+    let out = quern_run(&[hostile.to_str().unwrap(), "--input", &input]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let logged = stderr.lines().filter(|line| line.contains("flood line")).count();
+    assert_eq!(logged, 200, "a job logs at most 200 lines");
+    assert!(stderr.contains("the handler wrote more than a job may log; the rest was dropped"), "{stderr}");
+    let warning = stderr.lines().find(|line| line.contains("more than a job may log")).unwrap_or_default();
+    assert!(warning.contains("2801"), "3,000 + 1 lines, 200 logged: {warning}");
+}

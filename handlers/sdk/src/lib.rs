@@ -20,8 +20,9 @@
 //! ```
 //!
 //! Input that does not deserialize into `Handler::Input` fails the job
-//! permanently with `invalid input: <serde's message>`, so handlers only ever
-//! see well-formed input. Everything except [`run`] and [`parse_input`] calls
+//! permanently with `invalid input: …` naming the field and what was
+//! expected, never the value (an input can carry personal data, and the
+//! error is stored and shown), so handlers only ever see well-formed input. Everything except [`run`] and [`parse_input`] calls
 //! into the host and so only works inside quern; keep pure logic in plain
 //! functions and test it with `cargo test` on the host target.
 
@@ -87,9 +88,48 @@ pub fn retry_after(reason: impl Into<String>, delay_ms: u64) -> Failure {
 }
 
 /// Parses a job's JSON input, turning any problem into a permanent failure
-/// that carries serde's message (which names the field and position).
+/// that names the field and what it expected, and never quotes the value.
 pub fn parse_input<T: DeserializeOwned>(input: &str) -> Result<T, Failure> {
-    serde_json::from_str(input).map_err(|error| fail(format!("invalid input: {error}")))
+    let mut reader = serde_json::Deserializer::from_str(input);
+    let parsed: T = serde_path_to_error::deserialize(&mut reader).map_err(|error| {
+        let path = error.path().to_string();
+        let what = without_values(error.inner());
+        let at = if path == "." || path.is_empty() { String::new() } else { format!("field `{path}`: ") };
+        fail(format!("invalid input: {at}{what}"))
+    })?;
+    reader.end().map_err(|error| fail(format!("invalid input: {}", without_values(&error))))?;
+    Ok(parsed)
+}
+
+/// serde's message with the offending value taken out: `invalid type:
+/// string "João", expected u32` becomes `expected u32, got a string`, and an
+/// unknown variant is not repeated. Field names and positions stay.
+fn without_values(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    let position = if error.line() > 0 { format!(" at line {} column {}", error.line(), error.column()) } else { String::new() };
+    let message = text.strip_suffix(&position).unwrap_or(&text);
+    let kind = |unexpected: &str| {
+        let kind = unexpected.split(['`', '"']).next().unwrap_or("").trim().to_string();
+        match kind.as_str() {
+            "" => "a value".to_string(),
+            k if k.starts_with(['a', 'e', 'i', 'o', 'u']) => format!("an {k}"),
+            k => format!("a {k}"),
+        }
+    };
+    let plain = if let Some(rest) = message.strip_prefix("invalid type: ").or_else(|| message.strip_prefix("invalid value: ")) {
+        match rest.split_once(", expected ") {
+            Some((unexpected, expected)) => format!("expected {expected}, got {}", kind(unexpected)),
+            None => "a value of the wrong type".to_string(),
+        }
+    } else if let Some(rest) = message.strip_prefix("unknown variant ") {
+        match rest.split_once(", expected ") {
+            Some((_, expected)) => format!("not one of the values allowed: expected {expected}"),
+            None => "not one of the values allowed".to_string(),
+        }
+    } else {
+        message.to_string()
+    };
+    format!("{plain}{position}")
 }
 
 /// Runs `H` on one job: parse, handle, encode. This is what
@@ -159,8 +199,43 @@ mod tests {
     #[test]
     fn invalid_input_fails_permanently_naming_the_field() {
         let error = message(parse_input::<Input>(r#"{"count": "three"}"#).unwrap_err());
-        assert!(error.starts_with("invalid input: "), "{error}");
-        assert!(error.contains("expected u32"), "{error}");
+        assert!(error.starts_with("invalid input: field `count`: expected u32, got a string"), "{error}");
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Profile {
+        patient: Patient,
+        meal: Meal,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Patient {
+        age: u8,
+        name: String,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(rename_all = "lowercase")]
+    enum Meal {
+        Lunch,
+        Dinner,
+    }
+
+    #[test]
+    fn invalid_input_never_quotes_the_value() {
+        let cases = [
+            (r#"{"patient": {"age": 300, "name": "x"}, "meal": "lunch"}"#, "field `patient.age`: expected u8, got an integer", "300"),
+            (r#"{"patient": {"age": 3, "name": ["Maria da Silva"]}, "meal": "lunch"}"#, "field `patient.name`: expected a string, got a sequence", "Maria"),
+            (r#"{"patient": {"age": 3, "name": "x"}, "meal": "almoço secreto"}"#, "field `meal`: not one of the values allowed: expected `lunch` or `dinner`", "secreto"),
+            (r#"{"patient": {"age": "trinta e dois", "name": "x"}, "meal": "lunch"}"#, "expected u8, got a string", "trinta"),
+        ];
+        for (input, expected, secret) in cases {
+            let error = message(parse_input::<Profile>(input).unwrap_err());
+            assert!(error.contains(expected), "{error}");
+            assert!(!error.contains(secret), "the value leaked: {error}");
+        }
     }
 
     #[test]

@@ -221,6 +221,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(axum::middleware::map_request(keep_safe_request_id))
         .with_state(state);
     (router, openapi)
 }
@@ -235,6 +236,22 @@ pub async fn serve(
     axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+/// A client's `X-Request-Id` is kept only when it is short and safe to log
+/// (at most 64 letters, digits, `-`, `_`, `.`); any other is replaced by a
+/// fresh one, so a client cannot write into the log through it.
+async fn keep_safe_request_id<B>(mut request: Request<B>) -> Request<B> {
+    let safe = |value: &HeaderValue| {
+        let bytes = value.as_bytes();
+        !bytes.is_empty()
+            && bytes.len() <= 64
+            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    if request.headers().get("x-request-id").is_some_and(|value| !safe(value)) {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
 }
 
 fn openapi_base() -> OpenApi {

@@ -31,7 +31,7 @@ use self::bindings::{Failure, Handler, HandlerPre, Job};
 use self::config::{ConfigSource, GrantedConfig};
 use self::engine::{CacheOutcome, CompileCache};
 use self::http::{HttpCap, HttpPolicy, HttpSettings, OutboundHttp, Transport};
-use self::log::JobLabels;
+use self::log::{JobLabels, LogBudget};
 use self::progress::ProgressSink;
 use self::state::{JobState, MemoryLimiter};
 use self::stdio::CapturedOutput;
@@ -246,6 +246,7 @@ impl Runtime {
             },
             config: handler.config.clone(),
             labels: labels.clone(),
+            log_budget: LogBudget::default(),
             progress: options.progress.clone(),
         };
         let mut store = Store::new(&self.engine, state);
@@ -286,8 +287,10 @@ impl Runtime {
             }
             Ended::Returned(Err(error)) => classify_error(&error, &store.data().limiter, &stderr_text),
         };
-        log_stdio(&labels, "stdout", stdout.take());
-        log_stdio(&labels, "stderr", (stderr_bytes.clone(), 0));
+        let budget = &mut store.data_mut().log_budget;
+        log_stdio(&labels, budget, "stdout", stdout.take());
+        log_stdio(&labels, budget, "stderr", (stderr_bytes.clone(), 0));
+        budget.report(&labels);
         metrics::histogram!(crate::telemetry::INSTANCE_TIME, "type" => labels.job_type.to_string())
             .record(started.elapsed().as_secs_f64());
         RunReport { outcome, version: handler.version.clone(), elapsed: started.elapsed() }
@@ -379,13 +382,15 @@ fn panic_message(stderr: &str) -> Option<String> {
     Some(format!("{} (at {location})", message.join(" ").trim()))
 }
 
-fn log_stdio(labels: &JobLabels, stream: &'static str, (bytes, dropped): (Vec<u8>, usize)) {
+fn log_stdio(labels: &JobLabels, budget: &mut LogBudget, stream: &'static str, (bytes, dropped): (Vec<u8>, usize)) {
     if bytes.is_empty() {
         return;
     }
     let (job_id, job_type, version) = (&*labels.job_id, &*labels.job_type, &*labels.version);
     for line in String::from_utf8_lossy(&bytes).lines().filter(|line| !line.is_empty()) {
-        tracing::info!(target: "handler", job_id, job_type, version, stream, "{line}");
+        if budget.admit(line.len()) {
+            tracing::info!(target: "handler", job_id, job_type, version, stream, "{line}");
+        }
     }
     if dropped > 0 {
         tracing::warn!(target: "handler", job_id, job_type, version, stream, dropped, "output past the capture cap was dropped");

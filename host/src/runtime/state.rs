@@ -10,7 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::quern::handler::host;
 use super::config::GrantedConfig;
 use super::http::HttpCap;
-use super::log::JobLabels;
+use super::log::{JobLabels, LogBudget};
 use super::progress::ProgressSink;
 
 pub struct JobState {
@@ -20,6 +20,7 @@ pub struct JobState {
     pub(super) http: HttpCap,
     pub(super) config: Arc<GrantedConfig>,
     pub(super) labels: JobLabels,
+    pub(super) log_budget: LogBudget,
     pub(super) progress: Option<ProgressSink>,
 }
 
@@ -31,7 +32,7 @@ impl WasiView for JobState {
 
 impl host::Host for JobState {
     fn log(&mut self, level: String, message: String) {
-        super::log::write(&self.labels, &level, &message);
+        super::log::write(&self.labels, &mut self.log_budget, &level, &message);
     }
 
     fn progress(&mut self, percent: u8, message: String) {
