@@ -99,6 +99,9 @@ pub struct WorkerArgs {
     /// Unfinished jobs a user may have at once (0 = no limit).
     #[arg(long, env = "QUERN_MAX_ACTIVE_JOBS_PER_USER", default_value_t = 10)]
     pub max_active_jobs_per_user: u32,
+    /// The most steps a pipeline (`next`) may carry after its first job.
+    #[arg(long, env = "QUERN_MAX_PIPELINE_STEPS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub max_pipeline_steps: u32,
     /// Cache results of cacheable job types.
     #[arg(long, env = "ENABLE_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_cache: bool,
@@ -131,6 +134,7 @@ impl WorkerArgs {
             max_unfinished_per_user: (self.max_active_jobs_per_user > 0).then_some(self.max_active_jobs_per_user),
             cache_enabled: self.enable_cache,
             cache_ttl: Duration::from_secs(self.cache_ttl_hours * 3600),
+            max_steps: self.max_pipeline_steps as usize,
         }
     }
 

@@ -29,13 +29,57 @@ pub struct Manifest {
     pub estimated_time_s: u32,
     pub cacheable: bool,
     pub cache_ttl_hours: Option<u32>,
+    /// Whose jobs share a cached result.
+    pub cache_scope: CacheScope,
     pub max_attempts: u32,
+    /// Who may enqueue this type (`[access] roles`); everyone signed in when empty.
+    pub access: Vec<Role>,
     pub allowed_hosts: Vec<HostRule>,
     pub config_keys: Vec<String>,
     pub limits: LimitOverrides,
     /// Whether this build, as a canary, is rolled back by itself when it
     /// fails more than the active version.
     pub auto_rollback: Option<AutoRollback>,
+}
+
+/// Whose jobs may answer each other from the result cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// A user's own jobs only: the cache key includes the job's owner.
+    #[default]
+    User,
+    /// Every user's: for inputs that carry nothing personal.
+    Global,
+}
+
+/// A kind of caller, as `[access] roles` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A backend holding a service_role token.
+    ServiceRole,
+    /// Any signed-in user.
+    Authenticated,
+    /// A user whose token carries the premium claim.
+    Premium,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ServiceRole => "service_role",
+            Self::Authenticated => "authenticated",
+            Self::Premium => "premium",
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    #[serde(default)]
+    roles: Vec<Role>,
 }
 
 /// `[rollout]` of a manifest: when a canary of this build is rolled back
@@ -133,8 +177,12 @@ struct RawManifest {
     #[serde(default)]
     cacheable: bool,
     cache_ttl_hours: Option<u32>,
+    #[serde(default)]
+    cache_scope: CacheScope,
     #[serde(default = "default_max_attempts")]
     max_attempts: u32,
+    #[serde(default)]
+    access: RawAccess,
     #[serde(default)]
     http: RawHttp,
     #[serde(default)]
@@ -175,7 +223,9 @@ impl Manifest {
             estimated_time_s: default_estimated_time_s(),
             cacheable: false,
             cache_ttl_hours: None,
+            cache_scope: CacheScope::User,
             max_attempts: 1,
+            access: Vec::new(),
             allowed_hosts: Vec::new(),
             config_keys: Vec::new(),
             limits: LimitOverrides::default(),
@@ -219,7 +269,9 @@ impl Manifest {
             estimated_time_s: raw.estimated_time_s,
             cacheable: raw.cacheable,
             cache_ttl_hours: raw.cache_ttl_hours,
+            cache_scope: raw.cache_scope,
             max_attempts: raw.max_attempts,
+            access: raw.access.roles,
             allowed_hosts,
             config_keys: raw.config.keys,
             limits: raw.limits,
@@ -291,6 +343,17 @@ mod tests {
         let limits = Limits::default().with(manifest.limits);
         assert_eq!(limits.memory_bytes, 128 << 20);
         assert_eq!(limits.deadline, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn access_and_cache_scope_are_read_and_checked() {
+        let manifest = Manifest::parse("type = \"a\"\n").unwrap();
+        assert_eq!((manifest.cache_scope, manifest.access.as_slice()), (CacheScope::User, &[][..]));
+        let manifest =
+            Manifest::parse("type = \"a\"\ncache_scope = \"global\"\n[access]\nroles = [\"service_role\"]\n").unwrap();
+        assert_eq!((manifest.cache_scope, manifest.access), (CacheScope::Global, vec![Role::ServiceRole]));
+        let error = Manifest::parse("type = \"a\"\n[access]\nroles = [\"admin\"]\n").unwrap_err().to_string();
+        assert!(error.contains("unknown variant `admin`"), "{error}");
     }
 
     #[test]

@@ -95,8 +95,11 @@ async fn all_six_job_types_run_end_to_end_through_quern_serve() {
         ),
         ("whatsapp_message", json!({"to": "+5511999998888", "text": "Seu plano está pronto!"})),
     ];
+    // Messages go out from the app's backend only (`[access]` of its manifest).
+    let service = server.service_token();
     for (job_type, input) in cases {
-        let job = run_to_end(&server, &token, job_type, input).await;
+        let token = if job_type == "whatsapp_message" { &service } else { &token };
+        let job = run_to_end(&server, token, job_type, input).await;
         assert_eq!(job["status"], "completed", "{job_type}: {job}");
         let result = &job["result"];
         match job_type {
@@ -197,7 +200,7 @@ async fn whatsapp_never_sends_twice_for_one_job() {
     let db = Db::postgres().await;
     let up = Upstreams::start().await;
     let server = serve(&db, &up, &[]).await;
-    let token = server.token("alice");
+    let token = server.service_token();
     for mode in [Mode::Slow(Duration::from_secs(3)), Mode::ServerError] {
         up.whatsapp.set(mode.clone());
         let before = up.whatsapp.seen().len();

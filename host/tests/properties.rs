@@ -5,6 +5,7 @@
 use proptest::prelude::*;
 use quern::api::auth::{Auth, AuthSettings, PremiumRule, mint};
 use quern::manifest::Manifest;
+use quern::manifest::CacheScope;
 use quern::queue::cache_key::{cache_key, canonical_json};
 use serde_json::{Map, Value};
 
@@ -63,7 +64,10 @@ proptest! {
 
     #[test]
     fn key_order_never_changes_a_cache_key(value in json()) {
-        prop_assert_eq!(cache_key("t", "v1", &value), cache_key("t", "v1", &reversed(&value)));
+        prop_assert_eq!(
+            cache_key("t", "v1", CacheScope::User, "u", &value),
+            cache_key("t", "v1", CacheScope::User, "u", &reversed(&value))
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 on_both_databases!(
     a_batch_of_attempt_ends_is_written_each_by_its_own_guard,
+    an_end_the_database_refuses_fails_its_job_and_holds_up_no_other,
     a_lone_completion_is_written_at_once_whatever_the_batch_delay,
     a_job_cancelled_while_its_completion_waits_in_a_batch_stays_cancelled,
     a_fast_backlog_is_claimed_ahead_of_the_slots_in_batches,
@@ -132,6 +133,51 @@ async fn a_batch_of_attempt_ends_is_written_each_by_its_own_guard(db: &Db) {
 
     let cached = db.store.cache_entry("k:same").await.unwrap().unwrap().response;
     assert!(cached == json!({"same": "a"}) || cached == json!({"same": "b"}), "{cached}");
+}
+
+async fn an_end_the_database_refuses_fails_its_job_and_holds_up_no_other(db: &Db) {
+    use quern::queue::completer::{Completer, Completion};
+    let queue = queue(db);
+    for n in 0..3 {
+        queue.enqueue(request("echo", json!({ "n": n }))).await.unwrap();
+    }
+    let now = Utc::now();
+    let claimed = db.store.claim("w1", 3, now, now + chrono::Duration::seconds(30), &any_type()).await.unwrap();
+    let [good, poisoned, other] = <[Job; 3]>::try_from(claimed).unwrap();
+    // A pipeline step no database accepts (priority 0 breaks the table's check).
+    let impossible = NewJob {
+        id: Uuid::now_v7(),
+        user_id: "u1".into(),
+        job_type: "echo".into(),
+        input: json!({}),
+        priority: 0,
+        max_attempts: 3,
+        run_at: now,
+        next_steps: Vec::new(),
+        parent_id: Some(poisoned.id),
+        root_id: Some(poisoned.id),
+    };
+    // A long delay: the three ends go out in one batch, once all are in.
+    let settings = CompletionSettings { delay: Duration::from_secs(30), ..CompletionSettings::default() };
+    let completer = Completer::start(db.store.clone(), settings, Duration::from_secs(30));
+    completer.expect(3);
+    let (a, b, c) = tokio::join!(
+        completer.finish(end(&good, complete(json!({"ok": 1}), None, None))),
+        completer.finish(end(&poisoned, complete(json!({"ok": 2}), None, Some(impossible)))),
+        completer.finish(end(&other, complete(json!({"ok": 3}), None, None))),
+    );
+    let recorded = Completion::Written(EndWritten::Recorded);
+    assert_eq!((a, b, c), (recorded, recorded, recorded), "each end is answered");
+    for (job, status) in [(&good, JobStatus::Completed), (&poisoned, JobStatus::Failed), (&other, JobStatus::Completed)] {
+        assert_eq!(status_of(db, job.id).await, status, "job {}", job.id);
+    }
+    let failed = db.store.get(poisoned.id).await.unwrap().unwrap();
+    assert!(
+        failed.error.as_deref().unwrap_or("").starts_with("the attempt's end could not be stored, so the job fails: "),
+        "{:?}",
+        failed.error
+    );
+    completer.close().await;
 }
 
 /// A worker with `echo` and `hostile` loaded.

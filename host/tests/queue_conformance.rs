@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use quern::manifest::Manifest;
+use quern::manifest::{CacheScope, Manifest};
 use quern::queue::worker::{Worker, WorkerSettings};
 use quern::queue::{EnqueueRequest, Queue, QueueError, QueueSettings};
 use quern::runtime::Outcome;
@@ -421,17 +421,23 @@ async fn worker_writes_cacheable_results_and_hits_are_counted(db: &Db) {
     let done = wait_for_status(db, job.id, JobStatus::Completed).await;
     let version = running.registry.get("echo_cached").unwrap().version.clone();
     // Written with the completion: whoever sees the job completed finds it cached.
-    let key = quern::queue::cache_key::cache_key("echo_cached", &version, &input);
+    let user = CacheScope::User;
+    let key = quern::queue::cache_key::cache_key("echo_cached", &version, user, "u1", &input);
     assert_eq!(db.store.cache_entry(&key).await.unwrap().unwrap().hit_count, 0);
     let reordered = json!({"a": "x", "b": [1, 2]});
     for expected_hits in 1..=2 {
-        let hit = running.queue.cached_result("echo_cached", &version, &reordered).await.unwrap();
+        let hit = running.queue.cached_result("echo_cached", &version, user, "u1", &reordered).await.unwrap();
         assert_eq!(hit.as_ref(), done.result.as_ref());
         assert_eq!(db.store.cache_entry(&key).await.unwrap().unwrap().hit_count, expected_hits);
     }
-    assert_eq!(running.queue.cached_result("echo_cached", "another-version", &input).await.unwrap(), None);
     assert_eq!(
-        running.queue.cached_result("echo", &version, &input).await.unwrap(),
+        running.queue.cached_result("echo_cached", &version, user, "u2", &input).await.unwrap(),
+        None,
+        "another user's result is not served (the type's cache is per user)"
+    );
+    assert_eq!(running.queue.cached_result("echo_cached", "another-version", user, "u1", &input).await.unwrap(), None);
+    assert_eq!(
+        running.queue.cached_result("echo", &version, user, "u1", &input).await.unwrap(),
         None,
         "echo itself is not cacheable"
     );

@@ -19,7 +19,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::body::JsonBody;
 use super::error::{ApiError, ErrorBody, ItemError};
-use super::jobs::{StepBody, ensure_enabled, events_url, known_type, poll_url};
+use super::jobs::{StepBody, check_steps, ensure_allowed, ensure_enabled, events_url, known_type, poll_url};
 use super::limits::check_rate;
 use crate::queue::{BatchError, EnqueueRequest, MAX_BATCH};
 use crate::store::{JobStatus, Step};
@@ -90,7 +90,6 @@ pub async fn enqueue_batch(
     caller: Result<Caller, ApiError>,
     body: Result<JsonBody<BatchBody>, ApiError>,
 ) -> Result<(StatusCode, axum::Json<BatchResponse>), ApiError> {
-    check_rate(&state, &headers, peer.as_ref().ok())?;
     let caller = caller?;
     if !caller.service {
         return Err(ApiError::forbidden(
@@ -98,6 +97,7 @@ pub async fn enqueue_batch(
         ));
     }
     let JsonBody(body) = body?;
+    check_rate(&state, &caller, &headers, peer.as_ref().ok(), u32::try_from(body.jobs.len()).unwrap_or(u32::MAX))?;
     if body.jobs.is_empty() || body.jobs.len() > MAX_BATCH {
         return Err(ApiError::bad_request(
             "invalid_batch_size",
@@ -159,10 +159,8 @@ fn request_of(state: &AppState, caller: &Caller, item: Value) -> Result<EnqueueR
     let job: BatchJob = serde_json::from_value(item)
         .map_err(|error| ApiError::bad_request("invalid_request", format!("invalid job: {error}")))?;
     let handler = known_type(state, &job.job_type)?;
-    for (index, step) in job.next.iter().enumerate() {
-        known_type(state, &step.job_type)
-            .map_err(|e| ApiError { message: format!("next[{index}]: {}", e.message), ..e })?;
-    }
+    ensure_allowed(caller, &handler)?;
+    check_steps(state, caller, &job.next)?;
     let user_id = match job.user_id {
         None => caller.user_id.clone(),
         Some(user) if !user.trim().is_empty() && user.len() <= 256 => user,

@@ -231,16 +231,14 @@ pub async fn submit(
 ) -> Result<Enqueued, ApiError> {
     let handler = known_type(state, &body.job_type)?;
     ensure_enabled(state, &body.job_type)?;
+    ensure_allowed(caller, &handler)?;
     if !body.input.is_object() {
         return Err(ApiError::bad_request(
             "invalid_input",
             format!("input must be a JSON object, got {}", crate::queue::json_kind(&body.input)),
         ));
     }
-    for (index, step) in body.next.iter().enumerate() {
-        known_type(state, &step.job_type)
-            .map_err(|e| ApiError { message: format!("next[{index}]: {}", e.message), ..e })?;
-    }
+    check_steps(state, caller, &body.next)?;
     let (priority, notice) = match body.priority {
         Some(asked @ 1..=4) if !caller.premium => {
             (Some(5), Some(format!("priority {asked} needs a premium plan; the job runs at priority 5")))
@@ -250,7 +248,10 @@ pub async fn submit(
     let queue = &state.queue;
     let cacheable = use_cache && handler.manifest.cacheable && queue.settings().cache_enabled && body.next.is_empty();
     if cacheable {
-        if let Some(result) = queue.cached_result(&body.job_type, &handler.version, &body.input).await? {
+        let scope = handler.manifest.cache_scope;
+        if let Some(result) =
+            queue.cached_result(&body.job_type, &handler.version, scope, &caller.user_id, &body.input).await?
+        {
             metrics::counter!(CACHE_HITS, "type" => body.job_type.clone()).increment(1);
             return Ok(Enqueued::Cached(result));
         }
@@ -270,6 +271,35 @@ pub async fn submit(
     Ok(Enqueued::Job { job: Box::new(job), estimated_time_s: handler.manifest.estimated_time_s, notice })
 }
 
+/// The jobs an enqueue creates, its pipeline's steps included.
+pub(super) fn jobs_of(body: &EnqueueBody) -> u32 {
+    u32::try_from(body.next.len()).unwrap_or(u32::MAX).saturating_add(1)
+}
+
+/// Refuses a type the caller may not enqueue (`[access] roles` of its manifest).
+pub(super) fn ensure_allowed(caller: &Caller, handler: &crate::runtime::HandlerVersion) -> Result<(), ApiError> {
+    use crate::manifest::Role;
+    let roles = &handler.manifest.access;
+    let has = |role: Role| match role {
+        Role::ServiceRole => caller.service,
+        Role::Authenticated => !caller.service,
+        Role::Premium => !caller.service && caller.premium,
+    };
+    if roles.is_empty() || roles.iter().any(|role| has(*role)) {
+        return Ok(());
+    }
+    let names: Vec<&str> = roles.iter().map(|role| role.as_str()).collect();
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "type_forbidden",
+        format!(
+            "job type `{}` may be enqueued only by {} callers (`[access] roles` of its handler.toml)",
+            handler.manifest.job_type,
+            names.join(" or ")
+        ),
+    ))
+}
+
 /// Refuses work for a type whose feature flag is off.
 pub(super) fn ensure_enabled(state: &AppState, job_type: &str) -> Result<(), ApiError> {
     if state.is_disabled(job_type) {
@@ -278,6 +308,18 @@ pub(super) fn ensure_enabled(state: &AppState, job_type: &str) -> Result<(), Api
             "type_disabled",
             format!("job type `{job_type}` is switched off by its feature flag; try again later"),
         ));
+    }
+    Ok(())
+}
+
+/// Checks each pipeline step as a direct enqueue of it: known, switched on,
+/// and the caller's to enqueue.
+pub(super) fn check_steps(state: &AppState, caller: &Caller, steps: &[StepBody]) -> Result<(), ApiError> {
+    for (index, step) in steps.iter().enumerate() {
+        let at = |e: ApiError| ApiError { message: format!("next[{index}]: {}", e.message), ..e };
+        let handler = known_type(state, &step.job_type).map_err(at)?;
+        ensure_enabled(state, &step.job_type).map_err(at)?;
+        ensure_allowed(caller, &handler).map_err(at)?;
     }
     Ok(())
 }
@@ -314,11 +356,11 @@ pub async fn enqueue(
     query: Result<ApiQuery<WaitQuery>, ApiError>,
     body: Result<JsonBody<EnqueueBody>, ApiError>,
 ) -> Result<Response, ApiError> {
-    check_rate(&state, &headers, peer.as_ref().ok())?;
     let caller = caller?;
     let ApiQuery(query) = query?;
     let wait = wait_duration(&state, query.wait)?;
     let JsonBody(body) = body?;
+    check_rate(&state, &caller, &headers, peer.as_ref().ok(), jobs_of(&body))?;
     match submit(&state, &caller, body, true).await? {
         Enqueued::Cached(result) => Ok((
             StatusCode::OK,
@@ -478,7 +520,9 @@ fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     Ok((at, Uuid::parse_str(id).map_err(|_| invalid())?))
 }
 
-/// Cancel a pending or running job (a running one stops within a second).
+/// Cancel a pending or running job (a running one stops within a second),
+/// and the steps of its pipeline not yet run. Cancelling a finished step of a
+/// pipeline cancels the step that runs now and answers with it.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", security(("bearer" = [])),
     params(("id" = String, Path, description = "The job id")),
     responses(
@@ -493,9 +537,14 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<axum::Json<JobView>, ApiError> {
     let job = owned_job(&state, &caller, &id).await?;
-    state.queue.cancel(job.id).await?;
+    // A finished step of a pipeline stops the steps after it: the answer is
+    // then the step that was cancelled.
+    let cancelled = match state.queue.cancel(job.id).await? {
+        crate::store::CancelOutcome::StepCancelled { step, .. } => step,
+        _ => job.id,
+    };
+    let job = state.queue.store().get(cancelled).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
     metrics::counter!(JOBS_CANCELLED, "type" => job.job_type.clone()).increment(1);
-    let job = state.queue.store().get(job.id).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
     Ok(axum::Json(JobView::of(job)))
 }
 
@@ -512,11 +561,18 @@ pub async fn cancel(
     ))]
 pub async fn retry(
     State(state): State<AppState>,
+    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    headers: HeaderMap,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = owned_job(&state, &caller, &id).await?;
     ensure_enabled(&state, &job.job_type)?;
+    if let Some(handler) = state.registry.get(&job.job_type) {
+        ensure_allowed(&caller, &handler)?;
+    }
+    let steps = u32::try_from(job.next_steps.len()).unwrap_or(u32::MAX);
+    check_rate(&state, &caller, &headers, peer.as_ref().ok(), steps.saturating_add(1))?;
     let attempts = state
         .registry
         .get(&job.job_type)

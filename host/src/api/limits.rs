@@ -13,6 +13,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::Gateway;
+use super::auth::Caller;
 use super::error::ApiError;
 
 pub struct IpLimiter {
@@ -27,12 +28,19 @@ impl IpLimiter {
         Some(Self { limiter: RateLimiter::keyed(quota), per_minute })
     }
 
-    fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+    /// Spends `jobs` of the address's allowance: `Err(Some(wait))` past it,
+    /// `Err(None)` when one request asks for more than a minute's allowance.
+    fn check(&self, ip: IpAddr, jobs: u32) -> Result<(), Option<Duration>> {
         // Forget idle addresses now and then, so the table does not grow forever.
         if self.limiter.len() > 10_000 {
             self.limiter.retain_recent();
         }
-        self.limiter.check_key(&ip).map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        let Some(jobs) = NonZeroU32::new(jobs) else { return Ok(()) };
+        match self.limiter.check_key_n(&ip, jobs) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Some(not_until.wait_time_from(DefaultClock::default().now()))),
+            Err(_) => Err(None),
+        }
     }
 }
 
@@ -48,22 +56,35 @@ pub fn client_ip(gateway: &Gateway, headers: &HeaderMap, peer: Option<&ConnectIn
     peer.map(|ConnectInfo(addr)| addr.ip())
 }
 
-/// Refuses an enqueue past the client's rate, with `Retry-After`.
+/// Refuses a request that would create `jobs` jobs (a retry, an enqueue and
+/// each of its pipeline steps) past the client address's rate, with
+/// `Retry-After`. Service callers are trusted backends and not limited here.
 pub fn check_rate(
     gateway: &Gateway,
+    caller: &Caller,
     headers: &HeaderMap,
     peer: Option<&ConnectInfo<SocketAddr>>,
+    jobs: u32,
 ) -> Result<(), ApiError> {
+    if caller.service {
+        return Ok(());
+    }
     let (Some(limiter), Some(ip)) = (&gateway.limiter, client_ip(gateway, headers, peer)) else { return Ok(()) };
-    limiter.check(ip).map_err(|wait| {
-        ApiError::new(
+    let per_minute = limiter.per_minute;
+    limiter.check(ip, jobs).map_err(|wait| match wait {
+        Some(wait) => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             format!(
-                "too many enqueues from your address: at most {} a minute; retry after the Retry-After seconds",
-                limiter.per_minute
+                "too many jobs from your address: at most {per_minute} a minute, pipeline steps and retries included; \
+                 retry after the Retry-After seconds"
             ),
         )
-        .with_retry_after(wait)
+        .with_retry_after(wait),
+        None => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("this request would create {jobs} jobs, more than the {per_minute} a minute your address may create"),
+        ),
     })
 }

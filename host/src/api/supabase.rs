@@ -76,7 +76,6 @@ pub async fn enqueue_analysis(
     caller: Result<Caller, ApiError>,
     body: Result<JsonBody<Value>, ApiError>,
 ) -> Result<Response, ApiError> {
-    check_rate(&state, &headers, peer.as_ref().ok())?;
     let caller = caller?;
     let JsonBody(body) = body?;
     let request: AnalysisRequest = serde_json::from_value(body)
@@ -88,6 +87,7 @@ pub async fn enqueue_analysis(
         );
     };
     let body = EnqueueBody { job_type, input, priority: request.priority, next: Vec::new() };
+    check_rate(&state, &caller, &headers, peer.as_ref().ok(), 1)?;
     let answer = match submit(&state, &caller, body, request.use_cache.unwrap_or(true)).await? {
         Enqueued::Cached(result) => (
             StatusCode::OK,

@@ -101,19 +101,16 @@ pub async fn run(args: &HttpBenchArgs) -> anyhow::Result<()> {
     })
     .await;
 
-    // 2. Cache hit: one input whose result is cached.
+    // 2. Cache hit: one input whose result is cached (for every user, when
+    //    the type's cache is per user).
     let cached_input = json!({"text": "arroz, feijão e bife", "cached": true});
-    let key = cache_key(&job_type, &handler.version, &cached_input);
     let now = chrono::Utc::now();
-    store
-        .cache_put(
-            &key,
-            &job_type,
-            &json!({"foods": ["arroz", "feijão", "bife"]}),
-            now,
-            now + chrono::Duration::hours(1),
-        )
-        .await?;
+    for n in 0..USERS {
+        let scope = handler.manifest.cache_scope;
+        let key = cache_key(&job_type, &handler.version, scope, &format!("bench-user-{n}"), &cached_input);
+        let response = json!({"foods": ["arroz", "feijão", "bife"]});
+        store.cache_put(&key, &job_type, &response, now, now + chrono::Duration::hours(1)).await?;
+    }
     let cached_body = json!({"type": job_type, "input": cached_input}).to_string();
     let (cache, _) = phase(args, "cache", |n| {
         let request = client

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{AttemptEnd, EndWritten, Store};
+use crate::store::{AttemptEnd, AttemptOutcome, EndWritten, Store, StoreError, Transition};
 
 /// How a worker batches its attempt ends.
 #[derive(Debug, Clone)]
@@ -109,8 +109,10 @@ impl Completer {
         tracing::debug!(job_id = %end.job_id, "attempt ended; its end waits for the next commit");
         let handed = Handed { end, give_up: Instant::now() + self.lease, reply };
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        let sent = self.sender.send(handed).await;
+        // No longer outstanding before it is sent: a flusher that receives
+        // the last end then sees nothing left to wait for.
         self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        let sent = self.sender.send(handed).await;
         let completion = match sent {
             Ok(()) => answer.await.unwrap_or(Completion::GaveUp),
             Err(_) => Completion::GaveUp,
@@ -217,8 +219,11 @@ impl Flusher {
         }
     }
 
-    /// Writes the batch and answers each end. On a database error, answers
-    /// the ends whose lease has run out and keeps the rest for another try.
+    /// Writes the batch and answers each end. When the database refuses
+    /// the statement itself (not a lost connection), the batch is written
+    /// end by end so one end that can never be stored holds up no other.
+    /// On a connection error, answers the ends whose lease has run out and
+    /// keeps the rest for another try.
     async fn flush(&self, batch: &mut Batch) -> Result<(), ()> {
         match self.store.finish_attempts(&batch.ends, Utc::now()).await {
             Ok(written) => {
@@ -227,6 +232,13 @@ impl Flusher {
                 batch.ends.clear();
                 for ((_, reply), written) in batch.waiting.drain(..).zip(written) {
                     let _ = reply.send(Completion::Written(written));
+                }
+                Ok(())
+            }
+            Err(error) if refused_by_database(&error) => {
+                tracing::warn!(%error, ends = batch.len(), "the database refused a batch of attempt ends; writing them one by one");
+                for (end, (_, reply)) in batch.ends.drain(..).zip(batch.waiting.drain(..)) {
+                    let _ = reply.send(self.flush_alone(end).await);
                 }
                 Ok(())
             }
@@ -248,6 +260,40 @@ impl Flusher {
             }
         }
     }
+
+    /// Writes one end; if the database refuses it, fails the job instead
+    /// with the reason, since running it again would only end the same way.
+    async fn flush_alone(&self, end: AttemptEnd) -> Completion {
+        let refused = match self.store.finish_attempt_written(&end, Utc::now()).await {
+            Ok(written) => return Completion::Written(written),
+            Err(error) if refused_by_database(&error) => error,
+            Err(error) => {
+                tracing::error!(job_id = %end.job_id, %error, "could not record the end of an attempt; the job runs again when its lease lapses");
+                return Completion::GaveUp;
+            }
+        };
+        tracing::error!(job_id = %end.job_id, error = %refused, "the database refused this attempt's end; failing the job");
+        let failed = AttemptEnd {
+            transition: Transition::Fail {
+                error: format!("the attempt's end could not be stored, so the job fails: {refused}"),
+                outcome: AttemptOutcome::Failed,
+            },
+            ..end
+        };
+        match self.store.finish_attempt_written(&failed, Utc::now()).await {
+            Ok(written) => Completion::Written(written),
+            Err(error) => {
+                tracing::error!(job_id = %failed.job_id, %error, "could not record the job's failure either; it runs again when its lease lapses");
+                Completion::GaveUp
+            }
+        }
+    }
+}
+
+/// The database answered and refused the statement (bad data, a broken
+/// constraint): trying it again cannot succeed, unlike a lost connection.
+fn refused_by_database(error: &StoreError) -> bool {
+    matches!(error, StoreError::Database(sqlx::Error::Database(_)))
 }
 
 const RETRY_FIRST: Duration = Duration::from_millis(100);

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::manifest::validate_job_type;
+use crate::manifest::{CacheScope, validate_job_type};
 use crate::runtime::Outcome;
 use crate::store::{
     AttemptEnd, AttemptOutcome, CancelOutcome, EndWritten, Job, JobStatus, NewJob, RequeueOutcome, Step, Store,
@@ -38,6 +38,9 @@ pub struct QueueSettings {
     pub cache_enabled: bool,
     /// CACHE_TTL_HOURS.
     pub cache_ttl: Duration,
+    /// The most steps a pipeline may carry after its first job
+    /// (QUERN_MAX_PIPELINE_STEPS).
+    pub max_steps: usize,
 }
 
 impl Default for QueueSettings {
@@ -49,6 +52,7 @@ impl Default for QueueSettings {
             max_unfinished_per_user: Some(10),
             cache_enabled: true,
             cache_ttl: Duration::from_secs(24 * 3600),
+            max_steps: 16,
         }
     }
 }
@@ -71,12 +75,16 @@ pub struct EnqueueRequest {
 pub enum QueueError {
     #[error("input must be a JSON object, got {0}")]
     InputNotObject(&'static str),
+    #[error("input has the character U+0000 at `{0}`, which the database cannot store: remove it, or send binary data base64-encoded")]
+    NulCharacter(String),
     #[error("priority {0} is out of range: use 1 (most urgent) to 10")]
     PriorityOutOfRange(i64),
     #[error("invalid job type `{0}`: use lowercase letters, digits and `_`")]
     InvalidType(String),
     #[error("pipeline step {index}: {problem}")]
     InvalidStep { index: usize, problem: String },
+    #[error("a pipeline may have at most {max} steps after its first job, got {count}: split the work, or raise QUERN_MAX_PIPELINE_STEPS")]
+    TooManySteps { count: usize, max: usize },
     #[error("too many unfinished jobs: at most {limit} per user; wait for one to finish")]
     TooManyActiveJobs { limit: u32 },
     #[error("job {0} not found")]
@@ -174,9 +182,15 @@ impl Queue {
         if !request.input.is_object() {
             return Err(QueueError::InputNotObject(json_kind(&request.input)));
         }
+        if let Some(path) = nul_at(&request.input, "input") {
+            return Err(QueueError::NulCharacter(path));
+        }
         let priority = request.priority.unwrap_or(5);
         if !(1..=10).contains(&priority) {
             return Err(QueueError::PriorityOutOfRange(priority));
+        }
+        if request.next.len() > self.settings.max_steps {
+            return Err(QueueError::TooManySteps { count: request.next.len(), max: self.settings.max_steps });
         }
         for (index, step) in request.next.iter().enumerate() {
             if validate_job_type(&step.job_type).is_err() {
@@ -190,6 +204,9 @@ impl Queue {
                     index,
                     problem: format!("input must be a JSON object, got {}", json_kind(&step.input)),
                 });
+            }
+            if let Some(path) = nul_at(&step.input, "input") {
+                return Err(QueueError::InvalidStep { index, problem: QueueError::NulCharacter(path).to_string() });
             }
         }
         Ok(NewJob {
@@ -226,17 +243,20 @@ impl Queue {
         }
     }
 
-    /// A live cached result for this input on this handler version; counts the hit.
+    /// A live cached result for this input on this handler version, for a
+    /// job of `owner` under the type's cache scope; counts the hit.
     pub async fn cached_result(
         &self,
         job_type: &str,
         version: &str,
+        scope: CacheScope,
+        owner: &str,
         input: &Value,
     ) -> Result<Option<Value>, StoreError> {
         if !self.settings.cache_enabled {
             return Ok(None);
         }
-        self.store.cache_hit(&cache_key::cache_key(job_type, version, input), Utc::now()).await
+        self.store.cache_hit(&cache_key::cache_key(job_type, version, scope, owner, input), Utc::now()).await
     }
 
     /// The transition that ends a claimed job's attempt with `outcome`.
@@ -244,6 +264,13 @@ impl Queue {
     pub fn transition(&self, job: &Job, outcome: Outcome, elapsed: Duration, now: DateTime<Utc>) -> Transition {
         match outcome {
             Outcome::Completed { output } => match serde_json::from_str::<Value>(&output) {
+                Ok(result) if let Some(path) = nul_at(&result, "result") => Transition::Fail {
+                    error: format!(
+                        "the result has the character U+0000 at `{path}`, which the database cannot store: \
+                         the handler must leave it out or encode the data (base64)"
+                    ),
+                    outcome: AttemptOutcome::Failed,
+                },
                 Ok(result) => Transition::Complete {
                     next: next_step(job, &result, self.settings.default_max_attempts, now).map(Box::new),
                     cache: None,
@@ -350,6 +377,23 @@ fn next_step(job: &Job, result: &Value, max_attempts: i32, now: DateTime<Utc>) -
     })
 }
 
+/// Where in `value` a string or key holds U+0000, which PostgreSQL's JSON
+/// cannot store (SQLite could, but both databases answer alike).
+pub fn nul_at(value: &Value, path: &str) -> Option<String> {
+    match value {
+        Value::String(text) if text.contains('\0') => Some(path.to_string()),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| nul_at(item, &format!("{path}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                Some(format!("{path} (a key)"))
+            } else {
+                nul_at(item, &format!("{path}.{key}"))
+            }
+        }),
+        _ => None,
+    }
+}
+
 pub fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -364,6 +408,14 @@ pub fn json_kind(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nul_characters_are_found_with_their_path() {
+        let value = serde_json::json!({"a": [1, {"b": "x\0y"}], "c": "fine"});
+        assert_eq!(nul_at(&value, "input").as_deref(), Some("input.a[1].b"));
+        assert_eq!(nul_at(&serde_json::json!({"k\0": 1}), "input").as_deref(), Some("input (a key)"));
+        assert_eq!(nul_at(&serde_json::json!({"a": "\\u0000 is text"}), "input"), None, "an escaped backslash is not NUL");
+    }
 
     #[test]
     fn backoff_doubles_per_attempt_within_the_jitter() {

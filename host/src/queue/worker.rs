@@ -490,7 +490,7 @@ async fn run_job(shared: Arc<Shared>, job: Job, slot: OwnedSemaphorePermit) {
             .cache_ttl_hours
             .map_or(queue.settings().cache_ttl, |h| Duration::from_secs(u64::from(h) * 3600));
         *cache = Some(CacheWrite {
-            key: cache_key(&job.job_type, &handler.version, &job.input),
+            key: cache_key(&job.job_type, &handler.version, handler.manifest.cache_scope, &job.user_id, &job.input),
             job_type: job.job_type.clone(),
             expires_at: now + ttl,
         });

@@ -352,9 +352,27 @@ pub enum CancelOutcome {
     Cancelled {
         was_running: bool,
     },
-    /// It had already ended; nothing changed.
+    /// It had ended, but a later step of its pipeline had not: that step is
+    /// cancelled, and with it the steps still to come.
+    StepCancelled {
+        step: Uuid,
+        was_running: bool,
+    },
+    /// It had already ended, and nothing after it was left to run.
     AlreadyFinished(JobStatus),
     NotFound,
+}
+
+/// What a cancel does to a job and the rest of its pipeline, from the
+/// job's status and the unfinished jobs of its chain (`id`, `status`).
+pub(crate) fn cancel_outcome(id: Uuid, status: JobStatus, unfinished: &[(Uuid, JobStatus)]) -> CancelOutcome {
+    if !status.is_finished() {
+        return CancelOutcome::Cancelled { was_running: status == JobStatus::Processing };
+    }
+    match unfinished.iter().find(|(other, _)| *other != id) {
+        Some((step, status)) => CancelOutcome::StepCancelled { step: *step, was_running: *status == JobStatus::Processing },
+        None => CancelOutcome::AlreadyFinished(status),
+    }
 }
 
 /// A cached result.
@@ -522,8 +540,13 @@ pub trait Store: Send + Sync + 'static {
     /// Ends one attempt: `true` when it was written as asked (see
     /// [`Store::finish_attempts`]).
     async fn finish_attempt(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        Ok(self.finish_attempt_written(end, now).await? == EndWritten::Recorded)
+    }
+
+    /// Ends one attempt, answering what was written.
+    async fn finish_attempt_written(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<EndWritten, StoreError> {
         let written = self.finish_attempts(std::slice::from_ref(end), now).await?;
-        Ok(written.first() == Some(&EndWritten::Recorded))
+        written.into_iter().next().ok_or_else(|| corrupt("quern_jobs", "no answer for an attempt's end"))
     }
 
     /// Extends the leases of `ids` that `worker_id` still holds; returns the
@@ -541,7 +564,9 @@ pub trait Store: Send + Sync + 'static {
     /// Processing jobs whose lease lapsed before `now`.
     async fn expired_leases(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, StoreError>;
 
-    /// Cancels a pending or processing job.
+    /// Cancels a pending or processing job, and every unfinished job of its
+    /// pipeline (the chain of steps from the same first job): cancelling any
+    /// step stops the steps not yet run.
     async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError>;
 
     /// Saves the latest progress of jobs `worker_id` holds, in one statement.

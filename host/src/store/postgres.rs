@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::nodelay;
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
+    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, cancel_outcome, CacheEntry, CacheStats, CancelOutcome, DepthRow,
     EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome, Rollout, Store, StoreError,
     StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status, requeueable,
 };
@@ -614,24 +614,29 @@ impl Store for PostgresStore {
 
     async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM quern_jobs WHERE id = $1 FOR UPDATE")
+        let row = sqlx::query("SELECT status, coalesce(root_id, id) AS root FROM quern_jobs WHERE id = $1 FOR UPDATE")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(status) = status else { return Ok(CancelOutcome::NotFound) };
-        let status = parse_status(&status)?;
-        if status.is_finished() {
-            return Ok(CancelOutcome::AlreadyFinished(status));
-        }
-        sqlx::query(
-            "UPDATE quern_jobs SET status = 'cancelled', completed_at = $2, updated_at = $2, error = 'cancelled' WHERE id = $1",
+        let Some(row) = row else { return Ok(CancelOutcome::NotFound) };
+        let status = parse_status(&row.try_get::<String, _>("status")?)?;
+        let root: Uuid = row.try_get("root")?;
+        let rows = sqlx::query(
+            "WITH chain AS (SELECT id, status FROM quern_jobs \
+                 WHERE (id = $1 OR root_id = $1) AND status IN ('pending', 'processing') FOR UPDATE) \
+             UPDATE quern_jobs AS j SET status = 'cancelled', completed_at = $2, updated_at = $2, error = 'cancelled' \
+             FROM chain WHERE j.id = chain.id RETURNING chain.id, chain.status",
         )
-        .bind(id)
+        .bind(root)
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        let unfinished = rows
+            .iter()
+            .map(|row| Ok((row.try_get("id")?, parse_status(&row.try_get::<String, _>("status")?)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         tx.commit().await?;
-        Ok(CancelOutcome::Cancelled { was_running: status == JobStatus::Processing })
+        Ok(cancel_outcome(id, status, &unfinished))
     }
 
     async fn set_progress(&self, worker_id: &str, progress: &[Progress]) -> Result<(), StoreError> {

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats,
+    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CANCELLED_WHILE_RUNNING, cancel_outcome, CacheEntry, CacheStats,
     CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome,
     Rollout, Store, StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status,
     requeueable,
@@ -679,24 +679,33 @@ impl Store for SqliteStore {
 
     async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
         let mut tx = self.begin().await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM quern_jobs WHERE id = ?1")
+        let row = sqlx::query("SELECT status, coalesce(root_id, id) AS root FROM quern_jobs WHERE id = ?1")
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(status) = status else { return Ok(CancelOutcome::NotFound) };
-        let status = parse_status(&status)?;
-        if status.is_finished() {
-            return Ok(CancelOutcome::AlreadyFinished(status));
-        }
-        sqlx::query(
-            "UPDATE quern_jobs SET status = 'cancelled', completed_at = ?2, updated_at = ?2, error = 'cancelled' WHERE id = ?1",
+        let Some(row) = row else { return Ok(CancelOutcome::NotFound) };
+        let status = parse_status(&row.try_get::<String, _>("status")?)?;
+        let root: String = row.try_get("root")?;
+        let rows = sqlx::query(
+            "SELECT id, status FROM quern_jobs WHERE (id = ?1 OR root_id = ?1) AND status IN ('pending', 'processing')",
         )
-        .bind(id.to_string())
+        .bind(&root)
+        .fetch_all(&mut *tx)
+        .await?;
+        let unfinished = rows
+            .iter()
+            .map(|row| Ok((uuid(&row.try_get::<String, _>("id")?)?, parse_status(&row.try_get::<String, _>("status")?)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        sqlx::query(
+            "UPDATE quern_jobs SET status = 'cancelled', completed_at = ?2, updated_at = ?2, error = 'cancelled' \
+             WHERE (id = ?1 OR root_id = ?1) AND status IN ('pending', 'processing')",
+        )
+        .bind(&root)
         .bind(micros(now))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(CancelOutcome::Cancelled { was_running: status == JobStatus::Processing })
+        Ok(cancel_outcome(id, status, &unfinished))
     }
 
     async fn set_progress(&self, worker_id: &str, progress: &[Progress]) -> Result<(), StoreError> {
