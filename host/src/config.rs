@@ -181,9 +181,10 @@ pub struct GatewayArgs {
     /// Enqueues per minute per client IP (0: no limit).
     #[arg(long, env = "QUERN_RATE_LIMIT_PER_MIN", default_value_t = 50)]
     pub rate_limit_per_min: u32,
-    /// Take the client IP from X-Forwarded-For (only behind a proxy you trust).
-    #[arg(long, env = "QUERN_TRUST_PROXY")]
-    pub trust_proxy: bool,
+    /// Proxies in front whose X-Forwarded-For entries are believed: `true`
+    /// (one), a count, or their addresses as comma-separated CIDRs.
+    #[arg(long, env = "QUERN_TRUST_PROXY", default_value = "false")]
+    pub trust_proxy: crate::api::limits::TrustProxy,
     /// Origins allowed by CORS, comma-separated (`*` for any).
     #[arg(long, env = "QUERN_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
@@ -226,7 +227,7 @@ impl GatewayArgs {
     pub fn settings(&self) -> crate::api::GatewaySettings {
         crate::api::GatewaySettings {
             rate_limit_per_min: (self.rate_limit_per_min > 0).then_some(self.rate_limit_per_min),
-            trust_proxy: self.trust_proxy,
+            trust_proxy: self.trust_proxy.clone(),
             cors_origins: self.cors_origins.iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect(),
             disabled_types: self
                 .disabled_types

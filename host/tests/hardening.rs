@@ -19,6 +19,7 @@ on_both_databases!(
     a_cached_result_answers_only_its_owner,
     a_nul_character_is_refused_in_inputs_and_fails_a_result,
     only_a_short_safe_request_id_is_kept,
+    behind_a_trusted_proxy_the_client_cannot_pick_its_address,
 );
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -190,5 +191,29 @@ async fn only_a_short_safe_request_id_is_kept(db: &Db) {
     let response = server.client.get(format!("{}/health", server.base)).header("x-request-id", "req-42.a_b").send().await;
     assert_eq!(response.unwrap().headers()["x-request-id"], "req-42.a_b", "a safe id is kept");
     assert!(!server.log().contains("injected"), "the unsafe id never reached the log");
+    server.finish().await;
+}
+
+async fn behind_a_trusted_proxy_the_client_cannot_pick_its_address(db: &Db) {
+    let server =
+        Server::start_with(db, with_env(&[("QUERN_RATE_LIMIT_PER_MIN", "3"), ("QUERN_TRUST_PROXY", "true")])).await;
+    let token = server.token("alice");
+    let mut statuses = Vec::new();
+    for n in 0..6 {
+        // The client wrote the first entry; the proxy appended the address it saw.
+        let forwarded = format!("10.9.9.{n}, 198.51.100.1");
+        let response = server
+            .client
+            .post(format!("{}/v1/jobs", server.base))
+            .bearer_auth(&token)
+            .header("x-forwarded-for", forwarded)
+            .header("content-type", "application/json")
+            .body(json!({"type": "echo", "input": {"spoof": n}}).to_string())
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses, vec![202, 202, 202, 429, 429, 429], "one client, whatever it writes on the left");
     server.finish().await;
 }

@@ -1,7 +1,8 @@
 //! The per-IP rate limit on enqueue (`QUERN_RATE_LIMIT_PER_MIN`, default 50):
 //! a token bucket per client address (`governor`), refilled evenly over the
-//! minute. The address is the connection's, or the first `X-Forwarded-For`
-//! entry when `QUERN_TRUST_PROXY` says a proxy in front sets it honestly.
+//! minute. The address is the connection's, or, behind proxies named by
+//! `QUERN_TRUST_PROXY`, the rightmost `X-Forwarded-For` entry that no trusted
+//! proxy added: entries further left are the client's to write.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -44,16 +45,79 @@ impl IpLimiter {
     }
 }
 
-/// The client's address: the connection's, or `X-Forwarded-For`'s first
-/// entry when the proxy is trusted.
-pub fn client_ip(gateway: &Gateway, headers: &HeaderMap, peer: Option<&ConnectInfo<SocketAddr>>) -> Option<IpAddr> {
-    if gateway.settings.trust_proxy
-        && let Some(forwarded) = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok())
-        && let Some(ip) = forwarded.split(',').next().and_then(|first| first.trim().parse().ok())
-    {
-        return Some(ip);
+/// Which proxies in front of the gateway are believed about the client's
+/// address (`QUERN_TRUST_PROXY`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum TrustProxy {
+    /// None: the connection's address is the client's.
+    #[default]
+    Off,
+    /// This many proxies in front, each appending the address it saw.
+    Hops(u8),
+    /// Proxies at these addresses.
+    Networks(Vec<ipnet::IpNet>),
+}
+
+impl std::str::FromStr for TrustProxy {
+    type Err = String;
+
+    /// `false`/`0`, `true` (one proxy), a hop count, or comma-separated CIDRs.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "" | "false" | "0" => Ok(Self::Off),
+            "true" => Ok(Self::Hops(1)),
+            hops if hops.bytes().all(|b| b.is_ascii_digit()) => {
+                hops.parse().map(Self::Hops).map_err(|_| format!("{hops} proxies is too many: use 1 to 255"))
+            }
+            networks => networks
+                .split(',')
+                .map(|net| {
+                    let net = net.trim();
+                    net.parse::<ipnet::IpNet>()
+                        .or_else(|_| net.parse::<IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|_| format!("`{net}` is not an address or a CIDR (e.g. 10.0.0.0/8)"))
+                })
+                .collect::<Result<_, _>>()
+                .map(Self::Networks),
+        }
     }
-    peer.map(|ConnectInfo(addr)| addr.ip())
+}
+
+/// The client's address: the connection's, or behind trusted proxies the
+/// rightmost `X-Forwarded-For` entry a trusted proxy did not add.
+pub fn client_ip(gateway: &Gateway, headers: &HeaderMap, peer: Option<&ConnectInfo<SocketAddr>>) -> Option<IpAddr> {
+    let peer = peer.map(|ConnectInfo(addr)| addr.ip())?;
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|entry| entry.trim().parse().ok())
+        .collect();
+    Some(client_address(&gateway.settings.trust_proxy, peer, &forwarded))
+}
+
+/// The address the client is taken for, from the connection's `peer` and the
+/// forwarded chain, leftmost first.
+pub fn client_address(trust: &TrustProxy, peer: IpAddr, forwarded: &[IpAddr]) -> IpAddr {
+    match trust {
+        TrustProxy::Off => peer,
+        // The nearest proxy is the peer; each of the `hops` appended one entry.
+        TrustProxy::Hops(hops) => {
+            let hops = usize::from(*hops);
+            if forwarded.is_empty() {
+                return peer;
+            }
+            forwarded[forwarded.len().saturating_sub(hops)]
+        }
+        TrustProxy::Networks(networks) => {
+            let trusted = |ip: &IpAddr| networks.iter().any(|net| net.contains(ip));
+            if !trusted(&peer) {
+                return peer;
+            }
+            forwarded.iter().rev().find(|ip| !trusted(ip)).or(forwarded.first()).copied().unwrap_or(peer)
+        }
+    }
 }
 
 /// Refuses a request that would create `jobs` jobs (a retry, an enqueue and
@@ -87,4 +151,36 @@ pub fn check_rate(
             format!("this request would create {jobs} jobs, more than the {per_minute} a minute your address may create"),
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|ip| ip.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_client_cannot_choose_its_address_behind_a_trusted_proxy() {
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        // The client sent `X-Forwarded-For: 1.2.3.4`; the proxy appended 203.0.113.9.
+        let chain = ips(&["1.2.3.4", "203.0.113.9"]);
+        assert_eq!(client_address(&TrustProxy::Off, peer, &chain), peer);
+        assert_eq!(client_address(&"true".parse().unwrap(), peer, &chain), chain[1]);
+        assert_eq!(client_address(&"2".parse().unwrap(), peer, &ips(&["1.2.3.4", "203.0.113.9", "10.0.0.7"])), chain[1]);
+        let networks: TrustProxy = "10.0.0.0/8, 172.16.0.0/12".parse().unwrap();
+        assert_eq!(client_address(&networks, peer, &ips(&["1.2.3.4", "203.0.113.9", "172.16.0.3"])), chain[1]);
+        let outsider: IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!(client_address(&networks, outsider, &chain), outsider, "only a trusted peer's header counts");
+        assert_eq!(client_address(&networks, peer, &[]), peer);
+    }
+
+    #[test]
+    fn trust_settings_parse_and_name_their_mistakes() {
+        assert_eq!("false".parse::<TrustProxy>().unwrap(), TrustProxy::Off);
+        assert_eq!("3".parse::<TrustProxy>().unwrap(), TrustProxy::Hops(3));
+        assert!("10.0.0.0/33".parse::<TrustProxy>().unwrap_err().contains("not an address or a CIDR"));
+        assert!(matches!("127.0.0.1".parse::<TrustProxy>().unwrap(), TrustProxy::Networks(n) if n.len() == 1));
+    }
 }

@@ -14,7 +14,7 @@ pub mod error;
 mod handlers;
 mod health;
 mod jobs;
-mod limits;
+pub mod limits;
 pub mod metrics;
 mod stats;
 mod supabase;
@@ -52,8 +52,8 @@ pub use self::body::MAX_BODY_BYTES;
 pub struct GatewaySettings {
     /// Enqueues per minute per client IP; `None` for no limit.
     pub rate_limit_per_min: Option<u32>,
-    /// Take the client IP from `X-Forwarded-For` (behind a proxy you trust).
-    pub trust_proxy: bool,
+    /// Proxies believed about the client's address in `X-Forwarded-For`.
+    pub trust_proxy: limits::TrustProxy,
     /// Origins allowed by CORS; `*` for any.
     pub cors_origins: Vec<String>,
     /// Types refused at enqueue from the start (QUERN_DISABLED_TYPES).
@@ -71,7 +71,7 @@ impl Default for GatewaySettings {
     fn default() -> Self {
         Self {
             rate_limit_per_min: Some(50),
-            trust_proxy: false,
+            trust_proxy: limits::TrustProxy::Off,
             cors_origins: Vec::new(),
             disabled_types: Vec::new(),
             max_wait: Duration::from_secs(30),
