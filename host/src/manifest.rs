@@ -40,6 +40,8 @@ pub struct Manifest {
     /// Whether this build, as a canary, is rolled back by itself when it
     /// fails more than the active version.
     pub auto_rollback: Option<AutoRollback>,
+    /// The text it was read from: with the component, it names the version.
+    pub source: String,
 }
 
 /// Whose jobs may answer each other from the result cache.
@@ -226,6 +228,7 @@ impl Manifest {
             cache_scope: CacheScope::User,
             max_attempts: 1,
             access: Vec::new(),
+            source: String::new(),
             allowed_hosts: Vec::new(),
             config_keys: Vec::new(),
             limits: LimitOverrides::default(),
@@ -276,6 +279,7 @@ impl Manifest {
             config_keys: raw.config.keys,
             limits: raw.limits,
             auto_rollback,
+            source: text.to_string(),
         })
     }
 }

@@ -20,6 +20,7 @@ on_both_databases!(
     a_nul_character_is_refused_in_inputs_and_fails_a_result,
     only_a_short_safe_request_id_is_kept,
     behind_a_trusted_proxy_the_client_cannot_pick_its_address,
+    the_same_build_under_a_changed_manifest_is_another_version,
 );
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -215,5 +216,30 @@ async fn behind_a_trusted_proxy_the_client_cannot_pick_its_address(db: &Db) {
         statuses.push(response.status().as_u16());
     }
     assert_eq!(statuses, vec![202, 202, 202, 429, 429, 429], "one client, whatever it writes on the left");
+    server.finish().await;
+}
+
+async fn the_same_build_under_a_changed_manifest_is_another_version(db: &Db) {
+    let server = Server::start(db).await;
+    let ops = server.service_token();
+    let component = std::fs::read(dist("echo.wasm")).unwrap();
+    let upload = |manifest: &'static str| {
+        let form = reqwest::multipart::Form::new()
+            .part("component", reqwest::multipart::Part::bytes(component.clone()).file_name("echo.wasm"))
+            .text("manifest", manifest);
+        let request = server.client.post(format!("{}/v1/handlers/probe/versions", server.base)).bearer_auth(&ops);
+        async move { support::server::read(request.multipart(form).send().await.unwrap()).await }
+    };
+    let open = "type = \"probe\"\n[http]\nallowed_hosts = [\"api.example.com\", \"*.example.org\"]\n";
+    let strict = "type = \"probe\"\n[http]\nallowed_hosts = [\"api.example.com\"]\n";
+    let first = upload(open).await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    let stricter = upload(strict).await;
+    assert_eq!(stricter.status, 201, "a stricter manifest is a new version, not ignored: {}", stricter.text);
+    assert_ne!(stricter.body["version"], first.body["version"]);
+    assert_eq!(stricter.body["sha256"], first.body["sha256"], "the same component");
+    let again = upload(strict).await;
+    assert_eq!((again.status.as_u16(), &again.body["created"]), (200, &json!(false)), "{}", again.text);
+    assert_eq!(again.body["version"], stricter.body["version"]);
     server.finish().await;
 }

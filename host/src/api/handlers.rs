@@ -48,7 +48,8 @@ fn checked_type(job_type: &str) -> Result<(), ApiError> {
 pub struct UploadedVersion {
     #[serde(rename = "type")]
     pub job_type: String,
-    /// The first 12 hex digits of the component's sha256.
+    /// The version id: 12 hex digits of the sha256 of the component and its
+    /// manifest (the same build under another manifest is another version).
     pub version: String,
     pub sha256: String,
     pub size_bytes: usize,

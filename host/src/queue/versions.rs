@@ -163,7 +163,9 @@ impl VersionSync {
                 source: LoadError::Compile(error.to_string()),
             })?
             .map_err(|source| SyncError::Load { job_type: job_type.into(), version: version.into(), source })?;
-        let handler = Arc::new(handler);
+        // The id it is stored and rolled out under is its name, whatever
+        // this build of quern would compute for it.
+        let handler = Arc::new(handler.named(version));
         self.lock().insert(key, handler.clone());
         Ok(handler)
     }

@@ -109,7 +109,8 @@ pub struct Runtime {
 /// One loaded version of one job type, ready to run jobs.
 pub struct HandlerVersion {
     pub manifest: Manifest,
-    /// The short sha256 of the component bytes: the version id.
+    /// The version id: the short sha256 of the component's sha256 and the
+    /// manifest's text.
     pub version: Arc<str>,
     pub sha256: String,
     pub limits: Limits,
@@ -119,6 +120,14 @@ pub struct HandlerVersion {
     policy: Arc<HttpPolicy>,
     config: Arc<GrantedConfig>,
     job_type: Arc<str>,
+}
+
+impl HandlerVersion {
+    /// This version under the id it is known by elsewhere (stored and rolled
+    /// out before the way ids are computed changed).
+    pub fn named(self, version: &str) -> Self {
+        Self { version: Arc::from(version), ..self }
+    }
 }
 
 impl std::fmt::Debug for HandlerVersion {
@@ -206,8 +215,12 @@ impl Runtime {
 
         let policy = Arc::new(HttpPolicy::new(&manifest.job_type, manifest.allowed_hosts.clone()));
         self.outbound.grant_exact_names(&policy);
+        // A version is its component and its manifest: the same build under
+        // another policy (fewer hosts, smaller limits) is another version,
+        // so a policy change can never be mistaken for one already stored.
+        let version = sha256_hex(format!("{sha256}\n{}", manifest.source).as_bytes());
         Ok(HandlerVersion {
-            version: Arc::from(&sha256[..12]),
+            version: Arc::from(&version[..12]),
             limits: self.settings.default_limits.with(manifest.limits),
             config: Arc::new(self.settings.config.grant(&manifest.config_keys)),
             job_type: Arc::from(manifest.job_type.as_str()),
