@@ -221,6 +221,13 @@ pub struct GatewayArgs {
     /// Where alert starts and resolves are POSTed as JSON.
     #[arg(long, env = "QUERN_ALERT_WEBHOOK_URL", hide_env_values = true)]
     pub alert_webhook_url: Option<url::Url>,
+    /// The URL clients reach this gateway at; when it is https, the
+    /// dashboard's session cookie is marked `Secure`.
+    #[arg(long, env = "QUERN_PUBLIC_URL")]
+    pub public_url: Option<url::Url>,
+    /// Mark the dashboard's session cookie `Secure` whatever the public URL.
+    #[arg(long, env = "QUERN_SECURE_COOKIES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub secure_cookies: bool,
 }
 
 impl GatewayArgs {
@@ -237,6 +244,7 @@ impl GatewayArgs {
                 .collect(),
             dashboard_password: self.dashboard_password.clone().filter(|p| !p.is_empty()),
             max_upload_bytes: (self.max_upload_mb as usize) << 20,
+            secure_cookies: self.secure_cookies || self.public_url.as_ref().is_some_and(|url| url.scheme() == "https"),
             alerts: crate::alerts::AlertSettings {
                 queue_pending: self.alert_queue_pending,
                 worker_offline: std::time::Duration::from_secs(self.alert_worker_offline_s),

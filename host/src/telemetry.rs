@@ -42,7 +42,10 @@ pub fn describe() {
     describe_histogram!(INSTANCE_TIME, Unit::Seconds, "Wall time of a handler instance per attempt, by type.");
     describe_gauge!(ALERTS_ACTIVE, "Alerts firing now, by alert (queue_backlog, worker_offline, failure_rate).");
     describe_counter!(ALERTS_FIRED, "Alerts that started, by alert.");
-    describe_counter!(LOG_LINES_DROPPED, "Handler log lines (host.log, stdout, stderr) dropped past a job's budget, by type.");
+    describe_counter!(
+        LOG_LINES_DROPPED,
+        "Handler log lines (host.log, stdout, stderr) dropped past a job's budget, by type."
+    );
     describe_histogram!(COMPLETION_BATCH, "Attempt ends a worker wrote with one statement and one commit.");
     describe_gauge!(WORKERS_OFFLINE, "Workers whose last heartbeat is older than the offline threshold.");
     describe_counter!(

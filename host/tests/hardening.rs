@@ -87,7 +87,8 @@ async fn cancelling_a_finished_step_stops_the_rest_of_its_pipeline(db: &Db) {
     let started = std::time::Instant::now();
     let step = loop {
         let jobs = server.get("/v1/jobs", &token).await.body["jobs"].as_array().cloned().unwrap_or_default();
-        if let Some(step) = jobs.iter().find(|job| job["parent_id"] == first.as_str() && job["status"] == "processing") {
+        if let Some(step) = jobs.iter().find(|job| job["parent_id"] == first.as_str() && job["status"] == "processing")
+        {
             break step["id"].as_str().unwrap().to_string();
         }
         assert!(started.elapsed() < DEADLINE, "the second step never ran: {jobs:?}");
@@ -97,14 +98,18 @@ async fn cancelling_a_finished_step_stops_the_rest_of_its_pipeline(db: &Db) {
     let answer = server.post(&format!("/v1/jobs/{first}/cancel"), &token, json!({})).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!((answer.body["id"].as_str(), &answer.body["status"]), (Some(step.as_str()), &json!("cancelled")));
-    let stopped = server
-        .poll_job(&token, &step, DEADLINE, |job| job["history"].as_array().is_some_and(|h| !h.is_empty()))
-        .await;
+    let stopped =
+        server.poll_job(&token, &step, DEADLINE, |job| job["history"].as_array().is_some_and(|h| !h.is_empty())).await;
     assert_eq!(stopped["history"][0]["outcome"], "cancelled", "{stopped}");
     let jobs = server.get("/v1/jobs", &token).await.body["jobs"].as_array().cloned().unwrap_or_default();
     assert_eq!(jobs.len(), 2, "the third step never ran: {jobs:?}");
     let again = server.post(&format!("/v1/jobs/{first}/cancel"), &token, json!({})).await;
-    assert_eq!((again.status.as_u16(), again.code()), (409, "already_finished"), "nothing left to cancel: {}", again.text);
+    assert_eq!(
+        (again.status.as_u16(), again.code()),
+        (409, "already_finished"),
+        "nothing left to cancel: {}",
+        again.text
+    );
     server.finish().await;
 }
 
@@ -133,8 +138,8 @@ async fn every_pipeline_step_is_checked_like_a_direct_enqueue(db: &Db) {
 
 async fn a_type_restricted_to_service_callers_refuses_users(db: &Db) {
     let whatsapp = std::fs::read_to_string(dist("whatsapp_message.toml")).unwrap();
-    let server = Server::start_with(db, Options { handlers: vec![("whatsapp_message", whatsapp)], ..Options::default() })
-        .await;
+    let server =
+        Server::start_with(db, Options { handlers: vec![("whatsapp_message", whatsapp)], ..Options::default() }).await;
     let input = json!({"to": "+5511999998888", "text": "qualquer coisa"});
     let answer = server.enqueue(&server.token("alice"), "whatsapp_message", input.clone()).await;
     assert_eq!((answer.status.as_u16(), answer.code()), (403, "type_forbidden"), "{}", answer.text);
@@ -189,7 +194,8 @@ async fn only_a_short_safe_request_id_is_kept(db: &Db) {
     let given = response.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_ne!(given, hostile_id.trim());
     assert!(uuid::Uuid::parse_str(&given).is_ok(), "a fresh id replaces it: {given}");
-    let response = server.client.get(format!("{}/health", server.base)).header("x-request-id", "req-42.a_b").send().await;
+    let response =
+        server.client.get(format!("{}/health", server.base)).header("x-request-id", "req-42.a_b").send().await;
     assert_eq!(response.unwrap().headers()["x-request-id"], "req-42.a_b", "a safe id is kept");
     assert!(!server.log().contains("injected"), "the unsafe id never reached the log");
     server.finish().await;
@@ -242,4 +248,66 @@ async fn the_same_build_under_a_changed_manifest_is_another_version(db: &Db) {
     assert_eq!((again.status.as_u16(), &again.body["created"]), (200, &json!(false)), "{}", again.text);
     assert_eq!(again.body["version"], stricter.body["version"]);
     server.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_sign_in_is_throttled_and_its_pages_guarded() {
+    let db = Db::sqlite().await;
+    let env = [
+        ("QUERN_DASHBOARD_PASSWORD", "correct horse battery"),
+        ("QUERN_PUBLIC_URL", "https://quern.example.com"),
+        ("QUERN_TRUST_PROXY", "127.0.0.1"),
+    ];
+    let server = Server::start_with(&db, with_env(&env)).await;
+    let sign_in = |secret: &str| {
+        let request = server
+            .client
+            .post(format!("{}/dashboard/login", server.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("secret={}", secret.replace(' ', "+")));
+        async move { request.send().await.unwrap() }
+    };
+    let statuses: Vec<u16> = {
+        let mut statuses = Vec::new();
+        for n in 0..7 {
+            statuses.push(sign_in(&format!("guess {n}")).await.status().as_u16());
+        }
+        statuses
+    };
+    assert_eq!(statuses, vec![401, 401, 401, 401, 401, 401, 429], "five free failures, then a wait");
+    let locked = sign_in("correct horse battery").await;
+    assert_eq!(locked.status(), 429, "while it waits, even the right password is refused");
+    assert!(locked.headers().contains_key("retry-after"));
+
+    // Another address (a trusted proxy names it) is not held up.
+    let other = other_address_sign_in(&server).await;
+    assert_eq!(other.status(), 303, "signed in");
+    let cookie = other.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+
+    let page = server.client.get(format!("{}/dashboard", server.base)).send().await.unwrap();
+    let headers = page.headers();
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    let policy = headers["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("frame-ancestors 'none'") && !policy.contains("unsafe-inline"), "{policy}");
+    server.finish().await;
+}
+
+/// Signs in with the right password from a client a trusted proxy names
+/// (and does not follow the redirect, to read the cookie).
+async fn other_address_sign_in(server: &Server) -> reqwest::Response {
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    client
+        .post(format!("{}/dashboard/login", server.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-for", "198.51.100.23")
+        .body("secret=correct+horse+battery")
+        .send()
+        .await
+        .unwrap()
 }

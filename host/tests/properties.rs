@@ -4,8 +4,8 @@
 
 use proptest::prelude::*;
 use quern::api::auth::{Auth, AuthSettings, PremiumRule, mint};
-use quern::manifest::Manifest;
 use quern::manifest::CacheScope;
+use quern::manifest::Manifest;
 use quern::queue::cache_key::{cache_key, canonical_json};
 use serde_json::{Map, Value};
 

@@ -168,7 +168,8 @@ async fn an_end_the_database_refuses_fails_its_job_and_holds_up_no_other(db: &Db
     );
     let recorded = Completion::Written(EndWritten::Recorded);
     assert_eq!((a, b, c), (recorded, recorded, recorded), "each end is answered");
-    for (job, status) in [(&good, JobStatus::Completed), (&poisoned, JobStatus::Failed), (&other, JobStatus::Completed)] {
+    for (job, status) in [(&good, JobStatus::Completed), (&poisoned, JobStatus::Failed), (&other, JobStatus::Completed)]
+    {
         assert_eq!(status_of(db, job.id).await, status, "job {}", job.id);
     }
     let failed = db.store.get(poisoned.id).await.unwrap().unwrap();

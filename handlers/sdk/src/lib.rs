@@ -106,7 +106,8 @@ pub fn parse_input<T: DeserializeOwned>(input: &str) -> Result<T, Failure> {
 /// unknown variant is not repeated. Field names and positions stay.
 fn without_values(error: &serde_json::Error) -> String {
     let text = error.to_string();
-    let position = if error.line() > 0 { format!(" at line {} column {}", error.line(), error.column()) } else { String::new() };
+    let position =
+        if error.line() > 0 { format!(" at line {} column {}", error.line(), error.column()) } else { String::new() };
     let message = text.strip_suffix(&position).unwrap_or(&text);
     let kind = |unexpected: &str| {
         let kind = unexpected.split(['`', '"']).next().unwrap_or("").trim().to_string();
@@ -116,7 +117,9 @@ fn without_values(error: &serde_json::Error) -> String {
             k => format!("a {k}"),
         }
     };
-    let plain = if let Some(rest) = message.strip_prefix("invalid type: ").or_else(|| message.strip_prefix("invalid value: ")) {
+    let plain = if let Some(rest) =
+        message.strip_prefix("invalid type: ").or_else(|| message.strip_prefix("invalid value: "))
+    {
         match rest.split_once(", expected ") {
             Some((unexpected, expected)) => format!("expected {expected}, got {}", kind(unexpected)),
             None => "a value of the wrong type".to_string(),
@@ -226,10 +229,26 @@ mod tests {
     #[test]
     fn invalid_input_never_quotes_the_value() {
         let cases = [
-            (r#"{"patient": {"age": 300, "name": "x"}, "meal": "lunch"}"#, "field `patient.age`: expected u8, got an integer", "300"),
-            (r#"{"patient": {"age": 3, "name": ["Maria da Silva"]}, "meal": "lunch"}"#, "field `patient.name`: expected a string, got a sequence", "Maria"),
-            (r#"{"patient": {"age": 3, "name": "x"}, "meal": "almoço secreto"}"#, "field `meal`: not one of the values allowed: expected `lunch` or `dinner`", "secreto"),
-            (r#"{"patient": {"age": "trinta e dois", "name": "x"}, "meal": "lunch"}"#, "expected u8, got a string", "trinta"),
+            (
+                r#"{"patient": {"age": 300, "name": "x"}, "meal": "lunch"}"#,
+                "field `patient.age`: expected u8, got an integer",
+                "300",
+            ),
+            (
+                r#"{"patient": {"age": 3, "name": ["Maria da Silva"]}, "meal": "lunch"}"#,
+                "field `patient.name`: expected a string, got a sequence",
+                "Maria",
+            ),
+            (
+                r#"{"patient": {"age": 3, "name": "x"}, "meal": "almoço secreto"}"#,
+                "field `meal`: not one of the values allowed: expected `lunch` or `dinner`",
+                "secreto",
+            ),
+            (
+                r#"{"patient": {"age": "trinta e dois", "name": "x"}, "meal": "lunch"}"#,
+                "expected u8, got a string",
+                "trinta",
+            ),
         ];
         for (input, expected, secret) in cases {
             let error = message(parse_input::<Profile>(input).unwrap_err());

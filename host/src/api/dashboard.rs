@@ -31,6 +31,93 @@ const LOGIN: &str = include_str!("../../assets/login.html");
 const COOKIE: &str = "quern_dashboard";
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
+/// Sign-in attempts an address may get wrong before it must wait; each
+/// further failure doubles the wait, up to [`MAX_LOCKOUT`].
+const FREE_FAILURES: u32 = 5;
+const MAX_LOCKOUT: Duration = Duration::from_secs(300);
+
+/// Failed sign-ins by client address, and until when each must wait.
+#[derive(Default)]
+pub struct SignInThrottle(Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>);
+
+impl SignInThrottle {
+    /// How long `ip` must still wait before it may try again, if at all.
+    fn wait(&self, ip: std::net::IpAddr) -> Option<Duration> {
+        let now = Instant::now();
+        self.lock().get(&ip).and_then(|(_, until)| until.checked_duration_since(now)).filter(|wait| !wait.is_zero())
+    }
+
+    fn failed(&self, ip: std::net::IpAddr) {
+        let now = Instant::now();
+        let mut failures = self.lock();
+        if failures.len() > 10_000 {
+            failures.retain(|_, (_, until)| *until > now);
+        }
+        let (count, until) = failures.entry(ip).or_insert((0, now));
+        *count += 1;
+        if *count > FREE_FAILURES {
+            let doublings = (*count - FREE_FAILURES - 1).min(16);
+            *until = now + Duration::from_secs(1 << doublings).min(MAX_LOCKOUT);
+        }
+    }
+
+    fn succeeded(&self, ip: std::net::IpAddr) {
+        self.lock().remove(&ip);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, (u32, Instant)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The pages' content security policy: their one inline script and their
+/// inline styles by hash, requests to this server only, never in a frame.
+static CONTENT_SECURITY_POLICY: std::sync::LazyLock<HeaderValue> = std::sync::LazyLock::new(|| {
+    let hashes = |tag: &str| -> String {
+        [PAGE, LOGIN]
+            .iter()
+            .flat_map(|page| inline_blocks(page, tag))
+            .map(|block| {
+                use base64::Engine;
+                format!(" 'sha256-{}'", base64::engine::general_purpose::STANDARD.encode(Sha256::digest(block)))
+            })
+            .collect()
+    };
+    let policy = format!(
+        "default-src 'none'; script-src{}; style-src{}; connect-src 'self'; img-src 'self' data:; \
+         form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        hashes("script"),
+        hashes("style")
+    );
+    HeaderValue::from_str(&policy).unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'"))
+});
+
+/// The contents of each `<tag>…</tag>` of a page.
+fn inline_blocks<'a>(page: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut blocks = Vec::new();
+    let mut rest = page;
+    while let Some(start) = rest.find(&open) {
+        let after = &rest[start + open.len()..];
+        let Some(end) = after.find(&close) else { break };
+        blocks.push(&after[..end]);
+        rest = &after[end + close.len()..];
+    }
+    blocks
+}
+
+/// What every dashboard answer carries: never stored, never framed, never
+/// sniffed, no referrer, and the content security policy.
+fn guarded(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY.clone());
+    response
+}
+
 /// Open dashboard sessions: a random id and when it lapses.
 #[derive(Default)]
 pub struct Sessions(Mutex<HashMap<String, Instant>>);
@@ -96,7 +183,7 @@ impl FromRequestParts<AppState> for Operator {
     ))]
 pub async fn page(operator: Result<Operator, ApiError>) -> Response {
     match operator {
-        Ok(Operator) => no_store(Html(PAGE).into_response()),
+        Ok(Operator) => guarded(Html(PAGE).into_response()),
         Err(error) if error.status == StatusCode::FORBIDDEN => {
             login_form(StatusCode::FORBIDDEN, "That token is not a service_role token.")
         }
@@ -121,8 +208,23 @@ pub struct SignIn {
     ))]
 pub async fn login(
     State(state): State<AppState>,
+    peer: Result<axum::extract::ConnectInfo<std::net::SocketAddr>, axum::extract::rejection::ExtensionRejection>,
+    headers: HeaderMap,
     form: Result<axum::Form<SignIn>, axum::extract::rejection::FormRejection>,
 ) -> Response {
+    let client = super::limits::client_ip(&state, &headers, peer.as_ref().ok());
+    if let Some(wait) = client.and_then(|ip| state.sign_ins.wait(ip)) {
+        tracing::warn!(wait_s = wait.as_secs(), "dashboard sign-in refused: too many failures from this address");
+        return guarded(
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sign_ins",
+                "too many failed sign-ins from your address; wait for the Retry-After seconds",
+            )
+            .with_retry_after(wait)
+            .into_response(),
+        );
+    }
     let secret = match form {
         Ok(axum::Form(form)) => form.secret,
         Err(rejection) => {
@@ -148,12 +250,21 @@ pub async fn login(
     };
     match allowed {
         Ok(()) => {
+            if let Some(ip) = client {
+                state.sign_ins.succeeded(ip);
+            }
             let session = state.sessions.open();
-            let cookie =
-                format!("{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}", SESSION_TTL.as_secs());
+            let secure = if state.settings.secure_cookies { "; Secure" } else { "" };
+            let cookie = format!(
+                "{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+                SESSION_TTL.as_secs()
+            );
             redirect_to_dashboard(&cookie)
         }
         Err((status, message)) => {
+            if let Some(ip) = client {
+                state.sign_ins.failed(ip);
+            }
             tracing::warn!(status = status.as_u16(), "dashboard sign-in refused");
             login_form(status, message)
         }
@@ -226,14 +337,16 @@ pub async fn job(
     }))
 }
 
-/// Compares digests, so the comparison's time says nothing about the password.
+/// Compares in constant time, digests of equal length, so the comparison's
+/// time says nothing about the password.
 fn same_secret(expected: &str, given: &str) -> bool {
-    Sha256::digest(expected.as_bytes()) == Sha256::digest(given.as_bytes())
+    use subtle::ConstantTimeEq;
+    Sha256::digest(expected.as_bytes()).ct_eq(&Sha256::digest(given.as_bytes())).into()
 }
 
 fn login_form(status: StatusCode, message: &'static str) -> Response {
     // `message` is one of this file's own sentences: nothing a caller sent.
-    no_store((status, Html(LOGIN.replace("{{message}}", message))).into_response())
+    guarded((status, Html(LOGIN.replace("{{message}}", message))).into_response())
 }
 
 fn redirect_to_dashboard(cookie: &str) -> Response {
@@ -241,12 +354,7 @@ fn redirect_to_dashboard(cookie: &str) -> Response {
     if let Ok(value) = HeaderValue::from_str(cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
-    no_store(response)
-}
-
-fn no_store(mut response: Response) -> Response {
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    guarded(response)
 }
 
 #[cfg(test)]
@@ -264,6 +372,32 @@ mod tests {
         assert_eq!(session_of(&parts_with_cookie("a=1; quern_dashboard=abc; b=2")), Some("abc"));
         assert_eq!(session_of(&parts_with_cookie("quern_dashboardx=abc")), None);
         assert_eq!(session_of(&parts_with_cookie("a=1")), None);
+    }
+
+    #[test]
+    fn failed_sign_ins_wait_longer_and_longer() {
+        let throttle = SignInThrottle::default();
+        let ip: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+        for _ in 0..FREE_FAILURES {
+            throttle.failed(ip);
+        }
+        assert_eq!(throttle.wait(ip), None, "the first failures cost nothing");
+        throttle.failed(ip);
+        let first = throttle.wait(ip).unwrap();
+        throttle.failed(ip);
+        let second = throttle.wait(ip).unwrap();
+        assert!(second > first, "{second:?} after {first:?}");
+        assert_eq!(throttle.wait("203.0.113.8".parse().unwrap()), None, "another address is not held up");
+        throttle.succeeded(ip);
+        assert_eq!(throttle.wait(ip), None);
+    }
+
+    #[test]
+    fn the_policy_names_each_inline_block_by_hash() {
+        assert_eq!(inline_blocks(PAGE, "script").len(), 1);
+        let policy = CONTENT_SECURITY_POLICY.to_str().unwrap();
+        assert!(policy.contains("frame-ancestors 'none'") && policy.contains("script-src 'sha256-"), "{policy}");
+        assert!(!policy.contains("unsafe-inline"), "{policy}");
     }
 
     #[test]

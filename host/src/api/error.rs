@@ -120,7 +120,9 @@ impl From<QueueError> for ApiError {
             QueueError::InputNotObject(_) | QueueError::NulCharacter(_) => Self::bad_request("invalid_input", message),
             QueueError::PriorityOutOfRange(_) => Self::bad_request("invalid_priority", message),
             QueueError::InvalidType(_) => Self::bad_request("unknown_type", message),
-            QueueError::InvalidStep { .. } | QueueError::TooManySteps { .. } => Self::bad_request("invalid_next", message),
+            QueueError::InvalidStep { .. } | QueueError::TooManySteps { .. } => {
+                Self::bad_request("invalid_next", message)
+            }
             QueueError::TooManyActiveJobs { limit } => too_many_active_jobs(limit),
             QueueError::NotFound(id) => Self::job_not_found(&id.to_string()),
             QueueError::AlreadyFinished { .. } => Self::new(StatusCode::CONFLICT, "already_finished", message),

@@ -148,7 +148,9 @@ pub fn check_rate(
         None => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
-            format!("this request would create {jobs} jobs, more than the {per_minute} a minute your address may create"),
+            format!(
+                "this request would create {jobs} jobs, more than the {per_minute} a minute your address may create"
+            ),
         ),
     })
 }
@@ -168,7 +170,10 @@ mod tests {
         let chain = ips(&["1.2.3.4", "203.0.113.9"]);
         assert_eq!(client_address(&TrustProxy::Off, peer, &chain), peer);
         assert_eq!(client_address(&"true".parse().unwrap(), peer, &chain), chain[1]);
-        assert_eq!(client_address(&"2".parse().unwrap(), peer, &ips(&["1.2.3.4", "203.0.113.9", "10.0.0.7"])), chain[1]);
+        assert_eq!(
+            client_address(&"2".parse().unwrap(), peer, &ips(&["1.2.3.4", "203.0.113.9", "10.0.0.7"])),
+            chain[1]
+        );
         let networks: TrustProxy = "10.0.0.0/8, 172.16.0.0/12".parse().unwrap();
         assert_eq!(client_address(&networks, peer, &ips(&["1.2.3.4", "203.0.113.9", "172.16.0.3"])), chain[1]);
         let outsider: IpAddr = "198.51.100.7".parse().unwrap();

@@ -65,6 +65,8 @@ pub struct GatewaySettings {
     pub alerts: AlertSettings,
     /// The largest handler upload (QUERN_MAX_UPLOAD_MB).
     pub max_upload_bytes: usize,
+    /// Mark the dashboard's session cookie `Secure` (the public URL is https).
+    pub secure_cookies: bool,
 }
 
 impl Default for GatewaySettings {
@@ -78,6 +80,7 @@ impl Default for GatewaySettings {
             dashboard_password: None,
             alerts: AlertSettings::default(),
             max_upload_bytes: 50 << 20,
+            secure_cookies: false,
         }
     }
 }
@@ -99,6 +102,7 @@ pub struct Gateway {
     /// Applies rollouts this gateway writes before it answers.
     pub versions: Arc<VersionSync>,
     sessions: Sessions,
+    sign_ins: dashboard::SignInThrottle,
     disabled: RwLock<BTreeSet<String>>,
     limiter: Option<IpLimiter>,
     started: Instant,
@@ -131,6 +135,7 @@ impl Gateway {
             alerts,
             versions,
             sessions: Sessions::default(),
+            sign_ins: dashboard::SignInThrottle::default(),
             disabled: RwLock::new(disabled),
             limiter,
             started: Instant::now(),

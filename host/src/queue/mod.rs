@@ -75,7 +75,9 @@ pub struct EnqueueRequest {
 pub enum QueueError {
     #[error("input must be a JSON object, got {0}")]
     InputNotObject(&'static str),
-    #[error("input has the character U+0000 at `{0}`, which the database cannot store: remove it, or send binary data base64-encoded")]
+    #[error(
+        "input has the character U+0000 at `{0}`, which the database cannot store: remove it, or send binary data base64-encoded"
+    )]
     NulCharacter(String),
     #[error("priority {0} is out of range: use 1 (most urgent) to 10")]
     PriorityOutOfRange(i64),
@@ -83,7 +85,9 @@ pub enum QueueError {
     InvalidType(String),
     #[error("pipeline step {index}: {problem}")]
     InvalidStep { index: usize, problem: String },
-    #[error("a pipeline may have at most {max} steps after its first job, got {count}: split the work, or raise QUERN_MAX_PIPELINE_STEPS")]
+    #[error(
+        "a pipeline may have at most {max} steps after its first job, got {count}: split the work, or raise QUERN_MAX_PIPELINE_STEPS"
+    )]
     TooManySteps { count: usize, max: usize },
     #[error("too many unfinished jobs: at most {limit} per user; wait for one to finish")]
     TooManyActiveJobs { limit: u32 },
@@ -384,11 +388,7 @@ pub fn nul_at(value: &Value, path: &str) -> Option<String> {
         Value::String(text) if text.contains('\0') => Some(path.to_string()),
         Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| nul_at(item, &format!("{path}[{i}]"))),
         Value::Object(map) => map.iter().find_map(|(key, item)| {
-            if key.contains('\0') {
-                Some(format!("{path} (a key)"))
-            } else {
-                nul_at(item, &format!("{path}.{key}"))
-            }
+            if key.contains('\0') { Some(format!("{path} (a key)")) } else { nul_at(item, &format!("{path}.{key}")) }
         }),
         _ => None,
     }
@@ -414,7 +414,11 @@ mod tests {
         let value = serde_json::json!({"a": [1, {"b": "x\0y"}], "c": "fine"});
         assert_eq!(nul_at(&value, "input").as_deref(), Some("input.a[1].b"));
         assert_eq!(nul_at(&serde_json::json!({"k\0": 1}), "input").as_deref(), Some("input (a key)"));
-        assert_eq!(nul_at(&serde_json::json!({"a": "\\u0000 is text"}), "input"), None, "an escaped backslash is not NUL");
+        assert_eq!(
+            nul_at(&serde_json::json!({"a": "\\u0000 is text"}), "input"),
+            None,
+            "an escaped backslash is not NUL"
+        );
     }
 
     #[test]

@@ -728,9 +728,10 @@ mod tests {
         let p = policy(&["*.example.com"]);
         let url = url::Url::parse("http://imds.example.com/latest/meta-data/").unwrap();
         let rule = p.admit("imds.example.com", 80).unwrap();
-        let error = check_resolved_addresses(&stub(&["::ffff:169.254.169.254"]), &p, rule, &url, "imds.example.com", 80)
-            .await
-            .unwrap_err();
+        let error =
+            check_resolved_addresses(&stub(&["::ffff:169.254.169.254"]), &p, rule, &url, "imds.example.com", 80)
+                .await
+                .unwrap_err();
         assert!(matches!(&error, HttpError::Denied(message) if message.contains("metadata")), "{error:?}");
     }
 

@@ -370,7 +370,9 @@ pub(crate) fn cancel_outcome(id: Uuid, status: JobStatus, unfinished: &[(Uuid, J
         return CancelOutcome::Cancelled { was_running: status == JobStatus::Processing };
     }
     match unfinished.iter().find(|(other, _)| *other != id) {
-        Some((step, status)) => CancelOutcome::StepCancelled { step: *step, was_running: *status == JobStatus::Processing },
+        Some((step, status)) => {
+            CancelOutcome::StepCancelled { step: *step, was_running: *status == JobStatus::Processing }
+        }
         None => CancelOutcome::AlreadyFinished(status),
     }
 }

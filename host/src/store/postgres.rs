@@ -11,9 +11,9 @@ use uuid::Uuid;
 
 use super::nodelay;
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, cancel_outcome, CacheEntry, CacheStats, CancelOutcome, DepthRow,
+    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
     EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome, Rollout, Store, StoreError,
-    StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status, requeueable,
+    StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_status, requeueable,
 };
 
 /// The channel enqueues notify and workers listen on.

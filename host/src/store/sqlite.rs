@@ -18,10 +18,10 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CANCELLED_WHILE_RUNNING, cancel_outcome, CacheEntry, CacheStats,
+    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats,
     CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome,
-    Rollout, Store, StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, corrupt, parse_status,
-    requeueable,
+    Rollout, Store, StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt,
+    parse_status, requeueable,
 };
 
 pub struct SqliteStore {
@@ -694,7 +694,9 @@ impl Store for SqliteStore {
         .await?;
         let unfinished = rows
             .iter()
-            .map(|row| Ok((uuid(&row.try_get::<String, _>("id")?)?, parse_status(&row.try_get::<String, _>("status")?)?)))
+            .map(|row| {
+                Ok((uuid(&row.try_get::<String, _>("id")?)?, parse_status(&row.try_get::<String, _>("status")?)?))
+            })
             .collect::<Result<Vec<_>, StoreError>>()?;
         sqlx::query(
             "UPDATE quern_jobs SET status = 'cancelled', completed_at = ?2, updated_at = ?2, error = 'cancelled' \
