@@ -5,6 +5,7 @@ pub mod backlog;
 pub mod e2e;
 pub mod fleet;
 pub mod http;
+pub mod isolation;
 pub mod queue;
 pub mod runtime;
 

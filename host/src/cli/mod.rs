@@ -62,6 +62,8 @@ enum BenchCommand {
     Fleet(quern::bench::fleet::FleetBenchArgs),
     /// Claim cost and pickup latency on an empty queue and behind a large backlog.
     Backlog(quern::bench::backlog::BacklogBenchArgs),
+    /// The gateway's latency while every worker slot spins.
+    Isolation(quern::bench::isolation::IsolationBenchArgs),
     /// The HTTP gateway: enqueue, cache hit and status requests per second, latency.
     Http(quern::bench::http::HttpBenchArgs),
     /// Simulated users enqueueing and following jobs end to end (the seed's load test).
@@ -131,6 +133,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?
                 .block_on(quern::bench::backlog::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Isolation(args)) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(quern::bench::isolation::run(&args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::E2e(args)) => {

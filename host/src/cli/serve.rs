@@ -134,14 +134,26 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
             print_first_start(addr, &secret, &premium)?;
         }
         let server = tokio::spawn(api::serve(listener, router, shutdown.clone()));
+        // Handlers run on threads of their own: a guest that spins until its
+        // deadline takes a job thread, never one that answers HTTP. (Kept
+        // until the server has stopped: connections opened on it serve both.)
+        let jobs = job_runtime()?;
         if let Some(worker) = worker {
-            worker.run(shutdown.clone()).await?;
+            jobs.spawn(worker.run(shutdown.clone())).await??;
         } else {
             shutdown.cancelled().await;
         }
         server.await??;
+        jobs.shutdown_background();
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The runtime jobs run on, apart from the one serving HTTP: as many threads
+/// as cores, so the operating system shares the cores between both fairly
+/// however long a guest computes without yielding.
+fn job_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().thread_name("quern-job").enable_all().build()
 }
 
 /// `quern worker`.
