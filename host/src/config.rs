@@ -225,6 +225,22 @@ pub struct GatewayArgs {
     /// dashboard's session cookie is marked `Secure`.
     #[arg(long, env = "QUERN_PUBLIC_URL")]
     pub public_url: Option<url::Url>,
+    /// How long a connection may take to send a request's headers, counted
+    /// from when it may send one (so also how long a kept-alive connection
+    /// may sit idle between requests).
+    #[arg(long, env = "QUERN_HTTP_HEADER_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_header_timeout_s: u64,
+    /// A connection with no bytes moving either way this long is closed
+    /// (more than the longest `?wait=`, 30 s; SSE sends a comment every 15 s).
+    #[arg(long, env = "QUERN_HTTP_IDLE_TIMEOUT_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(31..=86_400))]
+    pub http_idle_timeout_s: u64,
+    /// How long a handler has to answer (a `?wait=` request: its wait plus 5 s).
+    #[arg(long, env = "QUERN_HTTP_REQUEST_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_request_timeout_s: u64,
+    /// Connections served at once; lowered to what the descriptor limit
+    /// leaves room for. Past it, new connections wait until one closes.
+    #[arg(long, env = "QUERN_HTTP_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub http_max_connections: u64,
     /// Mark the dashboard's session cookie `Secure` whatever the public URL.
     #[arg(long, env = "QUERN_SECURE_COOKIES", default_value_t = false, action = clap::ArgAction::Set)]
     pub secure_cookies: bool,
@@ -245,6 +261,12 @@ impl GatewayArgs {
             dashboard_password: self.dashboard_password.clone().filter(|p| !p.is_empty()),
             max_upload_bytes: (self.max_upload_mb as usize) << 20,
             secure_cookies: self.secure_cookies || self.public_url.as_ref().is_some_and(|url| url.scheme() == "https"),
+            server: crate::api::server::ServerSettings {
+                header_timeout: std::time::Duration::from_secs(self.http_header_timeout_s),
+                idle_timeout: std::time::Duration::from_secs(self.http_idle_timeout_s),
+                request_timeout: std::time::Duration::from_secs(self.http_request_timeout_s),
+                max_connections: self.http_max_connections as usize,
+            },
             alerts: crate::alerts::AlertSettings {
                 queue_pending: self.alert_queue_pending,
                 worker_offline: std::time::Duration::from_secs(self.alert_worker_offline_s),

@@ -328,3 +328,49 @@ async fn jobs_run_on_threads_apart_from_the_gateway() {
     assert!(threads.iter().any(|name| name == "tokio-rt-worker"), "HTTP threads: {threads:?}");
     server.finish().await;
 }
+
+/// With a descriptor limit of 256, hundreds of connections that send
+/// nothing or half a request take no descriptor the database needs, do not
+/// stop `/health`, and are closed once the header timeout passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_neither_stop_health_nor_outlive_the_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = Db::sqlite().await;
+    let options = Options { nofile: Some(256), ..with_env(&[("QUERN_HTTP_HEADER_TIMEOUT_S", "1")]) };
+    let server = Server::start_with(&db, options).await;
+    let token = server.token("alice");
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut attackers = Vec::new();
+    for n in 0..400 {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if n % 4 == 0 {
+            socket
+                .write_all(b"POST /v1/jobs HTTP/1.1\r\nHost: quern\r\nContent-Type: application/json\r\n")
+                .await
+                .unwrap();
+        }
+        attackers.push(socket);
+    }
+    // /health answers through the siege (the client's own deadline is far
+    // above the header timeout, and far below "never").
+    for _ in 0..5 {
+        let answer = tokio::time::timeout(Duration::from_secs(10), server.get("/health", &token)).await;
+        assert_eq!(answer.expect("/health answered within 10 s").status, 200);
+    }
+    // The database still opens files: a job runs to its end.
+    let job = id_of(&server.enqueue(&token, "echo", json!({"during": "the siege"})).await);
+    server.poll_job(&token, &job, DEADLINE, |job| job["status"] == "completed").await;
+    // Every attacking connection is closed by the server, none outlives the timeout for long.
+    let mut closed = 0;
+    for mut socket in attackers {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(15), socket.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            Ok(Ok(_)) => closed += 1, // an error answer, then the close
+            Err(_) => {}
+        }
+    }
+    assert_eq!(closed, 400, "the server closed every connection that sent no whole request");
+    assert!(!server.log().contains("unable to open database file"), "the database never ran out of descriptors");
+    server.finish().await;
+}

@@ -596,8 +596,17 @@ pub async fn events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let job = owned_job(&state, &caller, &id).await?;
-    let stream =
-        futures_util::stream::unfold(Follow { state, id: job.id, last: None, polled: false, done: false }, follow_step);
+    let stream = futures_util::stream::unfold(
+        Follow {
+            state,
+            id: job.id,
+            last: None,
+            polled: false,
+            done: false,
+            until: tokio::time::Instant::now() + FOLLOW_AT_MOST,
+        },
+        follow_step,
+    );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
@@ -622,9 +631,15 @@ struct Follow {
     /// final event at once); later ones wait an interval.
     polled: bool,
     done: bool,
+    /// The stream ends here, job ended or not; a browser's `EventSource`
+    /// reconnects by itself.
+    until: tokio::time::Instant,
 }
 
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+/// The longest one event stream stays open (a job can wait longer than that
+/// in a backlog: the client follows it again).
+const FOLLOW_AT_MOST: Duration = Duration::from_secs(15 * 60);
 
 async fn follow_step(mut follow: Follow) -> Option<(Result<Event, Infallible>, Follow)> {
     if follow.done {
@@ -634,6 +649,7 @@ async fn follow_step(mut follow: Follow) -> Option<(Result<Event, Infallible>, F
         if std::mem::replace(&mut follow.polled, true) {
             tokio::select! {
                 () = follow.state.shutdown.cancelled() => return None,
+                () = tokio::time::sleep_until(follow.until) => return None,
                 () = tokio::time::sleep(FOLLOW_INTERVAL) => {}
             }
         }

@@ -16,12 +16,12 @@ mod health;
 mod jobs;
 pub mod limits;
 pub mod metrics;
+pub mod server;
 mod stats;
 mod supabase;
 mod types;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,8 @@ pub struct GatewaySettings {
     pub max_upload_bytes: usize,
     /// Mark the dashboard's session cookie `Secure` (the public URL is https).
     pub secure_cookies: bool,
+    /// How connections and requests are bounded.
+    pub server: server::ServerSettings,
 }
 
 impl Default for GatewaySettings {
@@ -81,6 +83,7 @@ impl Default for GatewaySettings {
             alerts: AlertSettings::default(),
             max_upload_bytes: 50 << 20,
             secure_cookies: false,
+            server: server::ServerSettings::default(),
         }
     }
 }
@@ -206,6 +209,8 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
     let request_id = HeaderName::from_static("x-request-id");
     let router = api
         .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limit_time))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(axum::Extension(document))
         .layer(axum::middleware::from_fn(metrics::track_http))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -231,16 +236,46 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
     (router, openapi)
 }
 
-/// Serves `router` on `listener` until `shutdown`, with client addresses
-/// available to the per-IP limit.
+/// Serves `router` on `listener` until `shutdown` (see [`server`]), with
+/// client addresses available to the per-IP limit.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    settings: server::ServerSettings,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    server::serve(listener, router, settings, shutdown).await
+}
+
+/// Bounds how long a handler may take to answer: the request timeout, or for
+/// `?wait=` the longest wait plus a margin. (A stream's body is not bounded
+/// here: SSE has its own limit.)
+async fn limit_time(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let waits = request.uri().query().is_some_and(|query| query.split('&').any(|pair| pair.starts_with("wait=")));
+    let limit =
+        if waits { state.settings.max_wait + Duration::from_secs(5) } else { state.settings.server.request_timeout };
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => axum::response::IntoResponse::into_response(error::ApiError::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request took longer than {} s (QUERN_HTTP_REQUEST_TIMEOUT_S); try again", limit.as_secs()),
+        )),
+    }
+}
+
+/// A panic in a handler answers 500 in the usual shape; the process goes on.
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    tracing::error!("a request handler panicked");
+    axum::response::IntoResponse::into_response(error::ApiError::new(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the server failed while handling this request; it has been logged",
+    ))
 }
 
 /// A client's `X-Request-Id` is kept only when it is short and safe to log
@@ -311,4 +346,27 @@ fn cors(origins: &[String]) -> CorsLayer {
             HeaderName::from_static("x-client-info"),
         ])
         .max_age(Duration::from_secs(600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn boom() -> &'static str {
+        panic!("boom")
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_answers_500_in_the_usual_shape() {
+        use tower::ServiceExt;
+        let router: Router = Router::new()
+            .route("/boom", axum::routing::get(boom))
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked));
+        let request = axum::http::Request::get("/boom").body(axum::body::Body::empty()).unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "internal", "{body}");
+    }
 }

@@ -96,7 +96,7 @@ pub async fn run(args: &E2eBenchArgs) -> anyhow::Result<()> {
     let (router, _) = api::router(gateway);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(api::serve(listener, router, shutdown.clone()));
+    let server = tokio::spawn(api::serve(listener, router, Default::default(), shutdown.clone()));
 
     println!(
         "quern bench e2e: {} users for {} s on {}, {job_type} against a model answering in {} ms, worker concurrency {}",

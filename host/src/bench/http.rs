@@ -71,7 +71,7 @@ pub async fn run(args: &HttpBenchArgs) -> anyhow::Result<()> {
     let (router, _) = api::router(gateway);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(api::serve(listener, router, shutdown.clone()));
+    let server = tokio::spawn(api::serve(listener, router, Default::default(), shutdown.clone()));
 
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
     println!(

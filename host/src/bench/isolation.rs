@@ -100,7 +100,10 @@ async fn measure(args: &IsolationBenchArgs, log: &std::path::Path, secret: &str)
     };
     let echo = enqueue("echo", json!({"read": "me"})).await?;
     let job_path = format!("/v1/jobs/{}", echo["id"].as_str().context("no job id")?);
-    println!("quern bench isolation: quern serve on SQLite, {} worker slots, {} requests per route", args.slots, args.requests);
+    println!(
+        "quern bench isolation: quern serve on SQLite, {} worker slots, {} requests per route",
+        args.slots, args.requests
+    );
 
     let quiet = time_routes(&client, &base, &token, &job_path, args.requests).await?;
     for n in 0..args.slots {

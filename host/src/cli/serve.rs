@@ -133,7 +133,7 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
         if let (DevSecret::Created, Some(secret)) = (dev, dev_secret) {
             print_first_start(addr, &secret, &premium)?;
         }
-        let server = tokio::spawn(api::serve(listener, router, shutdown.clone()));
+        let server = tokio::spawn(api::serve(listener, router, args.gateway.settings().server, shutdown.clone()));
         // Handlers run on threads of their own: a guest that spins until its
         // deadline takes a job thread, never one that answers HTTP. (Kept
         // until the server has stopped: connections opened on it serve both.)

@@ -25,11 +25,13 @@ pub struct Options {
     /// More handlers: a built component of `handlers-dist/` by job type,
     /// with the manifest to serve it under.
     pub handlers: Vec<(&'static str, String)>,
+    /// The process's descriptor limit, when it should be lower than ours.
+    pub nofile: Option<u64>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { command: "serve", env: Vec::new(), handlers: Vec::new() }
+        Self { command: "serve", env: Vec::new(), handlers: Vec::new(), nofile: None }
     }
 }
 
@@ -94,7 +96,17 @@ impl Server {
             std::fs::write(handlers.join(format!("{job_type}.toml")), manifest).unwrap();
         }
         let log = dir.path().join("quern.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_quern"))
+        let mut command = match options.nofile {
+            // The shell lowers the limit, then becomes quern.
+            Some(nofile) => {
+                let mut shell = Command::new("sh");
+                shell.args(["-c", &format!("ulimit -n {nofile} && exec \"$0\" \"$@\"")]);
+                shell.arg(env!("CARGO_BIN_EXE_quern"));
+                shell
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_quern")),
+        };
+        let child = command
             .arg(options.command)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
