@@ -60,7 +60,7 @@ async fn invalid_input_fails_permanently_naming_the_field() {
     for (input, needle) in [
         (json!({}), "missing field `text`"),
         (json!({"text": " "}), "`text` is empty"),
-        (json!({"text": 5}), "invalid type"),
+        (json!({"text": 5}), "field `text`: expected a string, got an integer"),
     ] {
         let run = harness.run(input).await;
         let (reason, _, retry) = failure(&run.outcome);
