@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use quern::runtime::registry::{Registry, RegistryEvent};
 use quern::runtime::{JobSpec, Outcome, RunOptions};
 use serde_json::json;
-use support::{dist, poll_until, runtime};
+use support::{cache_dir, dist, poll_until, runtime};
+use tokio::sync::broadcast;
 
 /// Replaces `to` in one step, as a deploy should (write aside, then rename).
 fn replace(to: &Path, bytes: &[u8]) {
@@ -114,6 +115,55 @@ async fn a_manifest_change_alone_is_picked_up() {
         registry.get("echo").filter(|h| h.manifest.estimated_time_s == 7)
     })
     .await;
+}
+
+/// The next registry event within `within`, if any.
+async fn next_event(events: &mut broadcast::Receiver<RegistryEvent>, within: Duration) -> Option<RegistryEvent> {
+    tokio::time::timeout(within, events.recv()).await.ok().map(|event| event.expect("registry events"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_files_reloads_nothing_and_a_new_build_reloads_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(dist("echo.wasm"), dir.path().join("echo.wasm")).unwrap();
+    std::fs::copy(dist("echo.toml"), dir.path().join("echo.toml")).unwrap();
+    let registry = Registry::new(runtime());
+    registry.load_dir(dir.path()).unwrap();
+    let _watch = registry.watch(dir.path()).unwrap();
+    let mut events = registry.subscribe();
+
+    // What a backup, `sha256sum` or the README's `quern run` beside a server does.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        std::fs::read(entry.unwrap().path()).unwrap();
+    }
+    let data = tempfile::tempdir().unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_quern"))
+        .args(["run", dir.path().join("echo.wasm").to_str().unwrap(), "--input", "{}"])
+        .env("QUERN_DATA_DIR", data.path())
+        .env("QUERN_CACHE_DIR", cache_dir())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "quern run: {}", String::from_utf8_lossy(&run.stderr));
+    // The window: five seconds in which nothing may be reloaded or even re-read.
+    let event = next_event(&mut events, Duration::from_secs(5)).await;
+    assert!(event.is_none(), "reading the handler files caused {event:?}");
+
+    // The same build copied over again: read, found unchanged, not reloaded.
+    replace(&dir.path().join("echo.wasm"), &std::fs::read(dist("echo.wasm")).unwrap());
+    let event = next_event(&mut events, Duration::from_secs(5)).await;
+    assert!(matches!(&event, Some(RegistryEvent::Unchanged { job_type }) if job_type == "echo"), "{event:?}");
+
+    // A new build: exactly one reload.
+    let before = registry.get("echo").unwrap().version.clone();
+    let manifest = std::fs::read_to_string(dir.path().join("echo.toml")).unwrap();
+    replace(&dir.path().join("echo.toml"), format!("{manifest}\n# rebuilt\n").as_bytes());
+    let event = next_event(&mut events, Duration::from_secs(5)).await;
+    let Some(RegistryEvent::Installed { job_type, version }) = event else {
+        panic!("expected a reload, got {event:?}")
+    };
+    assert_eq!((job_type.as_str(), version != before), ("echo", true));
+    let event = next_event(&mut events, Duration::from_secs(2)).await;
+    assert!(event.is_none(), "one write, one reload; then {event:?}");
 }
 
 #[test]

@@ -25,7 +25,9 @@ async fn echoes_its_input_with_the_job_metadata() {
 async fn input_that_is_not_an_object_fails_permanently() {
     let run = harness().run(json!(["not", "an", "object"])).await;
     match run.outcome {
-        Outcome::Failed { reason } => assert!(reason.starts_with("invalid input: expected a map, got a sequence"), "{reason}"),
+        Outcome::Failed { reason } => {
+            assert!(reason.starts_with("invalid input: expected a map, got a sequence"), "{reason}")
+        }
         other => panic!("expected a permanent failure, got {other:?}"),
     }
 }

@@ -1,10 +1,11 @@
 //! The active handler version of each job type, swapped atomically.
 //!
 //! A handlers directory holds `<type>.wasm` + `<type>.toml` pairs. The registry
-//! loads them at start and, when watched, reloads a pair when either file
-//! changes: the new version is compiled and checked off the job path, then
-//! swapped in. A job holds an `Arc` of the version it started on, so it
-//! finishes on that version whatever is swapped in meanwhile. A file that does
+//! loads them at start and, when watched, reloads a pair when either file's
+//! content changes (writes, renames, removals; never reads, which a backup,
+//! `cat` or `quern run` beside a server make): the new version is compiled and
+//! checked off the job path, then swapped in. A job holds an `Arc` of the
+//! version it started on, so it finishes on that version whatever is swapped in meanwhile. A file that does
 //! not load is reported and the previous version keeps serving; a deleted file
 //! unloads nothing (a handler disappears only by restarting without it).
 //!
@@ -16,12 +17,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify_debouncer_mini::notify::RecursiveMode;
-use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -32,8 +33,18 @@ use crate::manifest::{Manifest, validate_job_type};
 /// What happened to a handler file, for logs, tests and (later) metrics.
 #[derive(Debug, Clone)]
 pub enum RegistryEvent {
-    Installed { job_type: String, version: Arc<str> },
-    Rejected { path: PathBuf, error: String },
+    Installed {
+        job_type: String,
+        version: Arc<str>,
+    },
+    Rejected {
+        path: PathBuf,
+        error: String,
+    },
+    /// A watched pair was written but its content is what was loaded already.
+    Unchanged {
+        job_type: String,
+    },
 }
 
 pub struct Registry {
@@ -44,6 +55,10 @@ pub struct Registry {
     managed: ArcSwap<BTreeSet<String>>,
     /// Types neither enqueued nor claimed for now.
     paused: ArcSwap<BTreeSet<String>>,
+    /// The content hash of each type's pair as last read from the directory,
+    /// so a write that changes nothing (a `touch`, the same build copied
+    /// again) reloads nothing.
+    dir_content: Mutex<HashMap<String, String>>,
     events: broadcast::Sender<RegistryEvent>,
 }
 
@@ -65,10 +80,14 @@ pub fn canary_bucket(job_id: &Uuid) -> u8 {
 /// What loading a directory did, file by file.
 pub type LoadResults = Vec<(PathBuf, Result<Arc<HandlerVersion>, LoadError>)>;
 
-/// Keeps a directory watch alive; dropping it stops the watch.
+/// Keeps a directory watch alive; dropping it stops the watch (and its thread).
 pub struct DirWatch {
-    _debouncer: Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>,
+    _watcher: RecommendedWatcher,
 }
+
+/// How long the directory must be quiet before a burst of writes (a copy
+/// arrives as many) is acted on.
+const QUIET: Duration = Duration::from_millis(100);
 
 impl Registry {
     pub fn new(runtime: Arc<Runtime>) -> Arc<Self> {
@@ -79,6 +98,7 @@ impl Registry {
             canaries: ArcSwap::default(),
             managed: ArcSwap::default(),
             paused: ArcSwap::default(),
+            dir_content: Mutex::default(),
             events,
         })
     }
@@ -185,6 +205,25 @@ impl Registry {
     /// Loads `<type>.wasm` with its `<type>.toml` and makes it active.
     pub fn load_file(&self, wasm_path: &Path) -> Result<Arc<HandlerVersion>, LoadError> {
         let (bytes, manifest) = read_handler_pair(wasm_path)?;
+        let content = pair_content_hash(&bytes, &manifest);
+        let job_type = manifest.job_type.clone();
+        let version = self.load_pair(wasm_path, bytes, manifest)?;
+        self.dir_content.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(job_type, content);
+        Ok(version)
+    }
+
+    /// Whether `content` is what the type's pair held when it last loaded.
+    fn is_loaded_content(&self, job_type: &str, content: &str) -> bool {
+        let loaded = self.dir_content.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        loaded.get(job_type).is_some_and(|hash| hash == content)
+    }
+
+    fn load_pair(
+        &self,
+        wasm_path: &Path,
+        bytes: Vec<u8>,
+        manifest: Manifest,
+    ) -> Result<Arc<HandlerVersion>, LoadError> {
         if self.is_managed(&manifest.job_type) {
             return Err(LoadError::Layout(format!(
                 "type `{}` is rolled out through the API (quern handlers push); {} is ignored",
@@ -218,30 +257,53 @@ impl Registry {
             .collect())
     }
 
-    /// Reloads a pair whenever one of its files in `dir` changes.
-    pub fn watch(self: &Arc<Self>, dir: &Path) -> Result<DirWatch, notify_debouncer_mini::notify::Error> {
+    /// Reloads a pair whenever one of its files in `dir` is written,
+    /// renamed or removed, and its content differs from what was loaded.
+    pub fn watch(self: &Arc<Self>, dir: &Path) -> Result<DirWatch, notify::Error> {
+        let (changed, changes) = mpsc::channel::<PathBuf>();
+        let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| match result {
+            Ok(event) if changes_content(&event.kind) => {
+                for path in event.paths {
+                    let _ = changed.send(path);
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "watching the handlers directory failed"),
+        })?;
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
         let registry = Arc::downgrade(self);
         let watched_dir = dir.to_path_buf();
-        let mut debouncer = new_debouncer(Duration::from_millis(100), move |result: DebounceEventResult| {
-            let Some(registry) = registry.upgrade() else { return };
-            match result {
-                Ok(events) => {
-                    let stems: BTreeSet<String> =
-                        events.iter().filter_map(|event| handler_stem(&event.path).map(|(stem, _)| stem)).collect();
+        // Ends when the watcher (the only sender) is dropped.
+        std::thread::Builder::new()
+            .name("quern-handler-watch".into())
+            .spawn(move || {
+                while let Ok(first) = changes.recv() {
+                    let mut stems = BTreeSet::new();
+                    stems.extend(handler_stem(&first).map(|(stem, _)| stem));
+                    while let Ok(path) = changes.recv_timeout(QUIET) {
+                        stems.extend(handler_stem(&path).map(|(stem, _)| stem));
+                    }
+                    let Some(registry) = registry.upgrade() else { return };
                     for stem in stems {
                         registry.reload(&watched_dir.join(format!("{stem}.wasm")));
                     }
                 }
-                Err(error) => tracing::error!(%error, "watching the handlers directory failed"),
-            }
-        })?;
-        debouncer.watcher().watch(dir, RecursiveMode::NonRecursive)?;
-        Ok(DirWatch { _debouncer: debouncer })
+            })
+            .map_err(notify::Error::io)?;
+        Ok(DirWatch { _watcher: watcher })
     }
 
     fn reload(&self, wasm_path: &Path) {
         if !wasm_path.exists() {
             tracing::warn!(path = %wasm_path.display(), "handler file removed; its loaded version keeps serving until restart");
+            return;
+        }
+        let unchanged = read_handler_pair(wasm_path).ok().filter(|(bytes, manifest)| {
+            self.is_loaded_content(&manifest.job_type, &pair_content_hash(bytes, manifest))
+        });
+        if let Some((_, manifest)) = unchanged {
+            tracing::debug!(path = %wasm_path.display(), "handler file written with the content already loaded");
+            let _ = self.events.send(RegistryEvent::Unchanged { job_type: manifest.job_type });
             return;
         }
         if let Err(error) = self.load_file(wasm_path) {
@@ -252,6 +314,26 @@ impl Registry {
     fn reject(&self, path: &Path, error: &LoadError) {
         tracing::error!(path = %path.display(), %error, "handler rejected; the previous version, if any, keeps serving");
         let _ = self.events.send(RegistryEvent::Rejected { path: path.to_path_buf(), error: error.to_string() });
+    }
+}
+
+/// What a pair holds: the component's bytes and the manifest's text.
+fn pair_content_hash(bytes: &[u8], manifest: &Manifest) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(bytes);
+    hasher.update(manifest.source.as_bytes());
+    format!("{:x}", hasher.finalize())
+}
+
+/// Whether an event can have changed a file's content. Opening, reading and
+/// closing a file unwritten are not; neither is a change of its metadata.
+fn changes_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) | EventKind::Any => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Other => false,
     }
 }
 
