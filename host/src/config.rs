@@ -61,11 +61,33 @@ pub struct DatabaseArgs {
     /// Do not apply migrations at start (run `quern migrate` yourself).
     #[arg(long, env = "QUERN_NO_MIGRATE")]
     pub no_migrate: bool,
+    /// The most PostgreSQL connections this process opens for jobs and
+    /// requests (a few more write what need not wait for the disk).
+    #[arg(long, env = "QUERN_DB_POOL_SIZE", default_value_t = crate::store::DEFAULT_POOL_SIZE, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub pool_size: u32,
 }
 
 impl DatabaseArgs {
     pub fn url(&self, data_dir: &std::path::Path) -> String {
         self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("quern.db").display()))
+    }
+
+    /// Opens the database, with the pool size asked for.
+    pub async fn connect(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> Result<std::sync::Arc<dyn crate::store::Store>, crate::store::StoreError> {
+        crate::store::connect_pooled(&self.url(data_dir), self.pool_size).await
+    }
+}
+
+/// A share between 0 (excluded) and 1: a rate above 1 could never be reached,
+/// and 0 would fire on the first failure.
+fn share(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if value > 0.0 && value <= 1.0 => Ok(value),
+        Ok(value) => Err(format!("{value} is not a share: give a number above 0 and at most 1 (0.05 is 5 %)")),
+        Err(_) => Err(format!("`{text}` is not a number: give a share above 0 and at most 1 (0.05 is 5 %)")),
     }
 }
 
@@ -79,25 +101,25 @@ pub struct WorkerArgs {
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub concurrency: u32,
     /// How often to look for jobs when no wake-up arrives.
-    #[arg(long, env = "WORKER_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    #[arg(long, env = "WORKER_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub poll_interval_ms: u64,
     /// First retry delay; doubles per attempt, ±20 % jitter.
-    #[arg(long, env = "WORKER_RETRY_DELAY_MS", default_value_t = 2000)]
+    #[arg(long, env = "WORKER_RETRY_DELAY_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub retry_delay_ms: u64,
     /// Attempts per job, for types whose manifest sets none.
     #[arg(long, env = "WORKER_MAX_RETRIES", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=100))]
     pub max_attempts: i32,
     /// A job running longer is interrupted and failed.
-    #[arg(long, env = "WORKER_STUCK_JOB_TIMEOUT_MS", default_value_t = 300_000)]
+    #[arg(long, env = "WORKER_STUCK_JOB_TIMEOUT_MS", default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1_000..=86_400_000))]
     pub stuck_job_timeout_ms: u64,
     /// How long a claim holds a job without a heartbeat.
-    #[arg(long, env = "QUERN_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(300..))]
+    #[arg(long, env = "QUERN_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(300..=86_400_000))]
     pub lease_ms: u64,
     /// How long running jobs may finish after SIGTERM before they are released.
-    #[arg(long, env = "QUERN_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    #[arg(long, env = "QUERN_SHUTDOWN_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub shutdown_grace_s: u64,
     /// Unfinished jobs a user may have at once (0 = no limit).
-    #[arg(long, env = "QUERN_MAX_ACTIVE_JOBS_PER_USER", default_value_t = 10)]
+    #[arg(long, env = "QUERN_MAX_ACTIVE_JOBS_PER_USER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_active_jobs_per_user: u32,
     /// The most steps a pipeline (`next`) may carry after its first job.
     #[arg(long, env = "QUERN_MAX_PIPELINE_STEPS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=1000))]
@@ -106,7 +128,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "ENABLE_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_cache: bool,
     /// How long a cached result lives, for types whose manifest sets none.
-    #[arg(long, env = "CACHE_TTL_HOURS", default_value_t = 24)]
+    #[arg(long, env = "CACHE_TTL_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=87_600))]
     pub cache_ttl_hours: u64,
     /// The most claimed jobs a worker holds beyond its running ones; it holds
     /// about 20 ms of work at its jobs' recent speed, up to this (0: claim
@@ -156,6 +178,15 @@ impl WorkerArgs {
     }
 }
 
+/// The admin listener: `/health/live`, `/health/ready` and `/metrics` alone.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdminArgs {
+    /// Serve /health/live, /health/ready and /metrics on this port too
+    /// (`quern worker` serves them on PORT without it; 0 picks a free port).
+    #[arg(long, env = "QUERN_ADMIN_PORT")]
+    pub admin_port: Option<u16>,
+}
+
 /// The HTTP gateway's settings.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayArgs {
@@ -198,22 +229,22 @@ pub struct GatewayArgs {
     #[arg(long, env = "QUERN_DASHBOARD_PASSWORD", hide_env_values = true)]
     pub dashboard_password: Option<String>,
     /// Alert when more jobs than this are pending.
-    #[arg(long, env = "QUERN_ALERT_QUEUE_PENDING", default_value_t = 50)]
+    #[arg(long, env = "QUERN_ALERT_QUEUE_PENDING", default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
     pub alert_queue_pending: i64,
     /// Alert when a worker's last heartbeat is older than this many seconds.
-    #[arg(long, env = "QUERN_ALERT_WORKER_OFFLINE_S", default_value_t = 300)]
+    #[arg(long, env = "QUERN_ALERT_WORKER_OFFLINE_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub alert_worker_offline_s: u64,
     /// Alert when a type's share of failed jobs over the window is above this (0–1).
-    #[arg(long, env = "QUERN_ALERT_FAILURE_RATE", default_value_t = 0.5)]
+    #[arg(long, env = "QUERN_ALERT_FAILURE_RATE", default_value_t = 0.5, value_parser = share)]
     pub alert_failure_rate: f64,
     /// The failure-rate window, in seconds.
-    #[arg(long, env = "QUERN_ALERT_FAILURE_WINDOW_S", default_value_t = 900)]
+    #[arg(long, env = "QUERN_ALERT_FAILURE_WINDOW_S", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub alert_failure_window_s: u64,
     /// Jobs of a type that must have ended in the window before its failure rate counts.
-    #[arg(long, env = "QUERN_ALERT_FAILURE_MIN_JOBS", default_value_t = 10)]
+    #[arg(long, env = "QUERN_ALERT_FAILURE_MIN_JOBS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub alert_failure_min_jobs: u64,
     /// How often alerts are judged, in milliseconds.
-    #[arg(long, env = "QUERN_ALERT_CHECK_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(50..))]
+    #[arg(long, env = "QUERN_ALERT_CHECK_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
     pub alert_check_ms: u64,
     /// The largest handler upload, in MiB.
     #[arg(long, env = "QUERN_MAX_UPLOAD_MB", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1024))]

@@ -12,6 +12,9 @@ fn main() -> ExitCode {
         Err(error) => {
             // Help and version are not errors; a usage error is a host error (3).
             let _ = error.print();
+            if let Some(variable) = cli::env_behind(&error) {
+                eprintln!("The value comes from the environment: fix or unset {variable}.");
+            }
             return if error.use_stderr() { cli::EXIT_HOST_ERROR.into() } else { ExitCode::SUCCESS };
         }
     };

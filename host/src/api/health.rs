@@ -1,5 +1,6 @@
-//! `/health` for load balancers and container health checks, and
-//! `/health/detailed` for operators.
+//! `/health` (the process and its database), `/health/live` and
+//! `/health/ready` (see [`super::admin`]) for load balancers and container
+//! health checks, and `/health/detailed` for operators.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
+use super::admin::{Liveness, Readiness};
 use super::auth::{Caller, require_service};
 use super::error::{ApiError, ErrorBody};
 use crate::store::{DepthRow, WorkerRow};
@@ -41,6 +43,21 @@ pub async fn health(State(state): State<AppState>) -> Response {
     };
     let status = if error.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (status, axum::Json(basic(&state, error))).into_response()
+}
+
+/// Liveness: the process answers. Asks nothing of the database, so a
+/// database outage never has a healthy process restarted.
+#[utoipa::path(get, path = "/health/live", tag = "meta", responses((status = 200, body = Liveness)))]
+pub async fn live(State(state): State<AppState>) -> axum::Json<Liveness> {
+    axum::Json(state.probes.live())
+}
+
+/// Readiness: the database answers and handlers are loaded (send work here).
+#[utoipa::path(get, path = "/health/ready", tag = "meta",
+    responses((status = 200, body = Readiness), (status = 503, description = "Not ready: `problems` says why", body = Readiness)))]
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
+    let (status, readiness) = state.probes.ready().await;
+    (status, axum::Json(readiness))
 }
 
 fn basic(state: &AppState, error: Option<String>) -> Health {

@@ -2,7 +2,7 @@
 //! The names live in [`crate::telemetry`].
 
 use std::collections::BTreeSet;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -13,8 +13,7 @@ use metrics::gauge;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::AppState;
-use super::error::ApiError;
-use crate::store::JobStatus;
+use crate::store::{JobStatus, Store};
 use crate::telemetry::{HTTP_DURATION, QUEUE_DEPTH};
 
 const BUCKETS: &[f64] =
@@ -33,7 +32,7 @@ static INSTALLED: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 impl Metrics {
     /// Installs the process-wide recorder (once; later calls share it).
-    pub fn install() -> Option<Self> {
+    pub fn install() -> Option<Arc<Self>> {
         let handle = INSTALLED
             .get_or_init(|| {
                 let builder = PrometheusBuilder::new()
@@ -67,35 +66,44 @@ impl Metrics {
                 }
             })
             .clone()?;
-        Some(Self { handle, depth_labels: Mutex::default() })
+        Some(Arc::new(Self { handle, depth_labels: Mutex::default() }))
     }
 }
 
 /// Prometheus text exposition of every metric.
 #[utoipa::path(get, path = "/metrics", tag = "meta",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn render(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let Some(metrics) = &state.metrics else {
-        return Ok("# no metrics recorder is installed in this process\n".into_response());
-    };
-    let depth = state.queue.store().depth_by_type().await?;
-    {
-        let mut labels = metrics.depth_labels.lock().unwrap_or_else(|e| e.into_inner());
-        for (job_type, status) in labels.iter() {
-            if !depth.iter().any(|row| &row.job_type == job_type && row.status == *status) {
-                gauge!(QUEUE_DEPTH, "type" => job_type.clone(), "status" => status.as_str()).set(0.0);
+pub async fn render(State(state): State<AppState>) -> Response {
+    state.probes.metrics().await
+}
+
+impl Metrics {
+    /// Every metric in the Prometheus text format, with the queue depth read
+    /// from the database just now (left at its last value when the database
+    /// does not answer: the rest is still worth scraping).
+    pub async fn render(&self, store: &dyn Store) -> Response {
+        match store.depth_by_type().await {
+            Ok(depth) => {
+                let mut labels = self.depth_labels.lock().unwrap_or_else(|e| e.into_inner());
+                for (job_type, status) in labels.iter() {
+                    if !depth.iter().any(|row| &row.job_type == job_type && row.status == *status) {
+                        gauge!(QUEUE_DEPTH, "type" => job_type.clone(), "status" => status.as_str()).set(0.0);
+                    }
+                }
+                for row in &depth {
+                    gauge!(QUEUE_DEPTH, "type" => row.job_type.clone(), "status" => row.status.as_str())
+                        .set(row.count as f64);
+                    labels.insert((row.job_type.clone(), row.status));
+                }
             }
+            Err(error) => tracing::warn!(%error, "cannot read the queue depth for /metrics"),
         }
-        for row in &depth {
-            gauge!(QUEUE_DEPTH, "type" => row.job_type.clone(), "status" => row.status.as_str()).set(row.count as f64);
-            labels.insert((row.job_type.clone(), row.status));
-        }
+        let mut response = self.handle.render().into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+        response
     }
-    let mut response = metrics.handle.render().into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
-    Ok(response)
 }
 
 /// Records every request's duration by route (the matched pattern, not the

@@ -6,6 +6,7 @@
 //! This module calls the queue and the store; it knows nothing of wasm
 //! beyond the registry's list of loaded types.
 
+pub mod admin;
 pub mod auth;
 mod batch;
 mod body;
@@ -96,8 +97,8 @@ pub struct Gateway {
     pub settings: GatewaySettings,
     /// The worker in this process, if any (`quern serve`), for health.
     pub worker: Option<WorkerProbe>,
-    /// Rendering `/metrics`, when a recorder is installed.
-    pub metrics: Option<metrics::Metrics>,
+    /// Liveness, readiness and `/metrics` (also served on an admin listener).
+    pub probes: Arc<admin::Probes>,
     /// Cancelled on shutdown: long requests (`?wait=`, SSE) end early.
     pub shutdown: CancellationToken,
     /// Judged from the database while the gateway runs.
@@ -120,9 +121,12 @@ impl Gateway {
         auth: Auth,
         settings: GatewaySettings,
         worker: Option<WorkerProbe>,
-        metrics: Option<metrics::Metrics>,
+        metrics: Option<Arc<metrics::Metrics>>,
         shutdown: CancellationToken,
     ) -> AppState {
+        let started = Instant::now();
+        let probes =
+            Arc::new(admin::Probes { store: queue.store().clone(), registry: registry.clone(), metrics, started });
         let disabled = settings.disabled_types.iter().cloned().collect();
         let limiter = settings.rate_limit_per_min.and_then(IpLimiter::per_minute);
         let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), shutdown.clone());
@@ -133,7 +137,7 @@ impl Gateway {
             auth,
             settings,
             worker,
-            metrics,
+            probes,
             shutdown,
             alerts,
             versions,
@@ -141,7 +145,7 @@ impl Gateway {
             sign_ins: dashboard::SignInThrottle::default(),
             disabled: RwLock::new(disabled),
             limiter,
-            started: Instant::now(),
+            started,
         })
     }
 
@@ -179,6 +183,8 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .routes(routes!(supabase::enqueue_analysis))
         .routes(routes!(supabase::get_analysis_status, supabase::post_analysis_status))
         .routes(routes!(health::health))
+        .routes(routes!(health::live))
+        .routes(routes!(health::ready))
         .routes(routes!(health::detailed))
         .routes(routes!(metrics::render))
         .routes(routes!(stats::stats))

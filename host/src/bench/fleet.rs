@@ -103,6 +103,7 @@ async fn drain_with_fleet(args: &FleetBenchArgs, schema: &str) -> anyhow::Result
         .map(|n| {
             Command::new(&exe)
                 .arg("worker")
+                .env("QUERN_ADMIN_PORT", "0")
                 .env("DATABASE_URL", &url)
                 .env("QUERN_HANDLERS_DIR", &dir)
                 .env("QUERN_DATA_DIR", dir.join(format!("data-{n}")))

@@ -53,11 +53,9 @@ enum JobsCommand {
 
 pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
-        let store =
-            quern::store::connect(&args.database.url(&args.data_dir)).await.context("cannot open the database")?;
-        if !args.database.no_migrate {
-            store.migrate().await?;
-        }
+        let store = args.database.connect(&args.data_dir).await.context("cannot open the database")?;
+        // An operator's look into a database never changes its schema.
+        store.check_migrated().await?;
         let queue = Queue::new(store.clone(), queue_defaults());
         match args.command {
             JobsCommand::Enqueue { file: Some(file), user, .. } => enqueue_file(&queue, &file, &user).await,

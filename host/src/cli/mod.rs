@@ -39,7 +39,7 @@ enum Command {
     Worker(serve::WorkerOnlyArgs),
     /// Mint a token for development and tests.
     Token(token::TokenArgs),
-    /// Exit 0 when the server's /health answers 200 (for container health checks).
+    /// Exit 0 when this host's /health/live answers 200 (the container health check of serve, gateway and worker).
     Healthcheck(token::HealthcheckArgs),
     /// Enqueue, inspect and cancel jobs in the database.
     Jobs(jobs::JobsArgs),
@@ -80,6 +80,30 @@ impl Cli {
             _ => server,
         }
     }
+}
+
+/// The environment variable an invalid value came from, when it came from
+/// one: clap names the flag (`--lease-ms`), while a container sets
+/// `QUERN_LEASE_MS`.
+pub fn env_behind(error: &clap::Error) -> Option<String> {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue};
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) =
+        (error.get(ContextKind::InvalidArg), error.get(ContextKind::InvalidValue))
+    else {
+        return None;
+    };
+    let long = arg.strip_prefix("--")?.split([' ', '=']).next()?;
+    fn find_env(command: &clap::Command, long: &str) -> Option<std::ffi::OsString> {
+        command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(long))
+            .and_then(|arg| arg.get_env().map(std::ffi::OsStr::to_os_string))
+            .or_else(|| command.get_subcommands().find_map(|sub| find_env(sub, long)))
+    }
+    let variable = find_env(&Cli::command(), long)?;
+    let set = std::env::var_os(&variable)?;
+    (set.to_string_lossy() == *value).then(|| format!("{}={value}", variable.to_string_lossy()))
 }
 
 /// Logs go to stderr; `QUERN_LOG` (or `LOG_LEVEL`) filters them (e.g. `debug`,

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use quern::api::admin::{self, Probes};
 use quern::api::auth::{Auth, mint};
 use quern::api::metrics::Metrics;
 use quern::api::{self, Gateway};
-use quern::config::{DatabaseArgs, DevSecret, GatewayArgs, RuntimeArgs, WorkerArgs};
+use quern::config::{AdminArgs, DatabaseArgs, DevSecret, GatewayArgs, RuntimeArgs, WorkerArgs};
 use quern::queue::Queue;
 use quern::queue::versions::VersionSync;
 use quern::queue::worker::Worker;
@@ -30,6 +31,8 @@ pub struct ServeArgs {
     worker: WorkerArgs,
     #[command(flatten)]
     gateway: GatewayArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -40,6 +43,17 @@ pub struct WorkerOnlyArgs {
     database: DatabaseArgs,
     #[command(flatten)]
     worker: WorkerArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The admin listener's port when QUERN_ADMIN_PORT is not set (the
+    /// image's health check asks PORT).
+    #[arg(long, env = "PORT", default_value_t = 3001)]
+    port: u16,
+    #[arg(long, env = "QUERN_BIND", default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// Record metrics and serve them on /metrics.
+    #[arg(long, env = "ENABLE_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    enable_metrics: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -124,6 +138,7 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
             if args.gateway.enable_metrics { Metrics::install() } else { None },
             shutdown.clone(),
         );
+        let gateway_probes = gateway.probes.clone();
         let (router, _) = api::router(gateway);
         let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.gateway.bind, args.gateway.port))
             .await
@@ -134,6 +149,10 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
             print_first_start(addr, &secret, &premium)?;
         }
         let server = tokio::spawn(api::serve(listener, router, args.gateway.settings().server, shutdown.clone()));
+        let admin = match args.admin.admin_port {
+            Some(port) => Some(serve_admin(args.gateway.bind, port, gateway_probes, &shutdown).await?),
+            None => None,
+        };
         // Handlers run on threads of their own: a guest that spins until its
         // deadline takes a job thread, never one that answers HTTP. (Kept
         // until the server has stopped: connections opened on it serve both.)
@@ -144,6 +163,9 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
             shutdown.cancelled().await;
         }
         server.await??;
+        if let Some(admin) = admin {
+            admin.await??;
+        }
         jobs.shutdown_background();
         Ok(ExitCode::SUCCESS)
     })
@@ -156,16 +178,43 @@ fn job_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().thread_name("quern-job").enable_all().build()
 }
 
-/// `quern worker`.
+/// `quern worker`: the worker, and the admin listener an orchestrator and
+/// Prometheus ask.
 pub fn worker(args: WorkerOnlyArgs) -> anyhow::Result<ExitCode> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
         let host = start_host(&args.runtime, &args.database, &args.worker, &shutdown).await?;
+        let probes = Arc::new(Probes {
+            store: host.queue.store().clone(),
+            registry: host.registry.clone(),
+            metrics: if args.enable_metrics { Metrics::install() } else { None },
+            started: std::time::Instant::now(),
+        });
+        let port = args.admin.admin_port.unwrap_or(args.port);
+        let admin = serve_admin(args.bind, port, probes, &shutdown).await?;
         let worker = Worker::new(host.queue, host.registry, args.worker.worker_settings());
         worker.run(shutdown).await?;
+        admin.await??;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Serves `/health/live`, `/health/ready` and `/metrics` on `bind:port` until `shutdown`.
+async fn serve_admin(
+    bind: IpAddr,
+    port: u16,
+    probes: Arc<Probes>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, port)).await.with_context(|| {
+        format!(
+            "cannot listen on {bind}:{port} for /health and /metrics: set QUERN_ADMIN_PORT to a free port (0 picks one)"
+        )
+    })?;
+    tracing::info!(addr = %listener.local_addr()?, "admin listening");
+    let settings = api::server::ServerSettings::default();
+    Ok(tokio::spawn(api::serve(listener, admin::router(probes), settings, shutdown.clone())))
 }
 
 /// The first start on an empty data dir: a ready token and a request to try.
@@ -208,9 +257,10 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn open_store(runtime: &RuntimeArgs, database: &DatabaseArgs) -> anyhow::Result<Arc<dyn Store>> {
-    let url = database.url(&runtime.data_dir);
-    let store = quern::store::connect(&url).await.context("cannot open the database")?;
-    if !database.no_migrate {
+    let store = database.connect(&runtime.data_dir).await.context("cannot open the database")?;
+    if database.no_migrate {
+        store.check_migrated().await?;
+    } else {
         store.migrate().await?;
     }
     tracing::info!(backend = store.backend(), "database ready");

@@ -48,16 +48,21 @@ pub fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(clap::Args, Debug)]
 pub struct HealthcheckArgs {
-    /// The health endpoint to ask [default: http://127.0.0.1:$PORT/health].
+    /// The endpoint to ask [default: http://127.0.0.1:$QUERN_ADMIN_PORT/health/live, or $PORT without it].
     #[arg(long)]
     url: Option<String>,
     #[arg(long, env = "PORT", default_value_t = 3001)]
     port: u16,
+    #[arg(long, env = "QUERN_ADMIN_PORT")]
+    admin_port: Option<u16>,
 }
 
-/// Exit 0 when `/health` answers 200 within 3 s, 1 otherwise.
+/// Exit 0 when liveness answers 200 within 3 s, 1 otherwise. Liveness asks
+/// nothing of the database: a database outage is not a reason to restart
+/// every container (readiness, `/health/ready`, says whether to send work).
 pub fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
-    let url = args.url.unwrap_or_else(|| format!("http://127.0.0.1:{}/health", args.port));
+    let port = args.admin_port.unwrap_or(args.port);
+    let url = args.url.unwrap_or_else(|| format!("http://127.0.0.1:{port}/health/live"));
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
         match client.get(&url).send().await {

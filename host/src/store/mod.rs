@@ -455,6 +455,10 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("this database lacks Supabase's {0}: --supabase is for a Supabase project's database")]
     NotSupabase(String),
+    #[error(
+        "the database is not migrated ({0}): run `quern migrate` with the same DATABASE_URL, or start `quern serve`, which migrates"
+    )]
+    NotMigrated(String),
 }
 
 /// Waits until jobs may be ready to claim: a NOTIFY on Postgres, an
@@ -472,6 +476,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies pending migrations.
     async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Checks, changing nothing, that every migration this build knows is
+    /// applied: [`StoreError::NotMigrated`] names the first one missing.
+    async fn check_migrated(&self) -> Result<(), StoreError>;
 
     /// Inserts a job. With `max_unfinished_per_user`, refuses atomically when
     /// the user already has that many pending or processing jobs.
@@ -642,14 +650,39 @@ pub trait Store: Send + Sync + 'static {
 /// Opens the store a `DATABASE_URL` names: `sqlite://…` (or a plain path) or
 /// `postgres://…`.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    connect_pooled(url, DEFAULT_POOL_SIZE).await
+}
+
+/// The PostgreSQL connections a process keeps by default (QUERN_DB_POOL_SIZE).
+pub const DEFAULT_POOL_SIZE: u32 = 16;
+
+/// [`connect`], with at most `pool_size` PostgreSQL connections (SQLite keeps
+/// its one writer and few readers whatever is asked).
+pub async fn connect_pooled(url: &str, pool_size: u32) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresStore::connect(url).await?))
+        Ok(Arc::new(PostgresStore::connect_pooled(url.parse()?, pool_size).await?))
     } else if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
         Ok(Arc::new(SqliteStore::open(std::path::Path::new(path)).await?))
     } else if !url.contains("://") {
         Ok(Arc::new(SqliteStore::open(std::path::Path::new(url)).await?))
     } else {
         Err(StoreError::UnsupportedUrl(url.split('@').next_back().unwrap_or(url).to_string()))
+    }
+}
+
+/// The first migration `migrator` knows that `applied` lacks, as
+/// [`StoreError::NotMigrated`]. `applied` is `None` when the migrations table
+/// itself is missing (a database quern never touched).
+fn first_missing(migrator: &sqlx::migrate::Migrator, applied: Option<&[i64]>) -> Result<(), StoreError> {
+    let Some(applied) = applied else {
+        return Err(StoreError::NotMigrated("it has no quern tables".into()));
+    };
+    match migrator.iter().find(|migration| !applied.contains(&migration.version)) {
+        None => Ok(()),
+        Some(missing) => Err(StoreError::NotMigrated(format!(
+            "migration {} ({}) is not applied",
+            missing.version, missing.description
+        ))),
     }
 }
 

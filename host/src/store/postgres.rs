@@ -39,9 +39,15 @@ impl PostgresStore {
 
     /// Connects with explicit options (tests set a private `search_path`).
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
+        Self::connect_pooled(options, super::DEFAULT_POOL_SIZE).await
+    }
+
+    /// Connects with at most `pool_size` connections for jobs and requests
+    /// (and a few more for writes that need not wait for the disk).
+    pub async fn connect_pooled(options: PgConnectOptions, pool_size: u32) -> Result<Self, StoreError> {
         let options = options.application_name("quern");
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(pool_size)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
             .connect_with(options.clone())
@@ -342,6 +348,17 @@ impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("../migrations/postgres").run(&self.pool).await?;
         Ok(())
+    }
+
+    async fn check_migrated(&self) -> Result<(), StoreError> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(&self.pool).await?;
+        let applied: Option<Vec<i64>> = if exists {
+            Some(sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(&self.pool).await?)
+        } else {
+            None
+        };
+        super::first_missing(&sqlx::migrate!("../migrations/postgres"), applied.as_deref())
     }
 
     async fn enqueue(

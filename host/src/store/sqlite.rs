@@ -379,6 +379,24 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn check_migrated(&self) -> Result<(), StoreError> {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        let applied: Option<Vec<i64>> = if exists {
+            Some(
+                sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(&self.reader)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        super::first_missing(&sqlx::migrate!("../migrations/sqlite"), applied.as_deref())
+    }
+
     async fn enqueue(
         &self,
         job: &NewJob,

@@ -51,6 +51,8 @@ pub fn start_worker(db: &Db, handlers: &Path, id: &str, env: &[(&str, &str)]) ->
     Command::new(env!("CARGO_BIN_EXE_quern"))
         .arg("worker")
         .env("DATABASE_URL", &db.url)
+        .env("QUERN_ADMIN_PORT", "0")
+        .env("QUERN_LOG_FORMAT", "json")
         .env("QUERN_HANDLERS_DIR", handlers)
         .env("QUERN_DATA_DIR", &data)
         .env("QUERN_CACHE_DIR", cache_dir())

@@ -1,0 +1,168 @@
+//! What an operator runs into: every process observable (liveness apart
+//! from readiness, a worker's own /metrics), settings refused at start when
+//! out of range, and inspection that never changes a database.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::db::{Db, postgres_url};
+use support::server::{Options, Server};
+use support::workers::{enqueue_slow, handlers_dir, start_worker, statuses, wait_until};
+use support::{Proxy, cache_dir};
+
+/// The address a process logged for `message` (JSON log lines), within 30 s.
+async fn logged_addr(log: &std::path::Path, message: &str) -> String {
+    let mut found = None;
+    wait_until(Duration::from_secs(30), message, || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        found = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|line| line["message"] == message)
+            .and_then(|line| line["addr"].as_str().map(str::to_string));
+        std::future::ready(found.is_some())
+    })
+    .await;
+    found.unwrap()
+}
+
+async fn status_of(client: &reqwest::Client, url: &str) -> u16 {
+    client.get(url).send().await.map_or(0, |response| response.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_is_observable_and_a_database_outage_fails_readiness_not_liveness() {
+    let db = Db::postgres().await;
+    let gateway = Server::start_with(&db, Options { command: "gateway", ..Options::default() }).await;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    assert_eq!(status_of(&client, &format!("{}/health/live", gateway.base)).await, 200);
+    assert_eq!(status_of(&client, &format!("{}/health/ready", gateway.base)).await, 200);
+
+    // The worker reaches the database through a proxy that can be cut.
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let through_proxy = db.url.replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
+    assert_ne!(through_proxy, db.url, "the test database is on 127.0.0.1:5432 ({})", postgres_url());
+    let handlers = handlers_dir();
+    let _worker = start_worker(&db, handlers.path(), "observed", &[("DATABASE_URL", &through_proxy)]);
+    let admin = format!("http://{}", logged_addr(&handlers.path().join("observed.log"), "admin listening").await);
+
+    let ids = enqueue_slow(&db, 3, 10).await;
+    wait_until(Duration::from_secs(30), "the worker to run the jobs", || async {
+        statuses(&db, &ids).await.iter().all(|(_, status, _)| status.is_finished())
+    })
+    .await;
+    let metrics = client.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    let completed = metrics
+        .lines()
+        .find(|line| line.starts_with("quern_jobs_completed_total{") && line.contains("type=\"slow\""))
+        .unwrap_or_else(|| panic!("the worker counts the jobs it ran:\n{metrics}"));
+    assert!(completed.ends_with(" 3"), "{completed}");
+    assert_eq!(status_of(&client, &format!("{admin}/health/live")).await, 200);
+    assert_eq!(status_of(&client, &format!("{admin}/health/ready")).await, 200);
+
+    // The container's own health check, as the image runs it.
+    let port = admin.rsplit(':').next().unwrap();
+    let check = Command::new(env!("CARGO_BIN_EXE_quern")).arg("healthcheck").env("QUERN_ADMIN_PORT", port).output();
+    assert!(check.unwrap().status.success(), "quern healthcheck against the worker's admin listener");
+
+    proxy.cut();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let not_ready = loop {
+        if let Ok(response) = client.get(format!("{admin}/health/ready")).send().await
+            && response.status() == 503
+        {
+            break serde_json::from_str::<Value>(&response.text().await.unwrap()).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "readiness still passes with the database away");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(not_ready["problems"][0].as_str().unwrap().starts_with("database"), "{not_ready}");
+    assert_eq!(status_of(&client, &format!("{admin}/health/live")).await, 200, "alive while the database is away");
+
+    proxy.restore();
+    wait_until(Duration::from_secs(20), "readiness to return with the database", || {
+        let (client, url) = (client.clone(), format!("{admin}/health/ready"));
+        async move { status_of(&client, &url).await == 200 }
+    })
+    .await;
+    gateway.finish().await;
+    db.cleanup().await;
+}
+
+/// Runs `quern <args>` with `env`, returning (success, stderr).
+fn quern(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let data = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_quern"))
+        .args(args)
+        .env("QUERN_DATA_DIR", data.path())
+        .env("QUERN_CACHE_DIR", cache_dir())
+        .env("QUERN_HANDLERS_DIR", data.path().join("none"))
+        .env("QUERN_ADMIN_PORT", "0")
+        .env("PORT", "0")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn a_setting_out_of_range_is_refused_at_start_naming_its_variable() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("worker", "WORKER_STUCK_JOB_TIMEOUT_MS", "0"),
+        ("serve", "QUERN_ALERT_FAILURE_RATE", "1.5"),
+        ("serve", "QUERN_ALERT_FAILURE_RATE", "0"),
+        ("serve", "CACHE_TTL_HOURS", "0"),
+        ("worker", "QUERN_DB_POOL_SIZE", "0"),
+        ("worker", "QUERN_LEASE_MS", "100"),
+        ("gateway", "QUERN_ALERT_FAILURE_WINDOW_S", "0"),
+    ];
+    for (command, variable, value) in cases {
+        let (ok, stderr) = quern(&[command], &[(variable, value)]);
+        assert!(!ok, "quern {command} started with {variable}={value}");
+        assert!(stderr.contains(&format!("{variable}={value}")), "{variable}={value} is not named:\n{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn inspecting_jobs_never_migrates_a_database() {
+    // SQLite: a data dir quern never started in.
+    let data = tempfile::tempdir().unwrap();
+    let path = data.path().join("quern.db");
+    let url = format!("sqlite://{}", path.display());
+    let id = uuid::Uuid::nil().to_string();
+    let (ok, stderr) = quern(&["jobs", "get", &id], &[("DATABASE_URL", &url)]);
+    assert!(!ok);
+    assert!(stderr.contains("not migrated") && stderr.contains("quern migrate"), "{stderr}");
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetch_one(&pool).await.unwrap();
+    assert_eq!(tables, 0, "no table was created");
+
+    // PostgreSQL: an empty schema.
+    let admin = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+    let schema = format!("quern_bare_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&admin).await.unwrap();
+    let bare = format!("{}?options=-csearch_path%3D{schema}", postgres_url());
+    let (ok, stderr) = quern(&["jobs", "cancel", &id], &[("DATABASE_URL", &bare)]);
+    assert!(!ok);
+    assert!(stderr.contains("not migrated"), "{stderr}");
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = $1")
+        .bind(&schema)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(tables, 0, "no table was created in {schema}");
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
+
+    // A database one migration behind: the missing one is named.
+    for db in [Db::sqlite().await, Db::postgres().await] {
+        db.execute("DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)").await;
+        let (ok, stderr) = quern(&["jobs", "get", &id], &[("DATABASE_URL", &db.url)]);
+        assert!(!ok);
+        assert!(stderr.contains("is not applied") && stderr.contains("quern migrate"), "{stderr}");
+        db.cleanup().await;
+    }
+}
