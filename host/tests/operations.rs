@@ -11,7 +11,7 @@ use serde_json::Value;
 use support::db::{Db, postgres_url};
 use support::server::{Options, Server};
 use support::workers::{enqueue_slow, handlers_dir, start_worker, statuses, wait_until};
-use support::{Proxy, cache_dir};
+use support::{Proxy, Reply, Upstream, cache_dir};
 
 /// The address a process logged for `message` (JSON log lines), within 30 s.
 async fn logged_addr(log: &std::path::Path, message: &str) -> String {
@@ -165,4 +165,38 @@ async fn inspecting_jobs_never_migrates_a_database() {
         assert!(stderr.contains("is not applied") && stderr.contains("quern migrate"), "{stderr}");
         db.cleanup().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_logged_while_a_job_runs_names_the_job() {
+    let db = Db::sqlite().await;
+    let upstream = Upstream::start(Vec::new(), Reply::new(200, "{}")).await;
+    let manifest = format!("type = \"fetch\"\nmax_attempts = 1\n[http]\nallowed_hosts = [\"{}\"]\n", upstream.addr);
+    let options = Options {
+        env: vec![("QUERN_LOG", "info,quern=debug".into())],
+        components: vec![("fetch", "fixtures/hostile.wasm", manifest)],
+        ..Options::default()
+    };
+    let server = Server::start_with(&db, options).await;
+    let token = server.token("alice");
+    let input = serde_json::json!({"mode": "http", "url": upstream.url("/ping"), "method": "GET"});
+    let id = server.enqueue(&token, "fetch", input).await.body["id"].as_str().unwrap().to_string();
+    let job = server.poll_job(&token, &id, Duration::from_secs(20), |job| job["status"] == "completed").await;
+    let version = job["handler_version"].as_str().unwrap_or_default().to_string();
+
+    let log = server.log();
+    let outbound: Vec<Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["message"] == "outbound request")
+        .collect();
+    assert_eq!(outbound.len(), 1, "one outbound request was logged:\n{log}");
+    let span = &outbound[0]["span"];
+    assert_eq!(span["name"], "job", "{}", outbound[0]);
+    assert_eq!(span["job_id"], id.as_str(), "{}", outbound[0]);
+    assert_eq!(span["job_type"], "fetch", "{}", outbound[0]);
+    assert_eq!(span["attempt"], 1, "{}", outbound[0]);
+    assert!(!version.is_empty() && version.starts_with(span["handler_version"].as_str().unwrap()), "{}", outbound[0]);
+    server.finish().await;
+    db.cleanup().await;
 }

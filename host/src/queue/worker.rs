@@ -429,7 +429,21 @@ impl Shared {
     }
 }
 
+/// Runs one claimed job inside a span naming it, so every line logged while
+/// it runs (the host's, outbound HTTP, the store's) says which job it was.
 async fn run_job(shared: Arc<Shared>, job: Job, slot: OwnedSemaphorePermit) {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "job",
+        job_id = %job.id,
+        job_type = %job.job_type,
+        attempt = job.attempts,
+        handler_version = tracing::field::Empty,
+    );
+    run_job_in_span(shared, job, slot).instrument(span).await;
+}
+
+async fn run_job_in_span(shared: Arc<Shared>, job: Job, slot: OwnedSemaphorePermit) {
     // Forgets the job when this task ends, even by a panic: its lease then
     // lapses and the reaper runs it again instead of it being renewed forever.
     let _unhold = Unhold(shared.clone(), job.id);
@@ -438,6 +452,9 @@ async fn run_job(shared: Arc<Shared>, job: Job, slot: OwnedSemaphorePermit) {
     let started = Instant::now();
     lock(&shared.running_since).insert(job.id, started);
     let handler = shared.registry.pick(&job.job_type, &job.id);
+    if let Some(handler) = &handler {
+        tracing::Span::current().record("handler_version", handler.version.as_ref());
+    }
     let outcome = match &handler {
         None => Outcome::Retry { reason: format!("no handler is loaded for job type `{}`", job.job_type), delay: None },
         Some(handler) => {

@@ -27,11 +27,14 @@ pub struct Options {
     pub handlers: Vec<(&'static str, String)>,
     /// The process's descriptor limit, when it should be lower than ours.
     pub nofile: Option<u64>,
+    /// More handlers from any built component: (job type, path under
+    /// `handlers-dist/`, manifest).
+    pub components: Vec<(&'static str, &'static str, String)>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { command: "serve", env: Vec::new(), handlers: Vec::new(), nofile: None }
+        Self { command: "serve", env: Vec::new(), handlers: Vec::new(), nofile: None, components: Vec::new() }
     }
 }
 
@@ -93,6 +96,10 @@ impl Server {
         let handlers = handlers_dir(dir.path());
         for (job_type, manifest) in &options.handlers {
             std::fs::copy(dist(&format!("{job_type}.wasm")), handlers.join(format!("{job_type}.wasm"))).unwrap();
+            std::fs::write(handlers.join(format!("{job_type}.toml")), manifest).unwrap();
+        }
+        for (job_type, component, manifest) in &options.components {
+            std::fs::copy(dist(component), handlers.join(format!("{job_type}.wasm"))).unwrap();
             std::fs::write(handlers.join(format!("{job_type}.toml")), manifest).unwrap();
         }
         let log = dir.path().join("quern.log");
