@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
+use crate::queue::leader::Leader;
 use crate::queue::stats;
 use crate::store::{JobStatus, Store, StoreError};
 use crate::telemetry::{ALERTS_ACTIVE, ALERTS_FIRED, WORKERS_OFFLINE};
@@ -86,18 +87,21 @@ pub struct Alerts {
     settings: AlertSettings,
     active: Mutex<BTreeMap<(String, String), Alert>>,
     notices: Option<mpsc::UnboundedSender<Notice>>,
+    /// Only the leader posts to the webhook: every process judges (each
+    /// shows the alerts), one pages.
+    leader: Leader,
 }
 
 impl Alerts {
     /// Without a runtime's webhook sender; [`Alerts::start`] adds one.
     pub fn new(settings: AlertSettings) -> Self {
-        Self { settings, active: Mutex::default(), notices: None }
+        Self { settings, active: Mutex::default(), notices: None, leader: Leader::always() }
     }
 
     /// Starts judging every `check_every` until `stop`, posting to the
     /// webhook (in order, each retried briefly) when one is set.
-    pub fn start(settings: AlertSettings, store: Arc<dyn Store>, stop: CancellationToken) -> Arc<Self> {
-        let mut alerts = Self::new(settings);
+    pub fn start(settings: AlertSettings, store: Arc<dyn Store>, leader: Leader, stop: CancellationToken) -> Arc<Self> {
+        let mut alerts = Self { leader, ..Self::new(settings) };
         if let Some(url) = alerts.settings.webhook.clone() {
             let (sender, receiver) = mpsc::unbounded_channel();
             alerts.notices = Some(sender);
@@ -165,11 +169,13 @@ impl Alerts {
         for notice in notices {
             match notice.status {
                 "firing" => {
-                    tracing::warn!(alert = %notice.alert.kind, subject = %notice.alert.subject, message = %notice.alert.message, "alert firing")
+                    tracing::warn!(alert = %notice.alert.kind, subject = %notice.alert.subject, detail = %notice.alert.message, "alert firing")
                 }
                 _ => tracing::info!(alert = %notice.alert.kind, subject = %notice.alert.subject, "alert resolved"),
             }
-            if let Some(sender) = &self.notices {
+            if let Some(sender) = &self.notices
+                && self.leader.is_leader()
+            {
                 let _ = sender.send(notice);
             }
         }

@@ -178,6 +178,70 @@ impl WorkerArgs {
     }
 }
 
+/// The fleet's upkeep, run by whichever process leads it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MaintenanceArgs {
+    /// How long completed jobs are kept (with their attempts), e.g. `7d`, `12h`, `30s`.
+    #[arg(long, env = "QUERN_RETAIN_COMPLETED", default_value = "7d", value_parser = retention_period)]
+    pub retain_completed: Duration,
+    /// How long cancelled jobs are kept.
+    #[arg(long, env = "QUERN_RETAIN_CANCELLED", default_value = "7d", value_parser = retention_period)]
+    pub retain_cancelled: Duration,
+    /// How long failed jobs are kept.
+    #[arg(long, env = "QUERN_RETAIN_FAILED", default_value = "30d", value_parser = retention_period)]
+    pub retain_failed: Duration,
+    /// How often old jobs and handler versions are pruned and the cache purged.
+    #[arg(long, env = "QUERN_UPKEEP_EVERY", default_value = "1m", value_parser = upkeep_period)]
+    pub upkeep_every: Duration,
+    /// Jobs deleted per statement while pruning.
+    #[arg(long, env = "QUERN_PRUNE_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub prune_batch: u32,
+    /// Stored handler versions kept per type besides the active, canary and previous ones.
+    #[arg(long, env = "QUERN_KEEP_HANDLER_VERSIONS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub keep_handler_versions: u32,
+}
+
+impl MaintenanceArgs {
+    /// `reap_every` is the worker poll interval: a lapsed lease waits at most that long.
+    pub fn settings(&self, reap_every: Duration) -> crate::queue::maintenance::MaintenanceSettings {
+        crate::queue::maintenance::MaintenanceSettings {
+            reap_every,
+            upkeep_every: self.upkeep_every,
+            retention: crate::queue::maintenance::Retention {
+                completed: self.retain_completed,
+                cancelled: self.retain_cancelled,
+                failed: self.retain_failed,
+            },
+            prune_batch: self.prune_batch,
+            keep_versions: self.keep_handler_versions,
+        }
+    }
+}
+
+/// A duration like `7d`, `12h` or `30s`, between `bounds`.
+fn period(text: &str, bounds: std::ops::RangeInclusive<Duration>) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text.trim())
+        .map_err(|error| format!("`{text}` is not a duration ({error}): write e.g. 7d, 12h, 30m or 45s"))?;
+    if bounds.contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{} is out of range: give between {} and {}",
+            humantime::format_duration(value),
+            humantime::format_duration(*bounds.start()),
+            humantime::format_duration(*bounds.end())
+        ))
+    }
+}
+
+fn retention_period(text: &str) -> Result<Duration, String> {
+    period(text, Duration::from_secs(1)..=Duration::from_secs(10 * 365 * 24 * 3600))
+}
+
+fn upkeep_period(text: &str) -> Result<Duration, String> {
+    period(text, Duration::from_millis(100)..=Duration::from_secs(24 * 3600))
+}
+
 /// The admin listener: `/health/live`, `/health/ready` and `/metrics` alone.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AdminArgs {

@@ -200,3 +200,88 @@ async fn every_line_logged_while_a_job_runs_names_the_job() {
     server.finish().await;
     db.cleanup().await;
 }
+
+/// How many lines of a process's JSON log carry `message`.
+fn logged(server: &Server, message: &str) -> usize {
+    server
+        .log()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["message"] == message)
+        .count()
+}
+
+/// The webhook's posts with `status`.
+fn posts(hook: &Upstream, status: &str) -> usize {
+    hook.received()
+        .iter()
+        .filter_map(|request| serde_json::from_str::<Value>(&request.body).ok())
+        .filter(|body| body["status"] == status)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_three_processes_leads_and_another_takes_over_when_it_is_killed() {
+    let db = Db::postgres().await;
+    let hook = Upstream::start(Vec::new(), Reply::new(200, "")).await;
+    let env = vec![
+        ("QUERN_ALERT_WEBHOOK_URL", hook.url("/hooks/quern")),
+        ("QUERN_ALERT_QUEUE_PENDING", "1".to_string()),
+        ("QUERN_ALERT_CHECK_MS", "100".to_string()),
+    ];
+    let mut gateways = Vec::new();
+    for _ in 0..3 {
+        gateways.push(
+            Server::start_with(&db, Options { command: "gateway", env: env.clone(), ..Options::default() }).await,
+        );
+    }
+    let leaders =
+        |gateways: &[Server]| gateways.iter().filter(|g| logged(g, "this process leads maintenance") > 0).count();
+    wait_until(Duration::from_secs(10), "a gateway to lead", || std::future::ready(leaders(&gateways) == 1)).await;
+
+    // A backlog every gateway sees (no worker runs): one page, not three.
+    let queue = quern::queue::Queue::new(db.store.clone(), quern::queue::QueueSettings::default());
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let request = quern::queue::EnqueueRequest {
+            user_id: "u1".into(),
+            job_type: "echo".into(),
+            input: serde_json::json!({"n": n}),
+            ..Default::default()
+        };
+        ids.push(queue.enqueue(request).await.unwrap().id);
+    }
+    wait_until(Duration::from_secs(10), "every gateway to judge the backlog firing", || {
+        std::future::ready(gateways.iter().all(|g| logged(g, "alert firing") == 1) && posts(&hook, "firing") >= 1)
+    })
+    .await;
+    assert_eq!(posts(&hook, "firing"), 1, "three gateways judged the alert; the leader alone paged");
+    assert_eq!(leaders(&gateways), 1, "still one leader");
+
+    // SIGKILL the leader: another takes the lead within a few seconds.
+    let leader = gateways.iter().position(|g| logged(g, "this process leads maintenance") > 0).unwrap();
+    let killed = gateways.remove(leader);
+    let status = Command::new("kill").args(["-KILL", &killed.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    let killed_at = std::time::Instant::now();
+    wait_until(Duration::from_secs(5), "another gateway to take the lead", || {
+        std::future::ready(leaders(&gateways) == 1)
+    })
+    .await;
+    eprintln!("the lead was taken {:?} after the leader was killed", killed_at.elapsed());
+    drop(killed);
+
+    // The new leader pages the resolution, once.
+    for id in &ids {
+        queue.cancel(*id).await.unwrap();
+    }
+    wait_until(Duration::from_secs(10), "both gateways to judge the backlog resolved", || {
+        std::future::ready(gateways.iter().all(|g| logged(g, "alert resolved") == 1) && posts(&hook, "resolved") >= 1)
+    })
+    .await;
+    assert_eq!((posts(&hook, "firing"), posts(&hook, "resolved")), (1, 1), "one page per change, whoever leads");
+    for gateway in gateways {
+        gateway.finish().await;
+    }
+    db.cleanup().await;
+}

@@ -42,6 +42,7 @@ use self::dashboard::Sessions;
 use self::limits::IpLimiter;
 use crate::alerts::{AlertSettings, Alerts};
 use crate::queue::Queue;
+use crate::queue::leader::Leader;
 use crate::queue::versions::VersionSync;
 use crate::queue::worker::WorkerProbe;
 use crate::runtime::registry::Registry;
@@ -89,6 +90,23 @@ impl Default for GatewaySettings {
     }
 }
 
+/// What else runs in the gateway's process.
+pub struct InProcess {
+    /// The worker in this process, if any (`quern serve`), for health.
+    pub worker: Option<WorkerProbe>,
+    /// The metrics recorder, when one is installed.
+    pub metrics: Option<Arc<metrics::Metrics>>,
+    /// Whether this process leads maintenance (only the leader posts alerts).
+    pub leader: Leader,
+}
+
+impl InProcess {
+    /// A gateway alone in its process that leads (benches, tests).
+    pub fn alone() -> Self {
+        Self { worker: None, metrics: None, leader: Leader::always() }
+    }
+}
+
 /// Everything a request handler may reach.
 pub struct Gateway {
     pub queue: Arc<Queue>,
@@ -120,16 +138,16 @@ impl Gateway {
         registry: Arc<Registry>,
         auth: Auth,
         settings: GatewaySettings,
-        worker: Option<WorkerProbe>,
-        metrics: Option<Arc<metrics::Metrics>>,
+        process: InProcess,
         shutdown: CancellationToken,
     ) -> AppState {
+        let InProcess { worker, metrics, leader } = process;
         let started = Instant::now();
         let probes =
             Arc::new(admin::Probes { store: queue.store().clone(), registry: registry.clone(), metrics, started });
         let disabled = settings.disabled_types.iter().cloned().collect();
         let limiter = settings.rate_limit_per_min.and_then(IpLimiter::per_minute);
-        let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), shutdown.clone());
+        let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), leader, shutdown.clone());
         let versions = VersionSync::new(queue.store().clone(), registry.clone());
         Arc::new(Self {
             queue,

@@ -92,7 +92,8 @@ pub async fn run(args: &E2eBenchArgs) -> anyhow::Result<()> {
     let premium = PremiumRule::parse("app_metadata.plan=premium").map_err(anyhow::Error::msg)?;
     let auth = Auth::new(AuthSettings { hs256_secret: Some(secret.clone()), jwks_url: None, audience: None, premium })?;
     let gateway_settings = GatewaySettings { rate_limit_per_min: None, ..GatewaySettings::default() };
-    let gateway = Gateway::new(queue, registry, auth, gateway_settings, None, None, shutdown.clone());
+    let gateway =
+        Gateway::new(queue, registry, auth, gateway_settings, crate::api::InProcess::alone(), shutdown.clone());
     let (router, _) = api::router(gateway);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

@@ -67,7 +67,8 @@ pub async fn run(args: &HttpBenchArgs) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     let shutdown = CancellationToken::new();
     let settings = GatewaySettings { rate_limit_per_min: None, ..GatewaySettings::default() };
-    let gateway = Gateway::new(queue.clone(), registry, auth, settings, None, None, shutdown.clone());
+    let gateway =
+        Gateway::new(queue.clone(), registry, auth, settings, crate::api::InProcess::alone(), shutdown.clone());
     let (router, _) = api::router(gateway);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

@@ -11,9 +11,11 @@ use anyhow::Context;
 use quern::api::admin::{self, Probes};
 use quern::api::auth::{Auth, mint};
 use quern::api::metrics::Metrics;
-use quern::api::{self, Gateway};
-use quern::config::{AdminArgs, DatabaseArgs, DevSecret, GatewayArgs, RuntimeArgs, WorkerArgs};
+use quern::api::{self, Gateway, InProcess};
+use quern::config::{AdminArgs, DatabaseArgs, DevSecret, GatewayArgs, MaintenanceArgs, RuntimeArgs, WorkerArgs};
 use quern::queue::Queue;
+use quern::queue::leader::Leader;
+use quern::queue::maintenance::Maintenance;
 use quern::queue::versions::VersionSync;
 use quern::queue::worker::Worker;
 use quern::runtime::Runtime;
@@ -33,6 +35,8 @@ pub struct ServeArgs {
     gateway: GatewayArgs,
     #[command(flatten)]
     admin: AdminArgs,
+    #[command(flatten)]
+    maintenance: MaintenanceArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -45,6 +49,8 @@ pub struct WorkerOnlyArgs {
     worker: WorkerArgs,
     #[command(flatten)]
     admin: AdminArgs,
+    #[command(flatten)]
+    maintenance: MaintenanceArgs,
     /// The admin listener's port when QUERN_ADMIN_PORT is not set (the
     /// image's health check asks PORT).
     #[arg(long, env = "PORT", default_value_t = 3001)]
@@ -72,6 +78,8 @@ pub struct MigrateArgs {
 struct Host {
     queue: Arc<Queue>,
     registry: Arc<Registry>,
+    /// Whether this process leads the fleet's maintenance now.
+    leader: Leader,
     _watch: Option<DirWatch>,
 }
 
@@ -81,6 +89,7 @@ async fn start_host(
     runtime: &RuntimeArgs,
     database: &DatabaseArgs,
     worker: &WorkerArgs,
+    maintenance: &MaintenanceArgs,
     stop: &CancellationToken,
 ) -> anyhow::Result<Host> {
     let store = open_store(runtime, database).await?;
@@ -103,9 +112,12 @@ async fn start_host(
     if let Err(error) = versions.sync().await {
         tracing::warn!(%error, "cannot read the handler rollouts yet; following them once the database answers");
     }
-    versions.spawn(stop.clone());
+    let leader = Leader::elect(store.clone(), stop.clone());
+    versions.spawn(leader.clone(), stop.clone());
     let queue = Arc::new(Queue::new(store, worker.queue_settings()));
-    Ok(Host { queue, registry, _watch: watch })
+    let upkeep = maintenance.settings(std::time::Duration::from_millis(worker.poll_interval_ms));
+    Maintenance::new(queue.clone(), upkeep).spawn(leader.clone(), stop.clone());
+    Ok(Host { queue, registry, leader, _watch: watch })
 }
 
 /// `quern serve` (`with_worker`) or `quern gateway`.
@@ -113,7 +125,7 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
-        let host = start_host(&args.runtime, &args.database, &args.worker, &shutdown).await?;
+        let host = start_host(&args.runtime, &args.database, &args.worker, &args.maintenance, &shutdown).await?;
         let (auth_settings, dev) = args
             .gateway
             .auth_settings(&args.runtime.data_dir)
@@ -134,8 +146,11 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
             host.registry.clone(),
             auth,
             args.gateway.settings(),
-            worker.as_ref().map(Worker::probe),
-            if args.gateway.enable_metrics { Metrics::install() } else { None },
+            InProcess {
+                worker: worker.as_ref().map(Worker::probe),
+                metrics: if args.gateway.enable_metrics { Metrics::install() } else { None },
+                leader: host.leader.clone(),
+            },
             shutdown.clone(),
         );
         let gateway_probes = gateway.probes.clone();
@@ -184,7 +199,7 @@ pub fn worker(args: WorkerOnlyArgs) -> anyhow::Result<ExitCode> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
-        let host = start_host(&args.runtime, &args.database, &args.worker, &shutdown).await?;
+        let host = start_host(&args.runtime, &args.database, &args.worker, &args.maintenance, &shutdown).await?;
         let probes = Arc::new(Probes {
             store: host.queue.store().clone(),
             registry: host.registry.clone(),

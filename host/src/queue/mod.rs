@@ -5,6 +5,8 @@
 
 pub mod cache_key;
 pub mod completer;
+pub mod leader;
+pub mod maintenance;
 pub mod stats;
 pub mod versions;
 pub mod worker;

@@ -171,7 +171,13 @@ impl VersionSync {
     }
 
     /// Syncs now, then on every change notice and every few seconds, until `stop`.
-    pub fn spawn(self: Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    /// Canaries are judged only while `leader` leads, so one process rolls
+    /// a failing canary back.
+    pub fn spawn(
+        self: Arc<Self>,
+        leader: super::leader::Leader,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut changes = loop {
                 match self.store.rollout_changes().await {
@@ -193,7 +199,9 @@ impl VersionSync {
                 if let Err(error) = self.sync().await {
                     tracing::warn!(%error, "reading rollouts failed; trying again shortly");
                 }
-                if let Err(error) = self.judge_canaries().await {
+                if leader.is_leader()
+                    && let Err(error) = self.judge_canaries().await
+                {
                     tracing::warn!(%error, "judging canaries failed; trying again shortly");
                 }
                 let notice = async {

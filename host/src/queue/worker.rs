@@ -3,8 +3,9 @@
 //! hands each attempt's end to its [`Completer`], which writes many ends
 //! with one commit. Alongside, it checks whether held jobs were cancelled
 //! (also by a direct database update), flushes their progress, renews their
-//! leases (one statement for all of them), heartbeats its `quern_workers`
-//! row, reaps lapsed leases of dead workers and purges the expired cache.
+//! leases (one statement for all of them) and heartbeats its `quern_workers`
+//! row. (Reaping the leases of dead workers is the fleet's, in
+//! [`super::maintenance`].)
 //!
 //! The local queue is sized by what the worker observes: it holds about
 //! [`LOCAL_QUEUE_HORIZON`] of work at the recent speed of its jobs, at most
@@ -572,16 +573,12 @@ impl Drop for Unhold {
     }
 }
 
-/// A worker row silent this long is dropped: whatever alert it raised has
-/// been seen, and the dashboard should not list it forever.
-const FORGET_SILENT_WORKERS_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(24);
-
 async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
     let settings = &shared.settings;
     let queue = &shared.queue;
     let store = queue.store().clone();
     let renew_every = queue.settings().lease / 3;
-    let (mut last_renew, mut last_reap, mut last_purge) = (Instant::now(), Instant::now(), Instant::now());
+    let mut last_renew = Instant::now();
     let mut tick = tokio::time::interval(settings.cancel_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -604,25 +601,6 @@ async fn maintain(shared: Arc<Shared>, stop: CancellationToken) {
             }
             if let Err(error) = shared.heartbeat().await {
                 tracing::warn!(%error, "worker heartbeat failed");
-            }
-        }
-        if last_reap.elapsed() >= settings.poll_interval {
-            last_reap = Instant::now();
-            if let Err(error) = queue.reap_expired_leases().await {
-                tracing::warn!(%error, "reaping lapsed leases failed");
-            }
-        }
-        if last_purge.elapsed() >= Duration::from_secs(60) {
-            last_purge = Instant::now();
-            match store.purge_cache(Utc::now()).await {
-                Ok(0) => {}
-                Ok(purged) => tracing::info!(purged, "purged expired cache entries"),
-                Err(error) => tracing::warn!(%error, "purging the cache failed"),
-            }
-            match store.forget_workers(Utc::now() - FORGET_SILENT_WORKERS_AFTER).await {
-                Ok(0) => {}
-                Ok(forgotten) => tracing::info!(forgotten, "forgot workers silent for a day"),
-                Err(error) => tracing::warn!(%error, "forgetting long-silent workers failed"),
             }
         }
     }

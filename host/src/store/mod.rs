@@ -133,6 +133,14 @@ impl Job {
     }
 }
 
+/// Finished jobs that ended before these times may be deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneCutoffs {
+    pub completed: DateTime<Utc>,
+    pub cancelled: DateTime<Utc>,
+    pub failed: DateTime<Utc>,
+}
+
 /// A job to insert.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewJob {
@@ -469,6 +477,23 @@ pub trait Wakeups: Send {
     async fn wait(&mut self);
 }
 
+/// The maintenance lead, held while this lives (see [`crate::queue::leader`]).
+#[async_trait]
+pub trait LeaderLock: Send {
+    /// Fails when the lock may have been lost (its connection broke).
+    async fn check(&mut self) -> Result<(), StoreError>;
+}
+
+/// SQLite's lead: the one process serving the file always holds it.
+pub struct SoleProcess;
+
+#[async_trait]
+impl LeaderLock for SoleProcess {
+    async fn check(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`.
@@ -612,6 +637,20 @@ pub trait Store: Send + Sync + 'static {
     /// Removes rows of workers silent since before `before` (long dead:
     /// killed, never stopped); returns how many.
     async fn forget_workers(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Deletes at most `limit` finished jobs (their attempts with them) that
+    /// ended before their status's cutoff and that no instance still holds;
+    /// returns how many. One short statement: callers loop while it deletes
+    /// a full batch, so enqueues and claims are never held up for long.
+    /// Takes the maintenance lead if no other process holds it.
+    async fn try_lead(&self) -> Result<Option<Box<dyn LeaderLock>>, StoreError>;
+
+    async fn prune_jobs(&self, cutoffs: &PruneCutoffs, limit: u32) -> Result<u64, StoreError>;
+
+    /// Deletes the stored handler versions no rollout names (active,
+    /// canary, previous) that are not among the `keep_newest` uploads of
+    /// their type; returns each as (type, version).
+    async fn prune_handler_versions(&self, keep_newest: u32) -> Result<Vec<(String, String)>, StoreError>;
 
     /// Attempts that ended at or after `since`, newest first, at most `limit`.
     async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError>;

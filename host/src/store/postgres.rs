@@ -6,15 +6,27 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::nodelay;
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
-    EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome, Rollout, Store, StoreError,
-    StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_status, requeueable,
+    EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, PruneCutoffs, RequeueOutcome, Rollout, Store,
+    StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_status,
+    requeueable,
 };
+
+/// The maintenance lead: a session advisory lock on this connection.
+struct AdvisoryLock(PgConnection);
+
+#[async_trait::async_trait]
+impl super::LeaderLock for AdvisoryLock {
+    async fn check(&mut self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&mut self.0).await?;
+        Ok(())
+    }
+}
 
 /// The channel enqueues notify and workers listen on.
 /// (The static statements below spell it out: `pg_notify('quern_jobs', '')`.)
@@ -752,6 +764,61 @@ impl Store for PostgresStore {
     async fn purge_cache(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM quern_cache WHERE expires_at <= $1").bind(now).execute(&self.pool).await?;
         Ok(done.rows_affected())
+    }
+
+    async fn try_lead(&self) -> Result<Option<Box<dyn super::LeaderLock>>, StoreError> {
+        // A connection of its own: the lock lives exactly as long as it. The
+        // key names the schema, so fleets on other schemas of the same
+        // database do not compete.
+        let mut connection = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        let took: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext(current_schema() || '.quern_maintenance'))")
+                .fetch_one(&mut connection)
+                .await?;
+        if took {
+            Ok(Some(Box::new(AdvisoryLock(connection))))
+        } else {
+            connection.close().await?;
+            Ok(None)
+        }
+    }
+
+    async fn prune_jobs(&self, cutoffs: &PruneCutoffs, limit: u32) -> Result<u64, StoreError> {
+        // SKIP LOCKED: a row a cancel or a retry is touching right now is
+        // left for the next pass rather than waited for.
+        let done = sqlx::query(
+            "DELETE FROM quern_jobs WHERE id IN ( \
+               SELECT id FROM quern_jobs \
+               WHERE lease_expires_at IS NULL AND completed_at IS NOT NULL \
+                 AND ((status = 'completed' AND completed_at < $1) \
+                   OR (status = 'cancelled' AND completed_at < $2) \
+                   OR (status = 'failed' AND completed_at < $3)) \
+               LIMIT $4 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(cutoffs.completed)
+        .bind(cutoffs.cancelled)
+        .bind(cutoffs.failed)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn prune_handler_versions(&self, keep_newest: u32) -> Result<Vec<(String, String)>, StoreError> {
+        // A version is among the newest `keep_newest` of its type when fewer
+        // than that many others were uploaded at or after it.
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "DELETE FROM quern_handler_versions AS v \
+             WHERE NOT EXISTS (SELECT 1 FROM quern_handler_rollouts AS r WHERE r.type = v.type \
+                               AND v.version IN (r.active_version, r.canary_version, r.previous_version)) \
+               AND (SELECT count(*) FROM quern_handler_versions AS newer WHERE newer.type = v.type \
+                    AND newer.uploaded_at >= v.uploaded_at AND newer.version <> v.version) >= $1 \
+             RETURNING v.type, v.version",
+        )
+        .bind(i64::from(keep_newest))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
     }
 
     async fn upsert_worker(&self, worker: &WorkerRow) -> Result<(), StoreError> {

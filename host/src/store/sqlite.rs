@@ -17,6 +17,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::PruneCutoffs;
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats,
     CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome,
@@ -827,6 +828,44 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn try_lead(&self) -> Result<Option<Box<dyn super::LeaderLock>>, StoreError> {
+        Ok(Some(Box::new(super::SoleProcess)))
+    }
+
+    async fn prune_jobs(&self, cutoffs: &PruneCutoffs, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM quern_jobs WHERE id IN ( \
+               SELECT id FROM quern_jobs \
+               WHERE lease_expires_at IS NULL AND completed_at IS NOT NULL \
+                 AND ((status = 'completed' AND completed_at < ?1) \
+                   OR (status = 'cancelled' AND completed_at < ?2) \
+                   OR (status = 'failed' AND completed_at < ?3)) \
+               LIMIT ?4)",
+        )
+        .bind(micros(cutoffs.completed))
+        .bind(micros(cutoffs.cancelled))
+        .bind(micros(cutoffs.failed))
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn prune_handler_versions(&self, keep_newest: u32) -> Result<Vec<(String, String)>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "DELETE FROM quern_handler_versions AS v \
+             WHERE NOT EXISTS (SELECT 1 FROM quern_handler_rollouts AS r WHERE r.type = v.type \
+                               AND v.version IN (r.active_version, r.canary_version, r.previous_version)) \
+               AND (SELECT count(*) FROM quern_handler_versions AS newer WHERE newer.type = v.type \
+                    AND newer.uploaded_at >= v.uploaded_at AND newer.version <> v.version) >= ?1 \
+             RETURNING type, version",
+        )
+        .bind(i64::from(keep_newest))
+        .fetch_all(&self.writer)
+        .await?;
+        Ok(rows)
     }
 
     async fn upsert_worker(&self, worker: &WorkerRow) -> Result<(), StoreError> {
