@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod http;
 pub mod isolation;
 pub mod queue;
+pub mod retention;
 pub mod runtime;
 
 use std::time::Duration;

@@ -68,6 +68,8 @@ enum BenchCommand {
     Http(quern::bench::http::HttpBenchArgs),
     /// Simulated users enqueueing and following jobs end to end (the seed's load test).
     E2e(quern::bench::e2e::E2eBenchArgs),
+    /// Deleting old jobs from a large table while enqueues go on.
+    Retention(quern::bench::retention::RetentionBenchArgs),
 }
 
 impl Cli {
@@ -178,6 +180,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?
                 .block_on(quern::bench::http::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Retention(args)) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(quern::bench::retention::run(&args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Runtime(args)) => {
