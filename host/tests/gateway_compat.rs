@@ -164,6 +164,8 @@ async fn openapi_lists_every_route() {
         "POST /functions/v1/get-analysis-status",
         "GET /health",
         "GET /health/detailed",
+        "GET /health/live",
+        "GET /health/ready",
         "GET /metrics",
         "GET /openapi.json",
         "GET /v1/stats",

@@ -438,3 +438,38 @@ async fn a_failing_canary_that_asks_for_it_rolls_itself_back() {
     server.finish().await;
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_after_the_first_push_returns_to_the_version_the_directory_served() {
+    let db = Db::sqlite().await;
+    let server = Server::start_with(&db, unlimited(Vec::new())).await;
+    let ops = server.service_token();
+    let types = server.get("/v1/types", &ops).await;
+    let from_directory = types.body["types"]
+        .as_array()
+        .or_else(|| types.body.as_array())
+        .and_then(|all| all.iter().find(|t| t["type"] == "echo"))
+        .and_then(|echo| echo["version"].as_str())
+        .unwrap_or_else(|| panic!("echo's version in {}", types.text))
+        .to_string();
+
+    let manifest = format!("{}\n# rebuilt\n", std::fs::read_to_string(dist("echo.toml")).unwrap());
+    let uploaded = upload(&server, &ops, "echo", echo(), &manifest).await;
+    assert!(uploaded.status == 201 || uploaded.status == 200, "{}", uploaded.text);
+    let pushed = uploaded.body["version"].as_str().unwrap().to_string();
+    let rolled = server.post("/v1/handlers/echo/rollout", &ops, json!({"version": pushed, "percent": 100})).await;
+    assert_eq!(rolled.status, 200, "{}", rolled.text);
+    assert_eq!(rolled.body["previous_version"], from_directory.as_str(), "{}", rolled.text);
+
+    let back = server.post("/v1/handlers/echo/rollback", &ops, json!({})).await;
+    assert_eq!(back.status, 200, "{}", back.text);
+    assert_eq!(back.body["active_version"], from_directory.as_str(), "{}", back.text);
+    assert_eq!(back.body["previous_version"], pushed.as_str(), "{}", back.text);
+
+    let user = server.token("alice");
+    let id = id_of(&server.enqueue(&user, "echo", json!({"after": "rollback"})).await);
+    let job = server.poll_job(&user, &id, Duration::from_secs(20), |job| job["status"] == "completed").await;
+    assert_eq!(job["handler_version"], from_directory.as_str(), "{job}");
+    server.finish().await;
+    db.cleanup().await;
+}

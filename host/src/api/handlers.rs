@@ -22,6 +22,7 @@ use super::auth::Caller;
 use super::body::JsonBody;
 use super::error::{ApiError, ErrorBody};
 use crate::manifest::{Manifest, validate_job_type};
+use crate::queue::rollout::{self, ChangeError, Refused, Step};
 use crate::queue::stats;
 use crate::runtime::LoadError;
 use crate::store::{Rollout, StoredVersion};
@@ -223,41 +224,9 @@ pub async fn rollout(
             ),
         ));
     }
-    let mut rollout = current(&state, &job_type).await?;
-    match percent {
-        100 => {
-            if rollout.active_version.as_deref() != Some(&body.version) {
-                rollout.previous_version = rollout.active_version.take();
-                rollout.active_version = Some(body.version);
-            }
-            rollout.canary_version = None;
-            rollout.canary_percent = 0;
-        }
-        0 => {
-            rollout.canary_version = None;
-            rollout.canary_percent = 0;
-        }
-        share => {
-            if rollout.active_version.is_none() {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "no_active_version",
-                    format!(
-                        "`{job_type}` has no version rolled out through the API to run beside a canary: roll one out at 100 first"
-                    ),
-                ));
-            }
-            if rollout.active_version.as_deref() == Some(&body.version) {
-                return Err(ApiError::bad_request(
-                    "already_active",
-                    format!("{} is the active version of `{job_type}`; a canary must be another", body.version),
-                ));
-            }
-            rollout.canary_version = Some(body.version);
-            rollout.canary_percent = i16::from(share);
-        }
-    }
-    write(&state, &rollout).await?;
+    let step = Step::Push { version: body.version, percent };
+    let rollout = change(&state, &job_type, &step).await?;
+    applied(&state, &rollout).await?;
     Ok(axum::Json(rollout))
 }
 
@@ -277,20 +246,8 @@ pub async fn rollback(
 ) -> Result<axum::Json<Rollout>, ApiError> {
     require_ops(&caller)?;
     checked_type(&job_type)?;
-    let mut rollout = current(&state, &job_type).await?;
-    if rollout.canary_version.is_some() {
-        rollout.canary_version = None;
-        rollout.canary_percent = 0;
-    } else if let Some(previous) = rollout.previous_version.take() {
-        rollout.previous_version = rollout.active_version.replace(previous);
-    } else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "nothing_to_roll_back",
-            format!("`{job_type}` has no canary and no previous version to return to"),
-        ));
-    }
-    write(&state, &rollout).await?;
+    let rollout = change(&state, &job_type, &Step::Rollback).await?;
+    applied(&state, &rollout).await?;
     Ok(axum::Json(rollout))
 }
 
@@ -326,31 +283,61 @@ async fn set_paused(
 ) -> Result<axum::Json<Rollout>, ApiError> {
     require_ops(caller)?;
     checked_type(job_type)?;
-    let mut rollout = current(state, job_type).await?;
-    if rollout.active_version.is_none() && state.registry.get(job_type).is_none() {
+    let known =
+        state.queue.store().rollouts().await?.iter().any(|r| r.job_type == job_type && r.active_version.is_some());
+    if !known && state.registry.get(job_type).is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_type",
             format!("no handler serves `{job_type}` here or in the database"),
         ));
     }
-    rollout.paused = paused;
-    write(state, &rollout).await?;
+    let rollout = change(state, job_type, if paused { &Step::Pause } else { &Step::Resume }).await?;
+    applied(state, &rollout).await?;
     Ok(axum::Json(rollout))
 }
 
-async fn current(state: &AppState, job_type: &str) -> Result<Rollout, ApiError> {
-    let rollouts = state.queue.store().rollouts().await?;
-    Ok(rollouts
-        .into_iter()
-        .find(|r| r.job_type == job_type)
-        .unwrap_or_else(|| Rollout { job_type: job_type.to_string(), ..Rollout::default() }))
+/// Applies `step` to the type's rollout atomically (see [`rollout`]). A
+/// type served from the handlers directory is adopted first: its build is
+/// stored, so the version the fleet ran before a first push is that push's
+/// previous version, to which a rollback returns.
+async fn change(state: &AppState, job_type: &str, step: &Step) -> Result<Rollout, ApiError> {
+    let store = state.queue.store();
+    let adopted = match state.registry.directory_build(job_type) {
+        Some((handler, component)) => {
+            let stored = StoredVersion {
+                job_type: job_type.to_string(),
+                version: handler.version.to_string(),
+                sha256: handler.sha256.clone(),
+                component,
+                manifest: handler.manifest.source.clone(),
+                uploaded_by: "handlers directory".into(),
+                uploaded_at: Utc::now(),
+            };
+            store.put_version(&stored).await?;
+            Some(stored.version)
+        }
+        None => None,
+    };
+    rollout::change(store.as_ref(), job_type, step, adopted.as_deref()).await.map_err(|error| match error {
+        ChangeError::Store(error) => error.into(),
+        ChangeError::Refused(refused) => {
+            let (status, code) = match &refused {
+                Refused::NoActiveVersion { .. } => (StatusCode::CONFLICT, "no_active_version"),
+                Refused::AlreadyActive { .. } => (StatusCode::BAD_REQUEST, "already_active"),
+                Refused::NothingToRollBack { .. } => (StatusCode::CONFLICT, "nothing_to_roll_back"),
+            };
+            ApiError::new(status, code, refused.to_string())
+        }
+        contended @ ChangeError::Contended(_) => {
+            ApiError::new(StatusCode::CONFLICT, "rollout_contended", contended.to_string())
+        }
+    })
 }
 
-/// Stores the rollout (every process hears of it) and applies it here
-/// before answering, so this gateway's next enqueue already sees it.
-async fn write(state: &AppState, rollout: &Rollout) -> Result<(), ApiError> {
-    state.queue.store().put_rollout(rollout, Utc::now()).await?;
+/// Applies a stored rollout here before answering (every other process
+/// hears of it), so this gateway's next enqueue already sees it.
+async fn applied(state: &AppState, rollout: &Rollout) -> Result<(), ApiError> {
     state.versions.sync().await?;
     tracing::info!(
         job_type = %rollout.job_type,

@@ -7,6 +7,7 @@ pub mod cache_key;
 pub mod completer;
 pub mod leader;
 pub mod maintenance;
+pub mod rollout;
 pub mod stats;
 pub mod versions;
 pub mod worker;

@@ -19,7 +19,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{Manifest, ManifestError};
-use crate::queue::stats;
+use crate::queue::{rollout, stats};
 use crate::runtime::registry::{Canary, Registry};
 use crate::runtime::{HandlerVersion, LoadError};
 use crate::store::{Store, StoreError};
@@ -100,7 +100,7 @@ impl VersionSync {
         }
         let samples = self.store.attempts_since(now - CANARY_WINDOW, MAX_SAMPLES).await?;
         let mut rolled_back = Vec::new();
-        for mut rollout in canaries {
+        for rollout in canaries {
             let (Some(canary), Some(active)) = (rollout.canary_version.clone(), rollout.active_version.clone()) else {
                 continue;
             };
@@ -116,9 +116,18 @@ impl VersionSync {
             if ended < rule.min_jobs || canary_rate <= active_rate + rule.failure_rate_margin {
                 continue;
             }
-            rollout.canary_version = None;
-            rollout.canary_percent = 0;
-            self.store.put_rollout(&rollout, now).await?;
+            // Only if the canary is still the one judged: an operator may
+            // have replaced it meanwhile, and theirs stands.
+            let step = rollout::Step::DropCanary { canary: canary.clone() };
+            match rollout::change(self.store.as_ref(), &rollout.job_type, &step, None).await {
+                Ok(after) if after.canary_version.is_none() => {}
+                Ok(_) => continue,
+                Err(rollout::ChangeError::Store(error)) => return Err(error),
+                Err(error) => {
+                    tracing::warn!(job_type = %rollout.job_type, %error, "could not roll the canary back");
+                    continue;
+                }
+            }
             metrics::counter!(CANARY_ROLLBACKS, "type" => rollout.job_type.clone()).increment(1);
             tracing::warn!(
                 job_type = %rollout.job_type,

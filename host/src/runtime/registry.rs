@@ -58,7 +58,7 @@ pub struct Registry {
     /// The content hash of each type's pair as last read from the directory,
     /// so a write that changes nothing (a `touch`, the same build copied
     /// again) reloads nothing.
-    dir_content: Mutex<HashMap<String, String>>,
+    dir_content: Mutex<HashMap<String, DirectoryLoad>>,
     events: broadcast::Sender<RegistryEvent>,
 }
 
@@ -208,14 +208,32 @@ impl Registry {
         let content = pair_content_hash(&bytes, &manifest);
         let job_type = manifest.job_type.clone();
         let version = self.load_pair(wasm_path, bytes, manifest)?;
-        self.dir_content.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(job_type, content);
+        let load = DirectoryLoad { path: wasm_path.to_path_buf(), content, version: version.version.clone() };
+        self.dir_content.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(job_type, load);
         Ok(version)
     }
 
     /// Whether `content` is what the type's pair held when it last loaded.
     fn is_loaded_content(&self, job_type: &str, content: &str) -> bool {
         let loaded = self.dir_content.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        loaded.get(job_type).is_some_and(|hash| hash == content)
+        loaded.get(job_type).is_some_and(|load| load.content == content)
+    }
+
+    /// The build of a type serving from the handlers directory, as its files
+    /// hold it now: the component's bytes and the manifest's text, with the
+    /// version they loaded as. `None` when the type is rolled out through the
+    /// API, or its files changed since they loaded (a reload is on its way).
+    pub fn directory_build(&self, job_type: &str) -> Option<(Arc<HandlerVersion>, Vec<u8>)> {
+        if self.is_managed(job_type) {
+            return None;
+        }
+        let active = self.get(job_type)?;
+        let load = self.dir_content.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(job_type).cloned()?;
+        if load.version != active.version {
+            return None;
+        }
+        let (bytes, manifest) = read_handler_pair(&load.path).ok()?;
+        (pair_content_hash(&bytes, &manifest) == load.content).then_some((active, bytes))
     }
 
     fn load_pair(
@@ -315,6 +333,15 @@ impl Registry {
         tracing::error!(path = %path.display(), %error, "handler rejected; the previous version, if any, keeps serving");
         let _ = self.events.send(RegistryEvent::Rejected { path: path.to_path_buf(), error: error.to_string() });
     }
+}
+
+/// A pair loaded from the handlers directory: where, what it held, and the
+/// version it became.
+#[derive(Debug, Clone)]
+struct DirectoryLoad {
+    path: PathBuf,
+    content: String,
+    version: Arc<str>,
 }
 
 /// What a pair holds: the component's bytes and the manifest's text.

@@ -682,6 +682,16 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a type's rollout and tells every worker and gateway.
     async fn put_rollout(&self, rollout: &Rollout, now: DateTime<Utc>) -> Result<(), StoreError>;
 
+    /// Writes `next` only if the stored rollout of its type is still
+    /// `expected` (`None`: none is stored); false when it changed meanwhile.
+    /// Every process hears of a write, as with [`Store::put_rollout`].
+    async fn swap_rollout(
+        &self,
+        expected: Option<&Rollout>,
+        next: &Rollout,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
     /// Wakes when any rollout changes (may be spurious; poll as well).
     async fn rollout_changes(&self) -> Result<Box<dyn Wakeups>, StoreError>;
 }

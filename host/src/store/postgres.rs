@@ -1054,6 +1054,53 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn swap_rollout(
+        &self,
+        expected: Option<&Rollout>,
+        next: &Rollout,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let query = match expected {
+            None => sqlx::query(
+                "INSERT INTO quern_handler_rollouts (type, active_version, previous_version, canary_version, \
+                 canary_percent, paused, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (type) DO NOTHING",
+            ),
+            // The row as it was read: every column a step changes.
+            Some(_) => sqlx::query(
+                "UPDATE quern_handler_rollouts SET active_version = $2, previous_version = $3, canary_version = $4, \
+                 canary_percent = $5, paused = $6, updated_at = $7 \
+                 WHERE type = $1 AND active_version IS NOT DISTINCT FROM $8 \
+                   AND previous_version IS NOT DISTINCT FROM $9 AND canary_version IS NOT DISTINCT FROM $10 \
+                   AND canary_percent = $11 AND paused = $12",
+            ),
+        };
+        let query = query
+            .bind(&next.job_type)
+            .bind(&next.active_version)
+            .bind(&next.previous_version)
+            .bind(&next.canary_version)
+            .bind(next.canary_percent)
+            .bind(next.paused)
+            .bind(now);
+        let query = match expected {
+            None => query,
+            Some(expected) => query
+                .bind(&expected.active_version)
+                .bind(&expected.previous_version)
+                .bind(&expected.canary_version)
+                .bind(expected.canary_percent)
+                .bind(expected.paused),
+        };
+        let written = query.execute(&mut *tx).await?.rows_affected() == 1;
+        if !written {
+            return Ok(false);
+        }
+        sqlx::query("SELECT pg_notify($1, $2)").bind(ROLLOUTS_CHANNEL).bind(&next.job_type).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn rollout_changes(&self) -> Result<Box<dyn Wakeups>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(ROLLOUTS_CHANNEL).await?;

@@ -1092,6 +1092,49 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn swap_rollout(
+        &self,
+        expected: Option<&Rollout>,
+        next: &Rollout,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let query = match expected {
+            None => sqlx::query(
+                "INSERT INTO quern_handler_rollouts (type, active_version, previous_version, canary_version, \
+                 canary_percent, paused, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (type) DO NOTHING",
+            ),
+            // The row as it was read: every column a step changes.
+            Some(_) => sqlx::query(
+                "UPDATE quern_handler_rollouts SET active_version = ?2, previous_version = ?3, canary_version = ?4, \
+                 canary_percent = ?5, paused = ?6, updated_at = ?7 \
+                 WHERE type = ?1 AND active_version IS ?8 AND previous_version IS ?9 AND canary_version IS ?10 \
+                   AND canary_percent = ?11 AND paused = ?12",
+            ),
+        };
+        let query = query
+            .bind(&next.job_type)
+            .bind(&next.active_version)
+            .bind(&next.previous_version)
+            .bind(&next.canary_version)
+            .bind(next.canary_percent)
+            .bind(next.paused)
+            .bind(micros(now));
+        let query = match expected {
+            None => query,
+            Some(expected) => query
+                .bind(&expected.active_version)
+                .bind(&expected.previous_version)
+                .bind(&expected.canary_version)
+                .bind(expected.canary_percent)
+                .bind(expected.paused),
+        };
+        let written = query.execute(&self.writer).await?.rows_affected() == 1;
+        if written {
+            self.rollouts_changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(written)
+    }
+
     async fn rollout_changes(&self) -> Result<Box<dyn Wakeups>, StoreError> {
         Ok(Box::new(SqliteWakeups { receiver: self.rollouts_changed.subscribe() }))
     }
