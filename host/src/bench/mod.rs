@@ -9,6 +9,7 @@ pub mod isolation;
 pub mod queue;
 pub mod retention;
 pub mod runtime;
+pub mod soak;
 
 use std::time::Duration;
 

@@ -70,6 +70,8 @@ enum BenchCommand {
     E2e(quern::bench::e2e::E2eBenchArgs),
     /// Deleting old jobs from a large table while enqueues go on.
     Retention(quern::bench::retention::RetentionBenchArgs),
+    /// Steady load for minutes with retention in seconds: table, disk and memory stay flat.
+    Soak(quern::bench::soak::SoakBenchArgs),
 }
 
 impl Cli {
@@ -187,6 +189,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?
                 .block_on(quern::bench::retention::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Soak(args)) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(quern::bench::soak::run(&args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Runtime(args)) => {
