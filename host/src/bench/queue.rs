@@ -60,14 +60,7 @@ pub struct QueueBenchArgs {
 
 pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<()> {
     let (store, cleanup) = open(args.db, &args.postgres_url, "queue").await?;
-    let (bytes, manifest) = read_component(&args.component)?;
-    let job_type = manifest.job_type.clone();
-    let runtime = Arc::new(Runtime::new(RuntimeSettings {
-        max_instances: args.concurrency * 2 + 4,
-        ..RuntimeSettings::default()
-    })?);
-    let registry = Registry::new(runtime.clone());
-    registry.install(runtime.load(&bytes, manifest)?);
+    let (registry, job_type) = load_handler(&args.component, args.concurrency)?;
     let settings = QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() };
     let queue = Arc::new(Queue::new(store.clone(), settings));
     println!(
@@ -268,6 +261,18 @@ impl Cleanup {
             }
         }
     }
+}
+
+/// A registry serving the component at `path` (with its manifest beside
+/// it) for a worker of `concurrency`, and the component's job type.
+pub(super) fn load_handler(path: &std::path::Path, concurrency: u32) -> anyhow::Result<(Arc<Registry>, String)> {
+    let (bytes, manifest) = read_component(path)?;
+    let job_type = manifest.job_type.clone();
+    let runtime =
+        Arc::new(Runtime::new(RuntimeSettings { max_instances: concurrency * 2 + 4, ..RuntimeSettings::default() })?);
+    let registry = Registry::new(runtime.clone());
+    registry.install(runtime.load(&bytes, manifest)?);
+    Ok((registry, job_type))
 }
 
 /// A fresh database for one benchmark: a new SQLite file, or a new schema.

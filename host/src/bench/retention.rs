@@ -33,6 +33,10 @@ pub struct RetentionBenchArgs {
     pub batch: u32,
 }
 
+/// One attempt for every seeded job (the same SQL on both databases).
+const SEED_ATTEMPTS: &str = "INSERT INTO quern_job_attempts (job_id, attempt, worker_id, started_at, ended_at, outcome) \
+                             SELECT id, 1, 'w', started_at, completed_at, 'completed' FROM quern_jobs";
+
 /// Seeds the table in SQL, in the database's own fast path.
 async fn seed(cleanup: &Cleanup, args: &RetentionBenchArgs) -> anyhow::Result<()> {
     // Old rows are numbered first, ended 10 days ago; the rest an hour ago.
@@ -52,12 +56,7 @@ async fn seed(cleanup: &Cleanup, args: &RetentionBenchArgs) -> anyhow::Result<()
             )))
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
-                "INSERT INTO quern_job_attempts (job_id, attempt, worker_id, started_at, ended_at, outcome) \
-                 SELECT id, 1, 'w', started_at, completed_at, 'completed' FROM quern_jobs",
-            )
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(SEED_ATTEMPTS).execute(&mut *tx).await?;
             tx.commit().await?;
             sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {schema}.quern_jobs"))).execute(pool).await?;
         }
@@ -79,12 +78,7 @@ async fn seed(cleanup: &Cleanup, args: &RetentionBenchArgs) -> anyhow::Result<()
             )))
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
-                "INSERT INTO quern_job_attempts (job_id, attempt, worker_id, started_at, ended_at, outcome) \
-                 SELECT id, 1, 'w', started_at, completed_at, 'completed' FROM quern_jobs",
-            )
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(SEED_ATTEMPTS).execute(&mut *tx).await?;
             tx.commit().await?;
             sqlx::query("ANALYZE").execute(&pool).await?;
             pool.close().await;

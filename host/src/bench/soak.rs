@@ -13,14 +13,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::queue::{Backend, Cleanup, open};
+use super::queue::{Backend, Cleanup, load_handler, open};
 use super::thousands;
 use crate::queue::leader::Leader;
 use crate::queue::maintenance::{Maintenance, MaintenanceSettings, Retention};
 use crate::queue::worker::{Worker, WorkerSettings};
 use crate::queue::{EnqueueRequest, Queue, QueueSettings};
-use crate::runtime::registry::{Registry, read_component};
-use crate::runtime::{Runtime, RuntimeSettings};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SoakBenchArgs {
@@ -93,14 +91,7 @@ fn mib(bytes: u64) -> String {
 
 pub async fn run(args: &SoakBenchArgs) -> anyhow::Result<()> {
     let (store, cleanup) = open(args.db, &args.postgres_url, "soak").await?;
-    let (bytes, manifest) = read_component(&args.component)?;
-    let job_type = manifest.job_type.clone();
-    let runtime = Arc::new(Runtime::new(RuntimeSettings {
-        max_instances: args.concurrency * 2 + 4,
-        ..RuntimeSettings::default()
-    })?);
-    let registry = Registry::new(runtime.clone());
-    registry.install(runtime.load(&bytes, manifest)?);
+    let (registry, job_type) = load_handler(&args.component, args.concurrency)?;
     let queue =
         Arc::new(Queue::new(store.clone(), QueueSettings { max_unfinished_per_user: None, ..Default::default() }));
     let stop = CancellationToken::new();

@@ -131,6 +131,12 @@ pub fn init_logging(json: bool) -> Option<tracing_appender::non_blocking::Worker
     }
 }
 
+/// Runs a benchmark to its end on a runtime of its own.
+fn bench(run: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
@@ -142,62 +148,14 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate(args) => serve::migrate(args),
         Command::Jobs(args) => jobs::jobs(args),
         Command::Handlers(args) => handlers::handlers(args),
-        Command::Bench(BenchCommand::Queue(args)) => {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(quern::bench::queue::run(&args))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCommand::Fleet(args)) => {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(quern::bench::fleet::run(&args))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCommand::Backlog(args)) => {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(quern::bench::backlog::run(&args))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCommand::Isolation(args)) => {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(quern::bench::isolation::run(&args))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCommand::E2e(args)) => {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(quern::bench::e2e::run(&args))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCommand::Http(args)) => {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(quern::bench::http::run(&args))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCommand::Retention(args)) => {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(quern::bench::retention::run(&args))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCommand::Soak(args)) => {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(quern::bench::soak::run(&args))?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Bench(BenchCommand::Queue(args)) => bench(quern::bench::queue::run(&args)),
+        Command::Bench(BenchCommand::Fleet(args)) => bench(quern::bench::fleet::run(&args)),
+        Command::Bench(BenchCommand::Backlog(args)) => bench(quern::bench::backlog::run(&args)),
+        Command::Bench(BenchCommand::Isolation(args)) => bench(quern::bench::isolation::run(&args)),
+        Command::Bench(BenchCommand::E2e(args)) => bench(quern::bench::e2e::run(&args)),
+        Command::Bench(BenchCommand::Http(args)) => bench(quern::bench::http::run(&args)),
+        Command::Bench(BenchCommand::Retention(args)) => bench(quern::bench::retention::run(&args)),
+        Command::Bench(BenchCommand::Soak(args)) => bench(quern::bench::soak::run(&args)),
         Command::Bench(BenchCommand::Runtime(args)) => {
             quern::bench::runtime::run(&args)?;
             Ok(ExitCode::SUCCESS)
