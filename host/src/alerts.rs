@@ -26,9 +26,6 @@ pub const QUEUE_BACKLOG: &str = "queue_backlog";
 pub const WORKER_OFFLINE: &str = "worker_offline";
 pub const FAILURE_RATE: &str = "failure_rate";
 
-/// Most attempts read to judge failure rates (the newest ones).
-const MAX_SAMPLES: u32 = 100_000;
-
 /// Thresholds (QUERN_ALERT_*).
 #[derive(Debug, Clone)]
 pub struct AlertSettings {
@@ -216,8 +213,8 @@ impl Alerts {
         }
         metrics::gauge!(WORKERS_OFFLINE).set(f64::from(offline));
         let window = chrono::TimeDelta::from_std(settings.failure_window).unwrap_or(chrono::TimeDelta::MAX);
-        let samples = store.attempts_since(now - window, MAX_SAMPLES).await?;
-        for stats in stats::by_type(&samples) {
+        let counts = store.outcome_counts(now - window).await?;
+        for stats in stats::by_type_counted(&counts) {
             let ended = stats.completed + stats.failed;
             match stats.error_rate {
                 Some(rate) if ended >= settings.failure_min_jobs && rate > settings.failure_rate => {

@@ -655,6 +655,17 @@ async fn recent_attempts_and_failures_are_read_for_stats(db: &Db) {
     assert!(db.store.attempts_since(Utc::now() + chrono::Duration::seconds(1), 100).await.unwrap().is_empty());
     assert_eq!(db.store.attempts_since(before, 1).await.unwrap().len(), 1, "the limit holds");
 
+    // The same attempts counted by the database, as the alerts and the canary judge read them.
+    let mut counts = db.store.outcome_counts(before).await.unwrap();
+    counts.sort_by(|a, b| a.job_type.cmp(&b.job_type));
+    let counted: Vec<(&str, Option<&str>, AttemptOutcome, u64)> =
+        counts.iter().map(|c| (c.job_type.as_str(), c.handler_version.as_deref(), c.outcome, c.count)).collect();
+    assert_eq!(
+        counted,
+        [("echo", Some("v-echo"), AttemptOutcome::Completed, 1), ("slow", Some("v-slow"), AttemptOutcome::Failed, 1)]
+    );
+    assert!(db.store.outcome_counts(Utc::now() + chrono::Duration::seconds(1)).await.unwrap().is_empty());
+
     let failures = db.store.recent_failures(10).await.unwrap();
     assert_eq!(failures.len(), 1);
     assert_eq!((failures[0].id, failures[0].job_type.as_str()), (bad.id, "slow"));

@@ -8,7 +8,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::store::{AttemptOutcome, AttemptSample};
+use crate::store::{AttemptOutcome, AttemptSample, OutcomeCount};
 
 /// How many buckets the throughput series has, whatever the window.
 pub const BUCKETS: i64 = 60;
@@ -100,6 +100,51 @@ fn summarize<'a>(
         .collect()
 }
 
+/// Per type, from counts the database made (no run times: `avg_ms` and
+/// `p95_ms` stay empty), sorted by type.
+pub fn by_type_counted(counts: &[OutcomeCount]) -> Vec<TypeStats> {
+    tally(counts, |count| Some(&count.job_type)).into_values().collect()
+}
+
+/// Per handler version of one type, from counts the database made.
+pub fn by_version_counted(counts: &[OutcomeCount], job_type: &str) -> BTreeMap<String, TypeStats> {
+    let of_type = counts.iter().filter(|c| c.job_type == job_type);
+    let mut versions = tally(of_type, |count| count.handler_version.as_ref());
+    for stats in versions.values_mut() {
+        stats.job_type = job_type.to_string();
+    }
+    versions
+}
+
+/// Figures per key from outcome counts, by the same rules as [`summarize`].
+fn tally<'a>(
+    counts: impl IntoIterator<Item = &'a OutcomeCount>,
+    key: impl Fn(&'a OutcomeCount) -> Option<&'a String>,
+) -> BTreeMap<String, TypeStats> {
+    let mut groups: BTreeMap<String, TypeStats> = BTreeMap::new();
+    for count in counts {
+        let Some(key) = key(count) else { continue };
+        if count.outcome == AttemptOutcome::Released {
+            continue;
+        }
+        let stats = groups.entry(key.clone()).or_default();
+        stats.attempts += count.count;
+        match count.outcome {
+            AttemptOutcome::Completed => stats.completed += count.count,
+            AttemptOutcome::Failed => stats.failed += count.count,
+            AttemptOutcome::Retry | AttemptOutcome::LeaseExpired => stats.retried += count.count,
+            AttemptOutcome::Cancelled => stats.cancelled += count.count,
+            AttemptOutcome::Released => {}
+        }
+    }
+    for (key, stats) in &mut groups {
+        stats.job_type = key.clone();
+        stats.error_rate = ratio(stats.failed, stats.completed + stats.failed);
+        stats.retry_rate = ratio(stats.retried, stats.attempts);
+    }
+    groups
+}
+
 /// Completed and failed attempts in [`BUCKETS`] equal slices of
 /// `since..until`, oldest first.
 pub fn throughput(samples: &[AttemptSample], since: DateTime<Utc>, until: DateTime<Utc>) -> Vec<Bucket> {
@@ -183,6 +228,37 @@ mod tests {
         assert_eq!((versions["v0"].completed, versions["v0"].failed), (5, 0));
         assert_eq!((versions["v1"].completed, versions["v1"].failed), (5, 1));
         assert_eq!(versions["v1"].job_type, "a");
+    }
+
+    #[test]
+    fn counts_from_the_database_give_the_same_rates_as_the_samples() {
+        let mut samples: Vec<_> = (1..=20).map(|n| sample("a", AttemptOutcome::Completed, n, n * 10)).collect();
+        samples.push(sample("a", AttemptOutcome::Failed, 30, 5));
+        samples.push(sample("a", AttemptOutcome::Retry, 31, 5));
+        samples.push(sample("a", AttemptOutcome::Released, 33, 5));
+        samples.push(sample("b", AttemptOutcome::Cancelled, 34, 5));
+        let mut counts: BTreeMap<(String, Option<String>, &str), u64> = BTreeMap::new();
+        for s in &samples {
+            *counts.entry((s.job_type.clone(), s.handler_version.clone(), s.outcome.as_str())).or_default() += 1;
+        }
+        let counts: Vec<OutcomeCount> = counts
+            .into_iter()
+            .map(|((job_type, handler_version, outcome), count)| OutcomeCount {
+                job_type,
+                handler_version,
+                outcome: AttemptOutcome::parse(outcome).unwrap(),
+                count,
+            })
+            .collect();
+        let without_times = |mut stats: TypeStats| {
+            (stats.avg_ms, stats.p95_ms) = (None, None);
+            stats
+        };
+        let from_samples: Vec<_> = by_type(&samples).into_iter().map(without_times).collect();
+        assert_eq!(by_type_counted(&counts), from_samples);
+        let versions: BTreeMap<_, _> =
+            by_version(&samples, "a").into_iter().map(|(v, stats)| (v, without_times(stats))).collect();
+        assert_eq!(by_version_counted(&counts, "a"), versions);
     }
 
     #[test]

@@ -29,7 +29,6 @@ use crate::telemetry::CANARY_ROLLBACKS;
 const POLL: Duration = Duration::from_secs(3);
 /// How far back a canary's failures are counted.
 const CANARY_WINDOW: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
-const MAX_SAMPLES: u32 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -98,7 +97,7 @@ impl VersionSync {
         if canaries.is_empty() {
             return Ok(Vec::new());
         }
-        let samples = self.store.attempts_since(now - CANARY_WINDOW, MAX_SAMPLES).await?;
+        let counts = self.store.outcome_counts(now - CANARY_WINDOW).await?;
         let mut rolled_back = Vec::new();
         for rollout in canaries {
             let (Some(canary), Some(active)) = (rollout.canary_version.clone(), rollout.active_version.clone()) else {
@@ -108,7 +107,7 @@ impl VersionSync {
             else {
                 continue;
             };
-            let versions = stats::by_version(&samples, &rollout.job_type);
+            let versions = stats::by_version_counted(&counts, &rollout.job_type);
             let Some(on_canary) = versions.get(&canary) else { continue };
             let ended = on_canary.completed + on_canary.failed;
             let canary_rate = on_canary.error_rate.unwrap_or(0.0);

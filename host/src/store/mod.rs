@@ -199,6 +199,16 @@ pub struct AttemptRecord {
     pub error: Option<String>,
 }
 
+/// How many attempts of one type and version ended one way, counted by the
+/// database (what the failure-rate alert and the canary judge need).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutcomeCount {
+    pub job_type: String,
+    pub handler_version: Option<String>,
+    pub outcome: AttemptOutcome,
+    pub count: u64,
+}
+
 /// One attempt as the dashboard and alerts count it: its job's type, how
 /// it ended and how long it ran.
 #[derive(Debug, Clone, PartialEq)]
@@ -651,6 +661,10 @@ pub trait Store: Send + Sync + 'static {
     /// canary, previous) that are not among the `keep_newest` uploads of
     /// their type; returns each as (type, version).
     async fn prune_handler_versions(&self, keep_newest: u32) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Attempts that ended at or after `since`, counted by type, version and
+    /// outcome in the database (no rows are loaded).
+    async fn outcome_counts(&self, since: DateTime<Utc>) -> Result<Vec<OutcomeCount>, StoreError>;
 
     /// Attempts that ended at or after `since`, newest first, at most `limit`.
     async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError>;

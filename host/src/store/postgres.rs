@@ -12,9 +12,9 @@ use uuid::Uuid;
 use super::nodelay;
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
-    EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, PruneCutoffs, RequeueOutcome, Rollout, Store,
-    StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_status,
-    requeueable,
+    EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, OutcomeCount, Progress, PruneCutoffs, RequeueOutcome,
+    Rollout, Store, StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt,
+    parse_status, requeueable,
 };
 
 /// The maintenance lead: a session advisory lock on this connection.
@@ -872,6 +872,29 @@ impl Store for PostgresStore {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn outcome_counts(&self, since: DateTime<Utc>) -> Result<Vec<OutcomeCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT j.type, a.handler_version, a.outcome, count(*) AS n FROM quern_job_attempts a \
+             JOIN quern_jobs j ON j.id = a.job_id WHERE a.ended_at >= $1 \
+             GROUP BY j.type, a.handler_version, a.outcome",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let outcome: String = row.try_get("outcome")?;
+                Ok(OutcomeCount {
+                    job_type: row.try_get("type")?,
+                    handler_version: row.try_get("handler_version")?,
+                    outcome: AttemptOutcome::parse(&outcome)
+                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    count: row.try_get::<i64, _>("n")?.max(0) as u64,
+                })
+            })
+            .collect()
     }
 
     async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError> {

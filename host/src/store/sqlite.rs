@@ -17,13 +17,13 @@ use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::PruneCutoffs;
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats,
     CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome,
     Rollout, Store, StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt,
     parse_status, requeueable,
 };
+use super::{OutcomeCount, PruneCutoffs};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -919,6 +919,29 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn outcome_counts(&self, since: DateTime<Utc>) -> Result<Vec<OutcomeCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT j.type, a.handler_version, a.outcome, count(*) AS n FROM quern_job_attempts a \
+             JOIN quern_jobs j ON j.id = a.job_id WHERE a.ended_at >= ?1 \
+             GROUP BY j.type, a.handler_version, a.outcome",
+        )
+        .bind(micros(since))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let outcome: String = row.try_get("outcome")?;
+                Ok(OutcomeCount {
+                    job_type: row.try_get("type")?,
+                    handler_version: row.try_get("handler_version")?,
+                    outcome: AttemptOutcome::parse(&outcome)
+                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    count: row.try_get::<i64, _>("n")?.max(0) as u64,
+                })
+            })
+            .collect()
     }
 
     async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError> {
