@@ -298,12 +298,15 @@ async fn set_paused(
 }
 
 /// Applies `step` to the type's rollout atomically (see [`rollout`]). A
-/// type served from the handlers directory is adopted first: its build is
+/// type served from the handlers directory is adopted by its first push: its build is
 /// stored, so the version the fleet ran before a first push is that push's
 /// previous version, to which a rollback returns.
 async fn change(state: &AppState, job_type: &str, step: &Step) -> Result<Rollout, ApiError> {
     let store = state.queue.store();
-    let adopted = match state.registry.directory_build(job_type) {
+    // Only a push adopts: pausing a directory-served type leaves it to the
+    // directory, whose next build still loads.
+    let pushing = matches!(step, Step::Push { .. });
+    let adopted = match state.registry.directory_build(job_type).filter(|_| pushing) {
         Some((handler, component)) => {
             let stored = StoredVersion {
                 job_type: job_type.to_string(),

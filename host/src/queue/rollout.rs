@@ -105,9 +105,9 @@ pub enum ChangeError {
 const ATTEMPTS: usize = 50;
 
 /// Applies `step` to the stored rollout of `job_type` atomically and returns
-/// the rollout as it stands after it. `adopt` is what the rollout is taken
-/// to be when none is stored yet (a type served from the handlers directory
-/// has its version there: a first push makes it the previous one).
+/// the rollout as it stands after it. `adopt` is the active version taken
+/// when the stored rollout names none (a type served from the handlers
+/// directory has its version there: a first push makes it the previous one).
 pub async fn change(
     store: &dyn Store,
     job_type: &str,
@@ -116,11 +116,12 @@ pub async fn change(
 ) -> Result<Rollout, ChangeError> {
     for _ in 0..ATTEMPTS {
         let stored = store.rollouts().await?.into_iter().find(|r| r.job_type == job_type);
-        let current = stored.clone().unwrap_or_else(|| Rollout {
-            job_type: job_type.to_string(),
-            active_version: adopt.map(str::to_string),
-            ..Rollout::default()
-        });
+        let mut current =
+            stored.clone().unwrap_or_else(|| Rollout { job_type: job_type.to_string(), ..Rollout::default() });
+        // A row may exist without an active version (a directory type paused).
+        if current.active_version.is_none() {
+            current.active_version = adopt.map(str::to_string);
+        }
         let Some(next) = apply(&current, step)? else { return Ok(current) };
         if store.swap_rollout(stored.as_ref(), &next, Utc::now()).await? {
             return Ok(next);

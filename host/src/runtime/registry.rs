@@ -205,6 +205,16 @@ impl Registry {
     /// Loads `<type>.wasm` with its `<type>.toml` and makes it active.
     pub fn load_file(&self, wasm_path: &Path) -> Result<Arc<HandlerVersion>, LoadError> {
         let (bytes, manifest) = read_handler_pair(wasm_path)?;
+        self.load_read(wasm_path, bytes, manifest)
+    }
+
+    /// Loads a pair already read from `wasm_path`, remembering what it held.
+    fn load_read(
+        &self,
+        wasm_path: &Path,
+        bytes: Vec<u8>,
+        manifest: Manifest,
+    ) -> Result<Arc<HandlerVersion>, LoadError> {
         let content = pair_content_hash(&bytes, &manifest);
         let job_type = manifest.job_type.clone();
         let version = self.load_pair(wasm_path, bytes, manifest)?;
@@ -316,15 +326,15 @@ impl Registry {
             tracing::warn!(path = %wasm_path.display(), "handler file removed; its loaded version keeps serving until restart");
             return;
         }
-        let unchanged = read_handler_pair(wasm_path).ok().filter(|(bytes, manifest)| {
-            self.is_loaded_content(&manifest.job_type, &pair_content_hash(bytes, manifest))
+        let loaded = read_handler_pair(wasm_path).and_then(|(bytes, manifest)| {
+            if self.is_loaded_content(&manifest.job_type, &pair_content_hash(&bytes, &manifest)) {
+                tracing::debug!(path = %wasm_path.display(), "handler file written with the content already loaded");
+                let _ = self.events.send(RegistryEvent::Unchanged { job_type: manifest.job_type });
+                return Ok(());
+            }
+            self.load_read(wasm_path, bytes, manifest).map(drop)
         });
-        if let Some((_, manifest)) = unchanged {
-            tracing::debug!(path = %wasm_path.display(), "handler file written with the content already loaded");
-            let _ = self.events.send(RegistryEvent::Unchanged { job_type: manifest.job_type });
-            return;
-        }
-        if let Err(error) = self.load_file(wasm_path) {
+        if let Err(error) = loaded {
             self.reject(wasm_path, &error);
         }
     }

@@ -764,6 +764,10 @@ pub(crate) fn parse_status(text: &str) -> Result<JobStatus, StoreError> {
     JobStatus::parse(text).ok_or_else(|| corrupt("quern_jobs", format!("status `{text}`")))
 }
 
+pub(crate) fn parse_outcome(text: &str) -> Result<AttemptOutcome, StoreError> {
+    AttemptOutcome::parse(text).ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{text}`")))
+}
+
 pub(crate) fn corrupt(table: &'static str, message: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt { table, message: message.to_string() }
 }

@@ -11,9 +11,9 @@ use uuid::Uuid;
 
 use super::nodelay;
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow,
-    EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, OutcomeCount, Progress, PruneCutoffs, RequeueOutcome,
-    Rollout, Store, StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt,
+    AttemptEnd, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow, EndWritten, FailedJob,
+    Job, JobFilter, JobStatus, NewJob, OutcomeCount, Progress, PruneCutoffs, RequeueOutcome, Rollout, Store,
+    StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_outcome,
     parse_status, requeueable,
 };
 
@@ -41,6 +41,9 @@ pub struct PostgresStore {
     /// they commit without waiting for the WAL to reach the disk. Every job
     /// state change goes through `pool`, durably.
     relaxed: PgPool,
+    /// The connection this process competes for the maintenance lead on,
+    /// kept between tries (one per process, not one per try).
+    candidate: tokio::sync::Mutex<Option<PgConnection>>,
 }
 
 impl PostgresStore {
@@ -69,7 +72,7 @@ impl PostgresStore {
             .acquire_timeout(std::time::Duration::from_secs(10))
             .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
             .connect_lazy_with(options.options([("synchronous_commit", "off")]));
-        Ok(Self { pool, relaxed })
+        Ok(Self { pool, relaxed, candidate: tokio::sync::Mutex::default() })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -703,8 +706,7 @@ impl Store for PostgresStore {
                     handler_version: row.try_get("handler_version")?,
                     started_at: row.try_get("started_at")?,
                     ended_at: row.try_get("ended_at")?,
-                    outcome: AttemptOutcome::parse(&outcome)
-                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    outcome: parse_outcome(&outcome)?,
                     error: row.try_get("error")?,
                 })
             })
@@ -770,7 +772,12 @@ impl Store for PostgresStore {
         // A connection of its own: the lock lives exactly as long as it. The
         // key names the schema, so fleets on other schemas of the same
         // database do not compete.
-        let mut connection = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        let mut candidate = self.candidate.lock().await;
+        let mut connection = match candidate.take() {
+            Some(connection) => connection,
+            None => PgConnection::connect_with(&self.pool.connect_options()).await?,
+        };
+        // A broken connection is dropped here (the `?`); the next try opens another.
         let took: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext(current_schema() || '.quern_maintenance'))")
                 .fetch_one(&mut connection)
@@ -778,7 +785,7 @@ impl Store for PostgresStore {
         if took {
             Ok(Some(Box::new(AdvisoryLock(connection))))
         } else {
-            connection.close().await?;
+            *candidate = Some(connection);
             Ok(None)
         }
     }
@@ -889,8 +896,7 @@ impl Store for PostgresStore {
                 Ok(OutcomeCount {
                     job_type: row.try_get("type")?,
                     handler_version: row.try_get("handler_version")?,
-                    outcome: AttemptOutcome::parse(&outcome)
-                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    outcome: parse_outcome(&outcome)?,
                     count: row.try_get::<i64, _>("n")?.max(0) as u64,
                 })
             })
@@ -912,8 +918,7 @@ impl Store for PostgresStore {
                 Ok(AttemptSample {
                     job_type: row.try_get("type")?,
                     handler_version: row.try_get("handler_version")?,
-                    outcome: AttemptOutcome::parse(&outcome)
-                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    outcome: parse_outcome(&outcome)?,
                     started_at: row.try_get("started_at")?,
                     ended_at: row.try_get("ended_at")?,
                 })

@@ -21,7 +21,7 @@ use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats,
     CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome,
     Rollout, Store, StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt,
-    parse_status, requeueable,
+    parse_outcome, parse_status, requeueable,
 };
 use super::{OutcomeCount, PruneCutoffs};
 
@@ -763,8 +763,7 @@ impl Store for SqliteStore {
                     handler_version: row.try_get("handler_version")?,
                     started_at: at(row.try_get("started_at")?)?,
                     ended_at: at(row.try_get("ended_at")?)?,
-                    outcome: AttemptOutcome::parse(&outcome)
-                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    outcome: parse_outcome(&outcome)?,
                     error: row.try_get("error")?,
                 })
             })
@@ -936,8 +935,7 @@ impl Store for SqliteStore {
                 Ok(OutcomeCount {
                     job_type: row.try_get("type")?,
                     handler_version: row.try_get("handler_version")?,
-                    outcome: AttemptOutcome::parse(&outcome)
-                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    outcome: parse_outcome(&outcome)?,
                     count: row.try_get::<i64, _>("n")?.max(0) as u64,
                 })
             })
@@ -959,8 +957,7 @@ impl Store for SqliteStore {
                 Ok(AttemptSample {
                     job_type: row.try_get("type")?,
                     handler_version: row.try_get("handler_version")?,
-                    outcome: AttemptOutcome::parse(&outcome)
-                        .ok_or_else(|| corrupt("quern_job_attempts", format!("outcome `{outcome}`")))?,
+                    outcome: parse_outcome(&outcome)?,
                     started_at: at(row.try_get("started_at")?)?,
                     ended_at: at(row.try_get("ended_at")?)?,
                 })
