@@ -214,7 +214,7 @@ impl Alerts {
         metrics::gauge!(WORKERS_OFFLINE).set(f64::from(offline));
         let window = chrono::TimeDelta::from_std(settings.failure_window).unwrap_or(chrono::TimeDelta::MAX);
         let counts = store.outcome_counts(now - window).await?;
-        for stats in stats::by_type_counted(&counts) {
+        for stats in stats::by_type(&counts, &[]) {
             let ended = stats.completed + stats.failed;
             match stats.error_rate {
                 Some(rate) if ended >= settings.failure_min_jobs && rate > settings.failure_rate => {

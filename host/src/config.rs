@@ -249,6 +249,16 @@ pub struct AdminArgs {
     /// (`quern worker` serves them on PORT without it; 0 picks a free port).
     #[arg(long, env = "QUERN_ADMIN_PORT")]
     pub admin_port: Option<u16>,
+    /// When set, /metrics answers only `Authorization: Bearer <this>`.
+    #[arg(long, env = "QUERN_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+}
+
+impl AdminArgs {
+    /// The metrics token; an empty one is no token.
+    pub fn metrics_token(&self) -> Option<String> {
+        self.metrics_token.clone().filter(|token| !token.trim().is_empty())
+    }
 }
 
 /// The HTTP gateway's settings.

@@ -473,3 +473,36 @@ async fn a_rollback_after_the_first_push_returns_to_the_version_the_directory_se
     server.finish().await;
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_and_resume_leave_a_directory_served_type_to_the_directory() {
+    let db = Db::sqlite().await;
+    let server = Server::start_with(&db, unlimited(Vec::new())).await;
+    let ops = server.service_token();
+    let echo_view = |answer: &Answer| -> Value {
+        answer.body.as_array().and_then(|all| all.iter().find(|t| t["type"] == "echo")).cloned().unwrap_or_default()
+    };
+    let before = echo_view(&server.get("/v1/handlers", &ops).await);
+    assert_eq!(before["managed"], false, "{before}");
+    let from_directory = before["active_version"].as_str().unwrap_or_else(|| panic!("{before}")).to_string();
+
+    assert_eq!(server.post("/v1/handlers/echo/pause", &ops, json!({})).await.status, 200);
+    let paused = echo_view(&server.get("/v1/handlers", &ops).await);
+    assert_eq!((paused["paused"].clone(), paused["managed"].clone()), (json!(true), json!(false)), "{paused}");
+    assert_eq!(paused["active_version"], from_directory.as_str(), "{paused}");
+    let stored: Vec<&Value> =
+        paused["versions"].as_array().unwrap().iter().filter(|v| v["state"] == "stored").collect();
+    assert!(stored.is_empty(), "a pause stores no version: {paused}");
+
+    assert_eq!(server.post("/v1/handlers/echo/resume", &ops, json!({})).await.status, 200);
+    let resumed = echo_view(&server.get("/v1/handlers", &ops).await);
+    assert_eq!((resumed["paused"].clone(), resumed["managed"].clone()), (json!(false), json!(false)), "{resumed}");
+    assert_eq!(resumed["active_version"], from_directory.as_str(), "{resumed}");
+    // Jobs still run on the build the directory serves.
+    let user = server.token("alice");
+    let id = id_of(&server.enqueue(&user, "echo", json!({"after": "resume"})).await);
+    let job = server.poll_job(&user, &id, Duration::from_secs(20), |job| job["status"] == "completed").await;
+    assert_eq!(job["handler_version"], from_directory.as_str(), "{job}");
+    server.finish().await;
+    db.cleanup().await;
+}

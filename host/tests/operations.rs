@@ -92,6 +92,37 @@ async fn a_worker_process_is_observable_and_a_database_outage_fails_readiness_no
     db.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_metrics_token_metrics_answer_only_its_bearer_and_health_stays_open() {
+    let db = Db::sqlite().await;
+    let handlers = handlers_dir();
+    let _worker = start_worker(&db, handlers.path(), "guarded", &[("QUERN_METRICS_TOKEN", "scrape-s3cret")]);
+    let admin = format!("http://{}", logged_addr(&handlers.path().join("guarded.log"), "admin listening").await);
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let metrics = |token: Option<&'static str>| {
+        let mut request = client.get(format!("{admin}/metrics"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let refused = metrics(None).await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["www-authenticate"], "Bearer");
+    let body: Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
+    assert!(body["error"].as_str().unwrap().contains("QUERN_METRICS_TOKEN"), "{body}");
+    assert_eq!(metrics(Some("scrape-s3cre")).await.unwrap().status(), 401, "a wrong token is refused");
+    let allowed = metrics(Some("scrape-s3cret")).await.unwrap();
+    assert_eq!(allowed.status(), 200);
+    let served = allowed.headers()["content-type"].to_str().unwrap();
+    assert!(
+        served.starts_with("text/plain; version=0.0.4"),
+        "the exposition is served to the token's bearer: {served}"
+    );
+    assert_eq!(status_of(&client, &format!("{admin}/health/live")).await, 200, "probes need no token");
+    db.cleanup().await;
+}
+
 /// Runs `quern <args>` with `env`, returning (success, stderr).
 fn quern(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let data = tempfile::tempdir().unwrap();

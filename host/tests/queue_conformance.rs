@@ -630,41 +630,73 @@ async fn poll_children(db: &Db, parent: &quern::store::Job) -> quern::store::Job
 
 async fn recent_attempts_and_failures_are_read_for_stats(db: &Db) {
     let queue = queue(db, QueueSettings::default());
-    let before = Utc::now();
-    let ok = queue.enqueue(request("u1", "echo", json!({"n": 1}))).await.unwrap();
-    let bad = queue.enqueue(request("u1", "slow", json!({"n": 2}))).await.unwrap();
-    let now = Utc::now();
-    for job in db.store.claim("w1", 10, now, now + lease(), &any_type()).await.unwrap() {
-        let transition = if job.id == ok.id {
-            Transition::Complete { result: json!({}), processing_time_ms: 1, next: None, cache: None }
-        } else {
-            Transition::Fail { error: "upstream said no".into(), outcome: AttemptOutcome::Failed }
-        };
-        let end = AttemptEnd { handler_version: Some(format!("v-{}", job.job_type)), ..end_of(&job, "w1", transition) };
-        assert!(db.store.finish_attempt(&end, Utc::now()).await.unwrap());
+    let before = Utc::now() - chrono::Duration::seconds(1);
+    let bad = queue.enqueue(request("u1", "slow", json!({"n": 0}))).await.unwrap();
+    for n in 1..=20 {
+        // One user each: a user may have only so many unfinished jobs.
+        queue.enqueue(request(&format!("u{n}"), "echo", json!({"n": n}))).await.unwrap();
     }
-    let mut samples = db.store.attempts_since(before, 100).await.unwrap();
-    samples.sort_by(|a, b| a.job_type.cmp(&b.job_type));
-    let seen: Vec<(&str, Option<&str>, AttemptOutcome)> =
-        samples.iter().map(|s| (s.job_type.as_str(), s.handler_version.as_deref(), s.outcome)).collect();
-    assert_eq!(
-        seen,
-        [("echo", Some("v-echo"), AttemptOutcome::Completed), ("slow", Some("v-slow"), AttemptOutcome::Failed)]
-    );
-    assert!(samples.iter().all(|s| s.started_at <= s.ended_at && s.ended_at >= before));
-    assert!(db.store.attempts_since(Utc::now() + chrono::Duration::seconds(1), 100).await.unwrap().is_empty());
-    assert_eq!(db.store.attempts_since(before, 1).await.unwrap().len(), 1, "the limit holds");
+    let now = Utc::now();
+    let claimed = db.store.claim("w1", 30, now, now + lease(), &any_type()).await.unwrap();
+    assert_eq!(claimed.len(), 21);
+    // Echo jobs ran 10, 20, … 200 ms, alternating between two versions.
+    let mut ran_ms = 0;
+    for job in claimed {
+        let (transition, version) = if job.id == bad.id {
+            (Transition::Fail { error: "upstream said no".into(), outcome: AttemptOutcome::Failed }, "v-slow".into())
+        } else {
+            ran_ms += 10;
+            let result =
+                Transition::Complete { result: json!({}), processing_time_ms: ran_ms, next: None, cache: None };
+            (result, format!("v{}", ran_ms / 10 % 2))
+        };
+        let end = AttemptEnd {
+            handler_version: Some(version),
+            started_at: now - chrono::Duration::milliseconds(ran_ms as i64),
+            ..end_of(&job, "w1", transition)
+        };
+        assert!(db.store.finish_attempt(&end, now).await.unwrap());
+    }
 
-    // The same attempts counted by the database, as the alerts and the canary judge read them.
+    // Counted by the database, as the alerts and the canary judge read them.
     let mut counts = db.store.outcome_counts(before).await.unwrap();
-    counts.sort_by(|a, b| a.job_type.cmp(&b.job_type));
+    counts.sort_by(|a, b| (&a.job_type, &a.handler_version).cmp(&(&b.job_type, &b.handler_version)));
     let counted: Vec<(&str, Option<&str>, AttemptOutcome, u64)> =
         counts.iter().map(|c| (c.job_type.as_str(), c.handler_version.as_deref(), c.outcome, c.count)).collect();
     assert_eq!(
         counted,
-        [("echo", Some("v-echo"), AttemptOutcome::Completed, 1), ("slow", Some("v-slow"), AttemptOutcome::Failed, 1)]
+        [
+            ("echo", Some("v0"), AttemptOutcome::Completed, 10),
+            ("echo", Some("v1"), AttemptOutcome::Completed, 10),
+            ("slow", Some("v-slow"), AttemptOutcome::Failed, 1)
+        ]
     );
     assert!(db.store.outcome_counts(Utc::now() + chrono::Duration::seconds(1)).await.unwrap().is_empty());
+
+    // Run times, ranked by the database: the nearest-rank p95 of 10..=200 ms is 190 ms.
+    let close = |a: f64, b: f64| (a - b).abs() < 0.01;
+    let per_type = db.store.run_times(before, false).await.unwrap();
+    assert_eq!(per_type.len(), 1, "only completed attempts have run times: {per_type:?}");
+    let echo = &per_type[0];
+    assert_eq!((echo.job_type.as_str(), echo.handler_version.as_deref()), ("echo", None));
+    assert!(close(echo.avg_ms, 105.0) && close(echo.p95_ms, 190.0), "{echo:?}");
+    let mut per_version = db.store.run_times(before, true).await.unwrap();
+    per_version.sort_by(|a, b| a.handler_version.cmp(&b.handler_version));
+    let figures: Vec<(Option<&str>, f64, f64)> =
+        per_version.iter().map(|t| (t.handler_version.as_deref(), t.avg_ms, t.p95_ms)).collect();
+    // v1 ran 10, 30, … 190 ms; v0 ran 20, 40, … 200 ms.
+    assert_eq!(figures.len(), 2, "{figures:?}");
+    assert!(figures[0].0 == Some("v0") && close(figures[0].1, 110.0) && close(figures[0].2, 200.0), "{figures:?}");
+    assert!(figures[1].0 == Some("v1") && close(figures[1].1, 100.0) && close(figures[1].2, 190.0), "{figures:?}");
+    assert!(db.store.run_times(Utc::now() + chrono::Duration::seconds(1), true).await.unwrap().is_empty());
+
+    // Throughput: every end falls in the slice of its end time.
+    let slice = chrono::Duration::milliseconds(100);
+    let slices = db.store.ended_per_slice(before, now, slice).await.unwrap();
+    let expected = (now - before).num_microseconds().unwrap() / slice.num_microseconds().unwrap();
+    assert_eq!(slices.len(), 1, "{slices:?}");
+    assert_eq!((slices[0].slice, slices[0].completed, slices[0].failed), (expected, 20, 1));
+    assert!(db.store.ended_per_slice(before, now - chrono::Duration::milliseconds(1), slice).await.unwrap().is_empty());
 
     let failures = db.store.recent_failures(10).await.unwrap();
     assert_eq!(failures.len(), 1);

@@ -177,3 +177,81 @@ async fn versions_no_rollout_names_are_pruned_beyond_the_newest_sqlite() {
 async fn versions_no_rollout_names_are_pruned_beyond_the_newest_postgres() {
     versions_no_rollout_names_are_pruned_beyond_the_newest(Db::postgres().await).await;
 }
+
+/// The files in a compile cache, by name.
+fn compiled_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".cwasm"))
+        .collect();
+    names.sort();
+    names
+}
+
+async fn compiled_artifacts_of_versions_no_longer_stored_are_evicted(db: Db) {
+    let cache = tempfile::tempdir().unwrap();
+    let settings =
+        quern::runtime::RuntimeSettings { cache_dir: Some(cache.path().to_path_buf()), ..support::settings() };
+    let registry = quern::runtime::registry::Registry::new(Arc::new(quern::runtime::Runtime::new(settings).unwrap()));
+    let sync = quern::queue::versions::VersionSync::new(db.store.clone(), registry.clone());
+    // Two builds of one type: the echo component, and another component under echo's name.
+    let builds = [("v1", "echo.wasm"), ("v2", "sofia_text.wasm")];
+    let mut sha256s = Vec::new();
+    for (version, file) in builds {
+        let component = std::fs::read(support::dist(file)).unwrap();
+        let sha256 = quern::runtime::sha256_hex(&component);
+        sha256s.push(sha256.clone());
+        let stored = quern::store::StoredVersion {
+            job_type: "echo".into(),
+            version: version.into(),
+            sha256,
+            component,
+            manifest: "type = \"echo\"\n".into(),
+            uploaded_by: "ops".into(),
+            uploaded_at: chrono::Utc::now(),
+        };
+        assert!(db.store.put_version(&stored).await.unwrap());
+    }
+    let mut rollout = Rollout {
+        job_type: "echo".into(),
+        active_version: Some("v1".into()),
+        canary_version: Some("v2".into()),
+        canary_percent: 10,
+        ..Rollout::default()
+    };
+    db.store.put_rollout(&rollout, chrono::Utc::now()).await.unwrap();
+    sync.sync().await.unwrap();
+    assert_eq!(compiled_files(cache.path()).len(), 2, "both versions were compiled into the cache");
+    // An artifact an older build of quern left behind.
+    std::fs::write(cache.path().join(format!("{}-0000000000000000.cwasm", sha256s[0])), b"old").unwrap();
+
+    assert_eq!(sync.evict_compiled().await.unwrap(), 1, "only the older build's artifact goes");
+    assert_eq!(compiled_files(cache.path()).len(), 2);
+
+    // The canary is dropped: still stored, so its artifact stays (a rollout may name it again).
+    rollout.canary_version = None;
+    rollout.canary_percent = 0;
+    db.store.put_rollout(&rollout, chrono::Utc::now()).await.unwrap();
+    sync.sync().await.unwrap();
+    assert_eq!(sync.evict_compiled().await.unwrap(), 0);
+
+    // Pruned from the store: its artifact goes, the serving version's stays.
+    let pruned = db.store.prune_handler_versions(0).await.unwrap();
+    assert_eq!(pruned, [("echo".to_string(), "v2".to_string())]);
+    assert_eq!(sync.evict_compiled().await.unwrap(), 1);
+    let left = compiled_files(cache.path());
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(&sha256s[0]), "the serving version's artifact is kept: {left:?}");
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn compiled_artifacts_of_versions_no_longer_stored_are_evicted_sqlite() {
+    compiled_artifacts_of_versions_no_longer_stored_are_evicted(Db::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn compiled_artifacts_of_versions_no_longer_stored_are_evicted_postgres() {
+    compiled_artifacts_of_versions_no_longer_stored_are_evicted(Db::postgres().await).await;
+}

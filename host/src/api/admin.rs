@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::auth::same_secret;
+use super::error::ApiError;
 use super::metrics::Metrics;
 use crate::runtime::registry::Registry;
 use crate::store::Store;
@@ -31,6 +33,9 @@ pub struct Probes {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
     pub metrics: Option<Arc<Metrics>>,
+    /// When set, `/metrics` answers only `Authorization: Bearer <token>`
+    /// (QUERN_METRICS_TOKEN).
+    pub metrics_token: Option<String>,
     pub started: Instant,
 }
 
@@ -79,8 +84,24 @@ impl Probes {
         (status, Readiness { status: state.into(), handlers, problems })
     }
 
-    /// The Prometheus exposition, with the queue depth read just now.
-    pub async fn metrics(&self) -> Response {
+    /// The Prometheus exposition, with the queue depth read just now; 401
+    /// without the metrics token when one is set.
+    pub async fn metrics(&self, headers: &HeaderMap) -> Response {
+        if let Some(token) = &self.metrics_token {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            if !same_secret(token, given.trim()) {
+                let mut response = ApiError::unauthorized(
+                    "/metrics needs `Authorization: Bearer <QUERN_METRICS_TOKEN>` (Prometheus: `authorization: {credentials: …}`)",
+                )
+                .into_response();
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+        }
         match &self.metrics {
             Some(metrics) => metrics.render(self.store.as_ref()).await,
             None => "# no metrics recorder is installed in this process (ENABLE_METRICS=false)\n".into_response(),
@@ -99,6 +120,9 @@ pub fn router(probes: Arc<Probes>) -> Router {
                 (status, axum::Json(readiness))
             }),
         )
-        .route("/metrics", get(|State(probes): State<Arc<Probes>>| async move { probes.metrics().await }))
+        .route(
+            "/metrics",
+            get(|State(probes): State<Arc<Probes>>, headers: HeaderMap| async move { probes.metrics(&headers).await }),
+        )
         .with_state(probes)
 }

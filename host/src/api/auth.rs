@@ -312,6 +312,14 @@ pub fn require_service(caller: &Caller) -> Result<(), ApiError> {
     if caller.service { Ok(()) } else { Err(ApiError::forbidden("this needs a service_role token")) }
 }
 
+/// Compares in constant time, digests of equal length, so the comparison's
+/// time says nothing about the secret.
+pub fn same_secret(expected: &str, given: &str) -> bool {
+    use sha2::Digest;
+    use subtle::ConstantTimeEq;
+    sha2::Sha256::digest(expected.as_bytes()).ct_eq(&sha2::Sha256::digest(given.as_bytes())).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

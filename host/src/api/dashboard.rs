@@ -22,6 +22,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::AppState;
+use super::auth::same_secret;
 use super::auth::{Caller, require_service};
 use super::error::{ApiError, ErrorBody};
 use super::jobs::AttemptView;
@@ -335,13 +336,6 @@ pub async fn job(
         completed_at: job.completed_at,
         history,
     }))
-}
-
-/// Compares in constant time, digests of equal length, so the comparison's
-/// time says nothing about the password.
-fn same_secret(expected: &str, given: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    Sha256::digest(expected.as_bytes()).ct_eq(&Sha256::digest(given.as_bytes())).into()
 }
 
 fn login_form(status: StatusCode, message: &'static str) -> Response {

@@ -29,7 +29,6 @@ use crate::store::{Rollout, StoredVersion};
 
 /// How far back per-version counts and times look.
 const STATS_WINDOW: chrono::TimeDelta = chrono::TimeDelta::hours(24);
-const MAX_SAMPLES: u32 = 100_000;
 
 fn require_ops(caller: &Caller) -> Result<(), ApiError> {
     if caller.service {
@@ -390,7 +389,9 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<axum:
     let rollouts: BTreeMap<String, Rollout> =
         store.rollouts().await?.into_iter().map(|r| (r.job_type.clone(), r)).collect();
     let stored = store.versions().await?;
-    let samples = store.attempts_since(Utc::now() - STATS_WINDOW, MAX_SAMPLES).await?;
+    let since = Utc::now() - STATS_WINDOW;
+    let counts = store.outcome_counts(since).await?;
+    let run_times = store.run_times(since, true).await?;
     let mut types: BTreeSet<String> = state.registry.job_types().into_iter().collect();
     types.extend(rollouts.keys().cloned());
     types.extend(stored.iter().map(|v| v.job_type.clone()));
@@ -399,7 +400,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<axum:
         .map(|job_type| {
             let rollout = rollouts.get(&job_type).cloned().unwrap_or_default();
             let serving = state.registry.get(&job_type).map(|h| h.version.to_string());
-            let figures = stats::by_version(&samples, &job_type);
+            let figures = stats::by_version(&counts, &run_times, &job_type);
             let state_of = |version: &str| {
                 if serving.as_deref() == Some(version) {
                     "active"

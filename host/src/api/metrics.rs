@@ -73,8 +73,8 @@ impl Metrics {
 /// Prometheus text exposition of every metric.
 #[utoipa::path(get, path = "/metrics", tag = "meta",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn render(State(state): State<AppState>) -> Response {
-    state.probes.metrics().await
+pub async fn render(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    state.probes.metrics(&headers).await
 }
 
 impl Metrics {

@@ -96,6 +96,8 @@ pub struct InProcess {
     pub worker: Option<WorkerProbe>,
     /// The metrics recorder, when one is installed.
     pub metrics: Option<Arc<metrics::Metrics>>,
+    /// The token `/metrics` asks for, if any (QUERN_METRICS_TOKEN).
+    pub metrics_token: Option<String>,
     /// Whether this process leads maintenance (only the leader posts alerts).
     pub leader: Leader,
 }
@@ -103,7 +105,7 @@ pub struct InProcess {
 impl InProcess {
     /// A gateway alone in its process that leads (benches, tests).
     pub fn alone() -> Self {
-        Self { worker: None, metrics: None, leader: Leader::always() }
+        Self { worker: None, metrics: None, metrics_token: None, leader: Leader::always() }
     }
 }
 
@@ -141,10 +143,10 @@ impl Gateway {
         process: InProcess,
         shutdown: CancellationToken,
     ) -> AppState {
-        let InProcess { worker, metrics, leader } = process;
+        let InProcess { worker, metrics, metrics_token, leader } = process;
         let started = Instant::now();
-        let probes =
-            Arc::new(admin::Probes { store: queue.store().clone(), registry: registry.clone(), metrics, started });
+        let store = queue.store().clone();
+        let probes = Arc::new(admin::Probes { store, registry: registry.clone(), metrics, metrics_token, started });
         let disabled = settings.disabled_types.iter().cloned().collect();
         let limiter = settings.rate_limit_per_min.and_then(IpLimiter::per_minute);
         let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), leader, shutdown.clone());

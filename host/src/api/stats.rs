@@ -18,9 +18,6 @@ use crate::alerts::Alert;
 use crate::queue::stats::{self, Bucket, TypeStats};
 use crate::store::FailedJob;
 
-/// Most attempts read for one answer (the newest ones); `truncated` says
-/// when the window held more.
-const MAX_SAMPLES: u32 = 100_000;
 const FAILURES_SHOWN: u32 = 10;
 const MIN_WINDOW: Duration = Duration::from_secs(60);
 const MAX_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -41,8 +38,6 @@ pub struct Stats {
     pub throughput: Throughput,
     /// Per type, over the window.
     pub types: Vec<TypeStats>,
-    /// Whether the window held more attempts than were read.
-    pub truncated: bool,
     pub workers: Vec<WorkerView>,
     /// Handler versions loaded by this gateway.
     pub handlers: Vec<HandlerView>,
@@ -119,8 +114,10 @@ pub async fn collect(state: &AppState, window: Duration) -> Result<Stats, ApiErr
     let store = state.queue.store();
     let now = Utc::now();
     let since = now - chrono::TimeDelta::from_std(window).unwrap_or(chrono::TimeDelta::hours(1));
-    let samples = store.attempts_since(since, MAX_SAMPLES).await?;
-    let counts = store.count_by_status().await?;
+    let counts = store.outcome_counts(since).await?;
+    let run_times = store.run_times(since, false).await?;
+    let slices = store.ended_per_slice(since, now, stats::bucket_width(since, now)).await?;
+    let by_status = store.count_by_status().await?;
     let cache = store.cache_stats(now).await?;
     let offline_after = state.alerts.settings().worker_offline;
     let workers = store
@@ -144,7 +141,7 @@ pub async fn collect(state: &AppState, window: Duration) -> Result<Stats, ApiErr
         .collect();
     let mut jobs: BTreeMap<String, i64> =
         ["pending", "processing", "completed", "failed", "cancelled"].into_iter().map(|s| (s.to_string(), 0)).collect();
-    for (status, count) in counts {
+    for (status, count) in by_status {
         jobs.insert(status.as_str().to_string(), count);
     }
     Ok(Stats {
@@ -153,10 +150,9 @@ pub async fn collect(state: &AppState, window: Duration) -> Result<Stats, ApiErr
         jobs,
         throughput: Throughput {
             bucket_s: stats::bucket_width(since, now).num_milliseconds() as f64 / 1e3,
-            buckets: stats::throughput(&samples, since, now),
+            buckets: stats::throughput(&slices, since, now),
         },
-        types: stats::by_type(&samples),
-        truncated: samples.len() >= MAX_SAMPLES as usize,
+        types: stats::by_type(&counts, &run_times),
         workers,
         handlers: HandlerView::all(&state.registry),
         failures: store.recent_failures(FAILURES_SHOWN).await?,

@@ -149,6 +149,7 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
             InProcess {
                 worker: worker.as_ref().map(Worker::probe),
                 metrics: if args.gateway.enable_metrics { Metrics::install() } else { None },
+                metrics_token: args.admin.metrics_token(),
                 leader: host.leader.clone(),
             },
             shutdown.clone(),
@@ -204,6 +205,7 @@ pub fn worker(args: WorkerOnlyArgs) -> anyhow::Result<ExitCode> {
             store: host.queue.store().clone(),
             registry: host.registry.clone(),
             metrics: if args.enable_metrics { Metrics::install() } else { None },
+            metrics_token: args.admin.metrics_token(),
             started: std::time::Instant::now(),
         });
         let port = args.admin.admin_port.unwrap_or(args.port);

@@ -11,7 +11,7 @@
 //! auto_rollback` in its manifest): one that fails more than the active
 //! version by its margin, over at least its number of jobs, is rolled back.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ use crate::telemetry::CANARY_ROLLBACKS;
 
 /// How often rollouts are read when no notice comes.
 const POLL: Duration = Duration::from_secs(3);
+/// How often compiled artifacts of versions no longer stored are deleted.
+const EVICT_EVERY: Duration = Duration::from_secs(600);
 /// How far back a canary's failures are counted.
 const CANARY_WINDOW: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
 
@@ -59,6 +61,11 @@ impl VersionSync {
         let rollouts = self.store.rollouts().await?;
         let paused: BTreeSet<String> = rollouts.iter().filter(|r| r.paused).map(|r| r.job_type.clone()).collect();
         self.registry.set_paused(paused);
+        let serving: BTreeSet<(String, String)> = rollouts
+            .iter()
+            .flat_map(|r| [&r.active_version, &r.canary_version].map(|v| v.clone().map(|v| (r.job_type.clone(), v))))
+            .flatten()
+            .collect();
         for rollout in rollouts {
             let Some(active) = &rollout.active_version else { continue };
             let active = match self.load(&rollout.job_type, active).await {
@@ -80,7 +87,25 @@ impl VersionSync {
             };
             self.registry.apply_rollout(active, canary);
         }
+        // A version no rollout serves any more is let go: it is compiled
+        // again if a rollout names it later.
+        self.lock().retain(|key, _| serving.contains(key));
         Ok(())
+    }
+
+    /// Deletes this process's compiled artifacts of components that are
+    /// neither stored nor serving (versions pruned, builds replaced in the
+    /// handlers directory); returns how many.
+    pub async fn evict_compiled(&self) -> anyhow::Result<usize> {
+        let mut keep: HashSet<String> = self.store.versions().await?.into_iter().map(|v| v.sha256).collect();
+        keep.extend(self.registry.serving_sha256s());
+        keep.extend(self.lock().values().map(|h| h.sha256.clone()));
+        let runtime = self.registry.runtime().clone();
+        let evicted = tokio::task::spawn_blocking(move || runtime.evict_compiled(&keep)).await??;
+        if evicted > 0 {
+            tracing::info!(evicted, "deleted compiled artifacts of handler versions no longer stored");
+        }
+        Ok(evicted)
     }
 
     /// Rolls back each canary whose build asks for it and fails more than
@@ -107,7 +132,7 @@ impl VersionSync {
             else {
                 continue;
             };
-            let versions = stats::by_version_counted(&counts, &rollout.job_type);
+            let versions = stats::by_version(&counts, &[], &rollout.job_type);
             let Some(on_canary) = versions.get(&canary) else { continue };
             let ended = on_canary.completed + on_canary.failed;
             let canary_rate = on_canary.error_rate.unwrap_or(0.0);
@@ -203,9 +228,17 @@ impl VersionSync {
                     Err(_) => break None,
                 }
             };
+            let mut last_eviction: Option<std::time::Instant> = None;
             loop {
                 if let Err(error) = self.sync().await {
                     tracing::warn!(%error, "reading rollouts failed; trying again shortly");
+                }
+                // Each process has its own compile cache: each evicts from it.
+                if last_eviction.is_none_or(|last| last.elapsed() >= EVICT_EVERY) {
+                    last_eviction = Some(std::time::Instant::now());
+                    if let Err(error) = self.evict_compiled().await {
+                        tracing::warn!(error = %format!("{error:#}"), "evicting compiled artifacts failed");
+                    }
                 }
                 if leader.is_leader()
                     && let Err(error) = self.judge_canaries().await

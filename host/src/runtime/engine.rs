@@ -6,6 +6,7 @@
 //! per job is the hot path, and epoch interruption so a running guest can be
 //! stopped at a deadline or on cancel.
 
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -108,6 +109,32 @@ impl CompileCache {
             tracing::warn!(path = %path.display(), %error, "cannot write the compile cache; continuing without it");
         }
         Ok((component, CacheOutcome::Compiled))
+    }
+
+    /// Deletes every compiled artifact but those of the components in
+    /// `keep` (by sha256) for this engine: artifacts of versions no longer
+    /// stored, and those an older build of quern wrote. Returns how many.
+    pub fn evict_except(&self, engine: &Engine, keep: &HashSet<String>) -> std::io::Result<usize> {
+        let Some(dir) = &self.dir else { return Ok(0) };
+        let kept: HashSet<PathBuf> = keep.iter().filter_map(|sha256| self.path_for(engine, sha256)).collect();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(error) => return Err(error),
+        };
+        let mut evicted = 0;
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|ext| ext == "cwasm") && !kept.contains(&path) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => evicted += 1,
+                    // Another process sharing the directory got there first.
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        Ok(evicted)
     }
 
     fn path_for(&self, engine: &Engine, sha256: &str) -> Option<PathBuf> {

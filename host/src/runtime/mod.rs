@@ -18,6 +18,7 @@ pub mod registry;
 mod state;
 mod stdio;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -230,6 +231,12 @@ impl Runtime {
             pre,
             policy,
         })
+    }
+
+    /// Deletes the compiled artifacts of every component but those in
+    /// `keep` (by sha256) from the compile cache; returns how many.
+    pub fn evict_compiled(&self, keep: &HashSet<String>) -> std::io::Result<usize> {
+        self.cache.evict_except(&self.engine, keep)
     }
 
     /// Runs one attempt of `job` on `handler` in a fresh instance.

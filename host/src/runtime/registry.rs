@@ -143,6 +143,13 @@ impl Registry {
         self.get(job_type)
     }
 
+    /// The sha256 of every component serving now: active and canary versions.
+    pub fn serving_sha256s(&self) -> Vec<String> {
+        let active = self.active.load().values().map(|h| h.sha256.clone()).collect::<Vec<_>>();
+        let canaries = self.canaries.load().values().map(|c| c.version.sha256.clone()).collect::<Vec<_>>();
+        active.into_iter().chain(canaries).collect()
+    }
+
     pub fn canary(&self, job_type: &str) -> Option<Canary> {
         self.canaries.load().get(job_type).cloned()
     }

@@ -14,7 +14,7 @@ mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -209,15 +209,24 @@ pub struct OutcomeCount {
     pub count: u64,
 }
 
-/// One attempt as the dashboard and alerts count it: its job's type, how
-/// it ended and how long it ran.
+/// How long the completed attempts of one group ran: per type
+/// (`handler_version` is `None`) or per type and handler version.
 #[derive(Debug, Clone, PartialEq)]
-pub struct AttemptSample {
+pub struct RunTimes {
     pub job_type: String,
     pub handler_version: Option<String>,
-    pub outcome: AttemptOutcome,
-    pub started_at: DateTime<Utc>,
-    pub ended_at: DateTime<Utc>,
+    pub avg_ms: f64,
+    /// Nearest rank: the smallest run time at least 95 % of the group ran within.
+    pub p95_ms: f64,
+}
+
+/// Completed and failed attempts that ended within one slice of a window
+/// (slice 0 starts at the window's start).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndedInSlice {
+    pub slice: i64,
+    pub completed: u64,
+    pub failed: u64,
 }
 
 /// A job that failed for good: what operators look at first.
@@ -250,6 +259,8 @@ pub struct VersionInfo {
     #[serde(rename = "type")]
     pub job_type: String,
     pub version: String,
+    /// The sha256 of the component alone.
+    pub sha256: String,
     pub size_bytes: i64,
     pub uploaded_by: String,
     pub uploaded_at: DateTime<Utc>,
@@ -666,8 +677,19 @@ pub trait Store: Send + Sync + 'static {
     /// outcome in the database (no rows are loaded).
     async fn outcome_counts(&self, since: DateTime<Utc>) -> Result<Vec<OutcomeCount>, StoreError>;
 
-    /// Attempts that ended at or after `since`, newest first, at most `limit`.
-    async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError>;
+    /// Mean and 95th-percentile run time of the attempts that completed at
+    /// or after `since`, per type, or per type and version when
+    /// `per_version` (computed in the database: no rows are loaded).
+    async fn run_times(&self, since: DateTime<Utc>, per_version: bool) -> Result<Vec<RunTimes>, StoreError>;
+
+    /// Completed and failed attempts that ended within `since..=until`,
+    /// counted per `slice`-wide slice of it; slices without any are left out.
+    async fn ended_per_slice(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        slice: TimeDelta,
+    ) -> Result<Vec<EndedInSlice>, StoreError>;
 
     /// The latest jobs that failed for good, newest first.
     async fn recent_failures(&self, limit: u32) -> Result<Vec<FailedJob>, StoreError>;

@@ -3,7 +3,7 @@
 //! LISTEN/NOTIFY wake-ups.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
@@ -11,11 +11,11 @@ use uuid::Uuid;
 
 use super::nodelay;
 use super::{
-    AttemptEnd, AttemptRecord, AttemptSample, CacheEntry, CacheStats, CancelOutcome, DepthRow, EndWritten, FailedJob,
-    Job, JobFilter, JobStatus, NewJob, OutcomeCount, Progress, PruneCutoffs, RequeueOutcome, Rollout, Store,
-    StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_outcome,
-    parse_status, requeueable,
+    AttemptEnd, AttemptRecord, CacheEntry, CacheStats, CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter,
+    JobStatus, NewJob, OutcomeCount, Progress, PruneCutoffs, RequeueOutcome, Rollout, Store, StoreError, StoredVersion,
+    Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_outcome, parse_status, requeueable,
 };
+use super::{EndedInSlice, RunTimes};
 
 /// The maintenance lead: a session advisory lock on this connection.
 struct AdvisoryLock(PgConnection);
@@ -903,24 +903,54 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError> {
+    async fn run_times(&self, since: DateTime<Utc>, per_version: bool) -> Result<Vec<RunTimes>, StoreError> {
+        // percentile_disc is the nearest-rank percentile.
         let rows = sqlx::query(
-            "SELECT j.type, a.handler_version, a.outcome, a.started_at, a.ended_at FROM quern_job_attempts a \
-             JOIN quern_jobs j ON j.id = a.job_id WHERE a.ended_at >= $1 ORDER BY a.ended_at DESC LIMIT $2",
+            "SELECT j.type, CASE WHEN $2 THEN a.handler_version END AS handler_version, \
+             avg(EXTRACT(EPOCH FROM a.ended_at - a.started_at) * 1000)::float8 AS avg_ms, \
+             (percentile_disc(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM a.ended_at - a.started_at) * 1000))::float8 \
+             AS p95_ms FROM quern_job_attempts a JOIN quern_jobs j ON j.id = a.job_id \
+             WHERE a.ended_at >= $1 AND a.outcome = 'completed' GROUP BY 1, 2",
         )
         .bind(since)
-        .bind(i64::from(limit))
+        .bind(per_version)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|row| {
-                let outcome: String = row.try_get("outcome")?;
-                Ok(AttemptSample {
+                Ok(RunTimes {
                     job_type: row.try_get("type")?,
                     handler_version: row.try_get("handler_version")?,
-                    outcome: parse_outcome(&outcome)?,
-                    started_at: row.try_get("started_at")?,
-                    ended_at: row.try_get("ended_at")?,
+                    avg_ms: row.try_get("avg_ms")?,
+                    p95_ms: row.try_get("p95_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn ended_per_slice(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        slice: TimeDelta,
+    ) -> Result<Vec<EndedInSlice>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT floor(EXTRACT(EPOCH FROM a.ended_at - $1) * 1000000 / $3)::int8 AS slice, \
+             count(*) FILTER (WHERE a.outcome = 'completed') AS completed, \
+             count(*) FILTER (WHERE a.outcome = 'failed') AS failed FROM quern_job_attempts a \
+             WHERE a.ended_at >= $1 AND a.ended_at <= $2 AND a.outcome IN ('completed', 'failed') GROUP BY 1",
+        )
+        .bind(since)
+        .bind(until)
+        .bind(slice.num_microseconds().unwrap_or(i64::MAX).max(1))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EndedInSlice {
+                    slice: row.try_get("slice")?,
+                    completed: row.try_get::<i64, _>("completed")?.max(0) as u64,
+                    failed: row.try_get::<i64, _>("failed")?.max(0) as u64,
                 })
             })
             .collect()
@@ -1014,7 +1044,7 @@ impl Store for PostgresStore {
 
     async fn versions(&self) -> Result<Vec<VersionInfo>, StoreError> {
         let rows = sqlx::query(
-            "SELECT type, version, size_bytes, uploaded_by, uploaded_at FROM quern_handler_versions \
+            "SELECT type, version, sha256, size_bytes, uploaded_by, uploaded_at FROM quern_handler_versions \
              ORDER BY uploaded_at DESC",
         )
         .fetch_all(&self.pool)
@@ -1024,6 +1054,7 @@ impl Store for PostgresStore {
                 Ok(VersionInfo {
                     job_type: row.try_get("type")?,
                     version: row.try_get("version")?,
+                    sha256: row.try_get("sha256")?,
                     size_bytes: row.try_get("size_bytes")?,
                     uploaded_by: row.try_get("uploaded_by")?,
                     uploaded_at: row.try_get("uploaded_at")?,

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use serde_json::Value;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -18,12 +18,12 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, AttemptSample, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats,
-    CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome,
-    Rollout, Store, StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt,
-    parse_outcome, parse_status, requeueable,
+    AttemptEnd, AttemptOutcome, AttemptRecord, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats, CancelOutcome,
+    DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome, Rollout, Store,
+    StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_outcome,
+    parse_status, requeueable,
 };
-use super::{OutcomeCount, PruneCutoffs};
+use super::{EndedInSlice, OutcomeCount, PruneCutoffs, RunTimes};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -942,24 +942,58 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn attempts_since(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<AttemptSample>, StoreError> {
+    async fn run_times(&self, since: DateTime<Utc>, per_version: bool) -> Result<Vec<RunTimes>, StoreError> {
+        // SQLite has no percentile function: rank each group's run times and
+        // take the nearest rank, ceil(0.95 n), as PostgreSQL's percentile_disc.
         let rows = sqlx::query(
-            "SELECT j.type, a.handler_version, a.outcome, a.started_at, a.ended_at FROM quern_job_attempts a \
-             JOIN quern_jobs j ON j.id = a.job_id WHERE a.ended_at >= ?1 ORDER BY a.ended_at DESC LIMIT ?2",
+            "WITH completed AS (SELECT j.type AS type, CASE WHEN ?2 THEN a.handler_version END AS handler_version, \
+             a.ended_at - a.started_at AS us FROM quern_job_attempts a JOIN quern_jobs j ON j.id = a.job_id \
+             WHERE a.ended_at >= ?1 AND a.outcome = 'completed'), \
+             ranked AS (SELECT type, handler_version, us, \
+             row_number() OVER (PARTITION BY type, handler_version ORDER BY us) AS rank, \
+             count(*) OVER (PARTITION BY type, handler_version) AS n FROM completed) \
+             SELECT type, handler_version, avg(us) / 1000.0 AS avg_ms, \
+             max(CASE WHEN rank = (95 * n + 99) / 100 THEN us END) / 1000.0 AS p95_ms \
+             FROM ranked GROUP BY type, handler_version",
         )
         .bind(micros(since))
-        .bind(i64::from(limit))
+        .bind(per_version)
         .fetch_all(&self.reader)
         .await?;
         rows.iter()
             .map(|row| {
-                let outcome: String = row.try_get("outcome")?;
-                Ok(AttemptSample {
+                Ok(RunTimes {
                     job_type: row.try_get("type")?,
                     handler_version: row.try_get("handler_version")?,
-                    outcome: parse_outcome(&outcome)?,
-                    started_at: at(row.try_get("started_at")?)?,
-                    ended_at: at(row.try_get("ended_at")?)?,
+                    avg_ms: row.try_get("avg_ms")?,
+                    p95_ms: row.try_get("p95_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn ended_per_slice(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        slice: TimeDelta,
+    ) -> Result<Vec<EndedInSlice>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT (a.ended_at - ?1) / ?3 AS slice, sum(a.outcome = 'completed') AS completed, \
+             sum(a.outcome = 'failed') AS failed FROM quern_job_attempts a \
+             WHERE a.ended_at >= ?1 AND a.ended_at <= ?2 AND a.outcome IN ('completed', 'failed') GROUP BY 1",
+        )
+        .bind(micros(since))
+        .bind(micros(until))
+        .bind(slice.num_microseconds().unwrap_or(i64::MAX).max(1))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EndedInSlice {
+                    slice: row.try_get("slice")?,
+                    completed: row.try_get::<i64, _>("completed")?.max(0) as u64,
+                    failed: row.try_get::<i64, _>("failed")?.max(0) as u64,
                 })
             })
             .collect()
@@ -1052,7 +1086,7 @@ impl Store for SqliteStore {
 
     async fn versions(&self) -> Result<Vec<VersionInfo>, StoreError> {
         let rows = sqlx::query(
-            "SELECT type, version, size_bytes, uploaded_by, uploaded_at FROM quern_handler_versions \
+            "SELECT type, version, sha256, size_bytes, uploaded_by, uploaded_at FROM quern_handler_versions \
              ORDER BY uploaded_at DESC",
         )
         .fetch_all(&self.reader)
@@ -1062,6 +1096,7 @@ impl Store for SqliteStore {
                 Ok(VersionInfo {
                     job_type: row.try_get("type")?,
                     version: row.try_get("version")?,
+                    sha256: row.try_get("sha256")?,
                     size_bytes: row.try_get("size_bytes")?,
                     uploaded_by: row.try_get("uploaded_by")?,
                     uploaded_at: at(row.try_get("uploaded_at")?)?,
