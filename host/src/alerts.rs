@@ -25,6 +25,7 @@ use crate::telemetry::{ALERTS_ACTIVE, ALERTS_FIRED, WORKERS_OFFLINE};
 pub const QUEUE_BACKLOG: &str = "queue_backlog";
 pub const WORKER_OFFLINE: &str = "worker_offline";
 pub const FAILURE_RATE: &str = "failure_rate";
+pub const SLOW_JOBS: &str = "slow_jobs";
 
 /// Thresholds (QUERN_ALERT_*).
 #[derive(Debug, Clone)]
@@ -38,6 +39,9 @@ pub struct AlertSettings {
     pub failure_window: Duration,
     /// …once at least this many of its jobs ended in the window.
     pub failure_min_jobs: u64,
+    /// Fires for a type whose completed jobs' p95 run time over
+    /// `failure_window` is above this.
+    pub p95_latency: Duration,
     /// How often the conditions are judged.
     pub check_every: Duration,
     /// Where starts and resolves are POSTed, if anywhere.
@@ -49,9 +53,10 @@ impl Default for AlertSettings {
         Self {
             queue_pending: 50,
             worker_offline: Duration::from_secs(300),
-            failure_rate: 0.5,
+            failure_rate: 0.05,
             failure_window: Duration::from_secs(900),
             failure_min_jobs: 10,
+            p95_latency: Duration::from_secs(30),
             check_every: Duration::from_secs(10),
             webhook: None,
         }
@@ -61,7 +66,7 @@ impl Default for AlertSettings {
 /// An alert that is firing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Alert {
-    /// `queue_backlog`, `worker_offline` or `failure_rate`.
+    /// `queue_backlog`, `worker_offline`, `failure_rate` or `slow_jobs`.
     pub kind: String,
     /// What it is about: the worker id or the job type; empty for the queue.
     pub subject: String,
@@ -233,6 +238,23 @@ impl Alerts {
                     });
                 }
                 _ => {}
+            }
+        }
+        let limit_ms = settings.p95_latency.as_secs_f64() * 1e3;
+        for times in store.run_times(now - window, false).await? {
+            if times.p95_ms > limit_ms {
+                firing.push(Alert {
+                    kind: SLOW_JOBS.into(),
+                    message: format!(
+                        "{} jobs took {:.1} s at the 95th percentile over {} s (threshold {} s)",
+                        times.job_type,
+                        times.p95_ms / 1e3,
+                        settings.failure_window.as_secs(),
+                        settings.p95_latency.as_secs()
+                    ),
+                    subject: times.job_type,
+                    since: now,
+                });
             }
         }
         Ok(firing)

@@ -121,6 +121,10 @@ pub struct WorkerArgs {
     /// Unfinished jobs a user may have at once (0 = no limit).
     #[arg(long, env = "QUERN_MAX_ACTIVE_JOBS_PER_USER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_active_jobs_per_user: u32,
+    /// Unfinished jobs service callers may have of their own, for no named
+    /// user (0 = no limit); a job for a named user counts against that user's.
+    #[arg(long, env = "QUERN_MAX_ACTIVE_JOBS_PER_SERVICE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub max_active_jobs_per_service: u32,
     /// The most steps a pipeline (`next`) may carry after its first job.
     #[arg(long, env = "QUERN_MAX_PIPELINE_STEPS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub max_pipeline_steps: u32,
@@ -154,6 +158,8 @@ impl WorkerArgs {
             default_max_attempts: self.max_attempts,
             lease: Duration::from_millis(self.lease_ms),
             max_unfinished_per_user: (self.max_active_jobs_per_user > 0).then_some(self.max_active_jobs_per_user),
+            max_unfinished_per_service: (self.max_active_jobs_per_service > 0)
+                .then_some(self.max_active_jobs_per_service),
             cache_enabled: self.enable_cache,
             cache_ttl: Duration::from_secs(self.cache_ttl_hours * 3600),
             max_steps: self.max_pipeline_steps as usize,
@@ -274,6 +280,19 @@ pub struct GatewayArgs {
     /// QUERN_JWKS_URL, a development secret is kept in <data-dir>/jwt-secret.
     #[arg(long, env = "QUERN_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// The same secret under the name Supabase gives it (QUERN_JWT_SECRET wins).
+    #[arg(long, env = "SUPABASE_JWT_SECRET", hide_env_values = true)]
+    pub supabase_jwt_secret: Option<String>,
+    /// The customer's Supabase project (`https://<ref>.supabase.co`): every
+    /// /functions/v1/<name> quern does not serve is passed through to it.
+    #[arg(long, env = "SUPABASE_URL")]
+    pub supabase_url: Option<url::Url>,
+    /// How long a passed-through function may take to answer, in seconds.
+    #[arg(long, env = "QUERN_FUNCTIONS_TIMEOUT_S", default_value_t = 150, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub functions_timeout_s: u64,
+    /// The priority of a premium caller's job that asks for none (1 most urgent … 10).
+    #[arg(long, env = "QUERN_PREMIUM_PRIORITY", default_value_t = 2, value_parser = clap::value_parser!(i64).range(1..=10))]
+    pub premium_priority: i64,
     /// A JWKS URL whose keys verify asymmetric tokens (RS256, ES256, …).
     #[arg(long, env = "QUERN_JWKS_URL")]
     pub jwks_url: Option<String>,
@@ -290,8 +309,10 @@ pub struct GatewayArgs {
     /// (one), a count, or their addresses as comma-separated CIDRs.
     #[arg(long, env = "QUERN_TRUST_PROXY", default_value = "false")]
     pub trust_proxy: crate::api::limits::TrustProxy,
-    /// Origins allowed by CORS, comma-separated (`*` for any).
-    #[arg(long, env = "QUERN_CORS_ORIGINS", value_delimiter = ',')]
+    /// Origins allowed by CORS on /v1 and /functions/v1, comma-separated;
+    /// `*` (the default, as the seed's functions answer) for any. Requests
+    /// carry bearer tokens, never cookies; the dashboard never answers CORS.
+    #[arg(long, env = "QUERN_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
     pub cors_origins: Vec<String>,
     /// Job types whose enqueues are refused (503 type_disabled), comma-separated.
     #[arg(long, env = "QUERN_DISABLED_TYPES", value_delimiter = ',')]
@@ -309,7 +330,7 @@ pub struct GatewayArgs {
     #[arg(long, env = "QUERN_ALERT_WORKER_OFFLINE_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub alert_worker_offline_s: u64,
     /// Alert when a type's share of failed jobs over the window is above this (0–1).
-    #[arg(long, env = "QUERN_ALERT_FAILURE_RATE", default_value_t = 0.5, value_parser = share)]
+    #[arg(long, env = "QUERN_ALERT_FAILURE_RATE", default_value_t = 0.05, value_parser = share)]
     pub alert_failure_rate: f64,
     /// The failure-rate window, in seconds.
     #[arg(long, env = "QUERN_ALERT_FAILURE_WINDOW_S", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=604_800))]
@@ -317,6 +338,10 @@ pub struct GatewayArgs {
     /// Jobs of a type that must have ended in the window before its failure rate counts.
     #[arg(long, env = "QUERN_ALERT_FAILURE_MIN_JOBS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub alert_failure_min_jobs: u64,
+    /// Alert when a type's completed jobs took longer than this many seconds
+    /// at the 95th percentile over the failure-rate window.
+    #[arg(long, env = "QUERN_ALERT_P95_LATENCY_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub alert_p95_latency_s: u64,
     /// How often alerts are judged, in milliseconds.
     #[arg(long, env = "QUERN_ALERT_CHECK_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
     pub alert_check_ms: u64,
@@ -378,9 +403,13 @@ impl GatewayArgs {
                 failure_rate: self.alert_failure_rate,
                 failure_window: std::time::Duration::from_secs(self.alert_failure_window_s),
                 failure_min_jobs: self.alert_failure_min_jobs,
+                p95_latency: std::time::Duration::from_secs(self.alert_p95_latency_s),
                 check_every: std::time::Duration::from_millis(self.alert_check_ms),
                 webhook: self.alert_webhook_url.as_ref().map(url::Url::to_string),
             },
+            functions_upstream: self.supabase_url.clone(),
+            functions_timeout: std::time::Duration::from_secs(self.functions_timeout_s),
+            premium_priority: self.premium_priority,
             ..crate::api::GatewaySettings::default()
         }
     }
@@ -391,7 +420,7 @@ impl GatewayArgs {
         &self,
         data_dir: &std::path::Path,
     ) -> std::io::Result<(crate::api::auth::AuthSettings, DevSecret)> {
-        let (secret, dev) = match (&self.jwt_secret, &self.jwks_url) {
+        let (secret, dev) = match (self.jwt_secret.as_ref().or(self.supabase_jwt_secret.as_ref()), &self.jwks_url) {
             (Some(secret), _) => (Some(secret.as_bytes().to_vec()), DevSecret::None),
             (None, Some(_)) => (None, DevSecret::None),
             (None, None) => {

@@ -35,11 +35,17 @@ pub struct Manifest {
     /// Who may enqueue this type (`[access] roles`); everyone signed in when empty.
     pub access: Vec<Role>,
     pub allowed_hosts: Vec<HostRule>,
+    /// Allowed hosts taken from settings at load (`"{{ GEMINI_BASE_URL }}"`):
+    /// the host and port of the URL each named setting holds.
+    pub host_settings: Vec<String>,
     pub config_keys: Vec<String>,
     pub limits: LimitOverrides,
     /// Whether this build, as a canary, is rolled back by itself when it
     /// fails more than the active version.
     pub auto_rollback: Option<AutoRollback>,
+    /// The legacy synchronous Edge Function this type replaces: quern serves
+    /// `/functions/v1/<function>` itself (enqueue, wait, answer the result).
+    pub function: Option<String>,
     /// The text it was read from: with the component, it names the version.
     pub source: String,
 }
@@ -163,6 +169,12 @@ pub enum ManifestError {
     Limit { name: &'static str, value: u32, max: u32 },
     #[error("max_attempts = {0} is out of range: it must be between 1 and 100")]
     MaxAttempts(u32),
+    #[error(
+        "function = \"{0}\" is not an Edge Function name: use lowercase letters, digits, - and _ (e.g. \"sofia-image-analysis\")"
+    )]
+    FunctionName(String),
+    #[error("allowed host `{{{{ {0} }}}}` names a setting the manifest does not read: add \"{0}\" to [config] keys")]
+    HostSetting(String),
     #[error("rollout.{name} = {value} is out of range: {range}")]
     Rollout { name: &'static str, value: f64, range: &'static str },
 }
@@ -192,6 +204,7 @@ struct RawManifest {
     #[serde(default)]
     limits: LimitOverrides,
     rollout: Option<RawRollout>,
+    function: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -230,9 +243,11 @@ impl Manifest {
             access: Vec::new(),
             source: String::new(),
             allowed_hosts: Vec::new(),
+            host_settings: Vec::new(),
             config_keys: Vec::new(),
             limits: LimitOverrides::default(),
             auto_rollback: None,
+            function: None,
         }
     }
 
@@ -242,13 +257,22 @@ impl Manifest {
         for key in &raw.config.keys {
             validate_config_key(key)?;
         }
-        let allowed_hosts =
-            raw.http.allowed_hosts.iter().map(|rule| HostRule::parse(rule)).collect::<Result<Vec<_>, _>>()?;
+        let (mut allowed_hosts, mut host_settings) = (Vec::new(), Vec::new());
+        for rule in &raw.http.allowed_hosts {
+            match setting_named(rule) {
+                Some(key) if raw.config.keys.iter().any(|k| k == key) => host_settings.push(key.to_string()),
+                Some(key) => return Err(ManifestError::HostSetting(key.to_string())),
+                None => allowed_hosts.push(HostRule::parse(rule)?),
+            }
+        }
         check_limit("memory_mb", raw.limits.memory_mb, MAX_MEMORY_MB)?;
         check_limit("deadline_s", raw.limits.deadline_s, MAX_DEADLINE_S)?;
         check_limit("output_kb", raw.limits.output_kb, MAX_OUTPUT_KB)?;
         if !(1..=100).contains(&raw.max_attempts) {
             return Err(ManifestError::MaxAttempts(raw.max_attempts));
+        }
+        if let Some(function) = &raw.function {
+            validate_function_name(function)?;
         }
         let auto_rollback = match raw.rollout {
             Some(rollout) if rollout.auto_rollback => {
@@ -276,9 +300,11 @@ impl Manifest {
             max_attempts: raw.max_attempts,
             access: raw.access.roles,
             allowed_hosts,
+            host_settings,
             config_keys: raw.config.keys,
             limits: raw.limits,
             auto_rollback,
+            function: raw.function,
             source: text.to_string(),
         })
     }
@@ -289,6 +315,19 @@ pub fn validate_job_type(name: &str) -> Result<(), ManifestError> {
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if valid { Ok(()) } else { Err(ManifestError::JobType(name.to_string())) }
+}
+
+/// The setting a host rule names, as `{{ NAME }}`.
+fn setting_named(rule: &str) -> Option<&str> {
+    Some(rule.trim().strip_prefix("{{")?.strip_suffix("}}")?.trim())
+}
+
+/// A Supabase Edge Function's name: lowercase letters, digits, `-` and `_`.
+pub fn validate_function_name(name: &str) -> Result<(), ManifestError> {
+    let valid = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if valid { Ok(()) } else { Err(ManifestError::FunctionName(name.to_string())) }
 }
 
 /// Refuses keys that are malformed or that name the host's own secrets.

@@ -284,7 +284,7 @@ async fn detailed_health_is_for_the_service_role() {
     let health = server.call(Method::GET, "/health", None, None).await;
     assert_eq!(health.status, 200);
     assert_eq!(keys(&health.body), BTreeSet::from(["status", "worker_id", "active_jobs", "uptime_s", "version"]));
-    assert_eq!(health.body["status"], "ok");
+    assert_eq!(health.body["status"], "healthy");
     let refused = server.get("/health/detailed", &server.token("alice")).await;
     assert_eq!(refused.status, 403);
     let detailed = server.get("/health/detailed", &server.service_token()).await;

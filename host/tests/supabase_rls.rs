@@ -13,10 +13,14 @@ use serde_json::json;
 use support::db::{Db, Raw};
 use uuid::Uuid;
 
-/// Supabase's roles and `auth.uid()` (roles are cluster-wide: created once).
+/// Supabase's roles, `auth.uid()` and `auth.users` (roles are cluster-wide:
+/// created once).
 async fn stand_in_for_supabase(pool: &sqlx::PgPool) {
     sqlx::raw_sql(
         "DO $$ BEGIN
+             CREATE ROLE anon NOLOGIN;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN
              CREATE ROLE authenticated NOLOGIN;
          EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
          DO $$ BEGIN
@@ -26,7 +30,10 @@ async fn stand_in_for_supabase(pool: &sqlx::PgPool) {
          CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
              SELECT nullif(current_setting('request.jwt.claims', true)::jsonb ->> 'sub', '')::uuid
          $$;
-         GRANT USAGE ON SCHEMA auth TO authenticated, service_role;",
+         DO $$ BEGIN
+             CREATE TABLE IF NOT EXISTS auth.users (id uuid PRIMARY KEY, email text);
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;",
     )
     .execute(pool)
     .await
@@ -132,4 +139,82 @@ async fn supabase_migrations_are_refused_where_supabase_is_not() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("lacks Supabase's") && stderr.contains("auth.uid()"), "{stderr}");
+}
+
+/// Runs `statements` in one transaction as the service role, in the test's schema.
+async fn as_service_role(db: &Db, statements: &[&str]) -> Vec<sqlx::postgres::PgRow> {
+    let Raw::Postgres(admin) = &db.raw else { unreachable!() };
+    let schema = db.url.split("search_path%3D").nth(1).unwrap().to_string();
+    let mut tx = admin.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE service_role").execute(&mut *tx).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}"))).execute(&mut *tx).await.unwrap();
+    let mut rows = Vec::new();
+    for statement in statements {
+        rows = sqlx::query(sqlx::AssertSqlSafe(statement.to_string())).fetch_all(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_role_enqueues_through_analysis_jobs_reads_the_cache_and_deleted_users_take_their_jobs() {
+    use sqlx::Row;
+    let db = Db::postgres().await;
+    let Raw::Postgres(admin) = &db.raw else { unreachable!() };
+    stand_in_for_supabase(admin).await;
+    let output = migrate_supabase(&db.url);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    // The seed's enqueue-analysis: insert({type, input, priority, user_id}).select().single().
+    let mut wakeups = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    wakeups.listen("quern_jobs").await.unwrap();
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    let insert = format!(
+        "INSERT INTO analysis_jobs (type, input, priority, user_id) \
+         VALUES ('sofia_text', '{{\"text\": \"arroz e feijão\"}}', 5, '{alice}') RETURNING *"
+    );
+    let rows = as_service_role(&db, &[&insert]).await;
+    let id: Uuid = rows[0].get("id");
+    assert_eq!(rows[0].get::<String, _>("status"), "pending");
+    assert_eq!((rows[0].get::<i32, _>("attempts"), rows[0].get::<i32, _>("max_attempts")), (0, 3));
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(5), wakeups.recv()).await;
+    assert!(woken.is_ok_and(|n| n.is_ok()), "the insert wakes the workers");
+    let job = db.store.get(id).await.unwrap().expect("the job is quern's");
+    assert_eq!(
+        (job.status, job.user_id.as_str(), job.job_type.as_str()),
+        (JobStatus::Pending, &*alice.to_string(), "sofia_text")
+    );
+    let now = chrono::Utc::now();
+    let claimed =
+        db.store.claim("w1", 10, now, now + chrono::TimeDelta::seconds(30), &["sofia_text".to_string()]).await;
+    assert_eq!(claimed.unwrap().len(), 1, "a worker claims it");
+
+    // The seed's analysis_cache and cleanup_expired_cache().
+    db.execute(
+        "INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at) VALUES \
+         ('fresh', 'sofia_text', '{\"ok\": 1}', now() + interval '1 hour', now()), \
+         ('stale', 'sofia_text', '{\"ok\": 2}', now() - interval '1 hour', now() - interval '2 hours')",
+    )
+    .await;
+    let rows = as_service_role(&db, &["SELECT cache_key, hit_count, id FROM analysis_cache ORDER BY cache_key"]).await;
+    assert_eq!(rows.iter().map(|r| r.get::<String, _>("cache_key")).collect::<Vec<_>>(), ["fresh", "stale"]);
+    as_service_role(&db, &["SELECT cleanup_expired_cache()::text"]).await;
+    let rows = as_service_role(&db, &["SELECT cache_key FROM analysis_cache"]).await;
+    assert_eq!(rows.iter().map(|r| r.get::<String, _>("cache_key")).collect::<Vec<_>>(), ["fresh"]);
+
+    // Deleting a user from auth.users deletes their jobs, and only theirs.
+    let queue = Queue::new(db.store.clone(), QueueSettings::default());
+    let request = |user: Uuid| EnqueueRequest {
+        user_id: user.to_string(),
+        job_type: "sofia_text".into(),
+        input: json!({"text": "ovo"}),
+        ..Default::default()
+    };
+    let bobs = queue.enqueue(request(bob)).await.unwrap().id;
+    sqlx::query("INSERT INTO auth.users (id) VALUES ($1), ($2)").bind(alice).bind(bob).execute(admin).await.unwrap();
+    sqlx::query("DELETE FROM auth.users WHERE id = $1").bind(alice).execute(admin).await.unwrap();
+    assert!(db.store.get(id).await.unwrap().is_none(), "alice's job went with her");
+    assert!(db.store.get(bobs).await.unwrap().is_some(), "bob's stays");
+    sqlx::query("DELETE FROM auth.users WHERE id = $1").bind(bob).execute(admin).await.unwrap();
+    db.cleanup().await;
 }

@@ -2,8 +2,12 @@
 -- `analysis_jobs` as a view of quern's jobs, with the seed's row-level
 -- security, so the frontend's direct reads and its direct cancel
 -- (`supabase.from('analysis_jobs').update({status: 'cancelled'})`) keep
--- working through PostgREST. Needs Supabase's `auth.uid()` and its roles
--- `authenticated` and `service_role`. Safe to apply again.
+-- working through PostgREST; a service-role `insert` into it enqueues (the
+-- seed's defaults filled, workers woken); `analysis_cache` and
+-- `cleanup_expired_cache()` as the seed has them; deleting a user from
+-- `auth.users` deletes their jobs, as the seed's `ON DELETE CASCADE` did.
+-- Needs Supabase's `auth.uid()`, `auth.users` and its roles `authenticated`
+-- and `service_role`. Safe to apply again.
 
 -- Owners read their own jobs; the service role reads and writes all.
 -- (quern itself connects as the tables' owner, which RLS does not restrict.)
@@ -52,3 +56,65 @@ END $$;
 GRANT SELECT, UPDATE (status) ON quern_jobs TO authenticated;
 GRANT SELECT, UPDATE (status) ON analysis_jobs TO authenticated;
 GRANT ALL ON quern_jobs, analysis_jobs TO service_role;
+
+-- The seed's `insert({type, input, priority, user_id}).select().single()`
+-- as the service role: the seed's defaults, a run time of now, and the
+-- workers' wake-up, as quern's own enqueue sends it.
+CREATE OR REPLACE FUNCTION quern_insert_analysis_job() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
+DECLARE
+    at timestamptz := now();
+BEGIN
+    NEW.id := coalesce(NEW.id, gen_random_uuid());
+    NEW.status := coalesce(NEW.status, 'pending');
+    NEW.priority := coalesce(NEW.priority, 5);
+    NEW.attempts := coalesce(NEW.attempts, 0);
+    NEW.max_attempts := coalesce(NEW.max_attempts, 3);
+    NEW.created_at := coalesce(NEW.created_at, at);
+    NEW.updated_at := coalesce(NEW.updated_at, at);
+    INSERT INTO quern_jobs (id, user_id, type, input, result, error, status, priority, attempts, max_attempts,
+                            processing_time_ms, worker_id, run_at, created_at, updated_at, started_at, completed_at)
+    VALUES (NEW.id, NEW.user_id, NEW.type, NEW.input, NEW.result, NEW.error, NEW.status, NEW.priority, NEW.attempts,
+            NEW.max_attempts, NEW.processing_time_ms, NEW.worker_id, at, NEW.created_at, NEW.updated_at,
+            NEW.started_at, NEW.completed_at);
+    PERFORM pg_notify('quern_jobs', '');
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS quern_insert_analysis_job ON analysis_jobs;
+CREATE TRIGGER quern_insert_analysis_job INSTEAD OF INSERT ON analysis_jobs
+    FOR EACH ROW EXECUTE FUNCTION quern_insert_analysis_job();
+GRANT INSERT ON analysis_jobs TO service_role;
+
+-- The seed's cache table, as a view of quern's (quern keys entries by type,
+-- handler version, scope and input, so its keys are not the seed's).
+CREATE OR REPLACE VIEW analysis_cache WITH (security_invoker = true) AS
+    SELECT md5(cache_key)::uuid AS id, cache_key, type, response, hit_count::integer AS hit_count, last_hit_at,
+           expires_at, created_at
+    FROM quern_cache;
+GRANT SELECT, DELETE ON quern_cache, analysis_cache TO service_role;
+
+CREATE OR REPLACE FUNCTION cleanup_expired_cache() RETURNS void LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
+BEGIN
+    DELETE FROM quern_cache WHERE expires_at < now();
+END $$;
+REVOKE ALL ON FUNCTION cleanup_expired_cache() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cleanup_expired_cache() TO service_role;
+
+-- A user deleted from auth.users takes their jobs along. The function runs
+-- with its owner's rights (Supabase's auth service deletes users, not quern).
+CREATE OR REPLACE FUNCTION quern_delete_user_jobs() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path FROM CURRENT AS $$
+BEGIN
+    DELETE FROM quern_jobs WHERE user_id = OLD.id::text;
+    RETURN OLD;
+END $$;
+REVOKE ALL ON FUNCTION quern_delete_user_jobs() FROM PUBLIC;
+-- One trigger per schema quern lives in (named after it), so two quern
+-- databases in one project, or a test schema beside `public`, each clean up their own.
+DO $$
+BEGIN
+    EXECUTE format(
+        'CREATE OR REPLACE TRIGGER %I AFTER DELETE ON auth.users FOR EACH ROW EXECUTE FUNCTION %I.quern_delete_user_jobs()',
+        'quern_delete_jobs_' || current_schema(), current_schema());
+END $$;

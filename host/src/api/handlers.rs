@@ -363,6 +363,9 @@ pub struct HandlerTypeView {
     pub paused: bool,
     /// Versions come from the database (`true`) or a handlers directory.
     pub managed: bool,
+    /// The hosts the active version may call, those taken from settings
+    /// (`{{ GEMINI_BASE_URL }}`) resolved.
+    pub allowed_hosts: Vec<String>,
     pub versions: Vec<VersionView>,
 }
 
@@ -399,7 +402,10 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<axum:
         .into_iter()
         .map(|job_type| {
             let rollout = rollouts.get(&job_type).cloned().unwrap_or_default();
-            let serving = state.registry.get(&job_type).map(|h| h.version.to_string());
+            let active = state.registry.get(&job_type);
+            let serving = active.as_ref().map(|h| h.version.to_string());
+            let allowed_hosts =
+                active.map(|h| h.manifest.allowed_hosts.iter().map(ToString::to_string).collect()).unwrap_or_default();
             let figures = stats::by_version(&counts, &run_times, &job_type);
             let state_of = |version: &str| {
                 if serving.as_deref() == Some(version) {
@@ -451,6 +457,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<axum:
             }
             HandlerTypeView {
                 managed: state.registry.is_managed(&job_type),
+                allowed_hosts,
                 paused: rollout.paused,
                 canary_version: rollout.canary_version.clone(),
                 canary_percent: rollout.canary_percent,

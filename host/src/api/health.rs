@@ -21,11 +21,13 @@ const DB_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Health {
-    /// `ok`, or `unavailable` when the database does not answer.
+    /// `healthy` (the seed's word), or `unhealthy` when the database does not answer.
     pub status: String,
     /// This process's worker, when it runs one.
     pub worker_id: Option<String>,
     pub active_jobs: usize,
+    /// Seconds since the process started (the seed's `process.uptime()`).
+    pub uptime: f64,
     pub uptime_s: u64,
     pub version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,9 +64,10 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, axum::Json<Rea
 
 fn basic(state: &AppState, error: Option<String>) -> Health {
     Health {
-        status: if error.is_some() { "unavailable" } else { "ok" }.to_string(),
+        status: if error.is_some() { "unhealthy" } else { "healthy" }.to_string(),
         worker_id: state.worker.as_ref().map(|w| w.id().to_string()),
         active_jobs: state.worker.as_ref().map_or(0, |w| w.active_jobs()),
+        uptime: state.uptime().as_secs_f64(),
         uptime_s: state.uptime().as_secs(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         error,
@@ -75,12 +78,25 @@ fn basic(state: &AppState, error: Option<String>) -> Health {
 pub struct DetailedHealth {
     #[serde(flatten)]
     pub basic: Health,
+    /// The seed's `worker` object: this process's worker (`id` null and
+    /// zeros in a gateway alone) and the pending jobs of every type.
+    pub worker: SeedWorker,
     pub database: DatabaseHealth,
     /// Unfinished jobs by type and status.
     pub queue: Vec<DepthRow>,
     pub workers: Vec<WorkerRow>,
     pub handlers: Vec<HandlerView>,
     pub cache: CacheView,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SeedWorker {
+    pub id: Option<String>,
+    pub concurrency: usize,
+    #[serde(rename = "activeJobs")]
+    pub active_jobs: usize,
+    #[serde(rename = "queueSize")]
+    pub queue_size: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -150,8 +166,16 @@ pub async fn detailed(State(state): State<AppState>, caller: Caller) -> Result<a
     let queue = store.depth_by_type().await?;
     let workers = store.workers().await?;
     let cache = store.cache_stats(Utc::now()).await?;
+    let pending = queue.iter().filter(|row| row.status == crate::store::JobStatus::Pending).map(|row| row.count).sum();
+    let worker = state.worker.as_ref();
     Ok(axum::Json(DetailedHealth {
         basic: basic(&state, None),
+        worker: SeedWorker {
+            id: worker.map(|w| w.id().to_string()),
+            concurrency: worker.map_or(0, |w| w.concurrency()),
+            active_jobs: worker.map_or(0, |w| w.active_jobs()),
+            queue_size: pending,
+        },
         database: DatabaseHealth { backend: store.backend().to_string(), latency_ms },
         queue,
         workers,

@@ -27,6 +27,10 @@ use crate::queue::EnqueueRequest;
 use crate::store::{AttemptRecord, Job, JobFilter, JobStatus, Step};
 use crate::telemetry::{CACHE_HITS, CACHE_MISSES, JOBS_CANCELLED, JOBS_ENQUEUED};
 
+/// The response header that carries an enqueue's notice (e.g. a priority
+/// clamped) where the body's shape is fixed (the Supabase-compatible route).
+pub const NOTICE_HEADER: &str = "x-quern-notice";
+
 /// What to run.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -37,8 +41,12 @@ pub struct EnqueueBody {
     /// The job's input: a JSON object.
     #[schema(value_type = Object)]
     pub input: Value,
-    /// 1 (most urgent) to 10; 5 by default. 1–4 need a premium plan.
+    /// 1 (most urgent) to 10; 5 by default (premium callers: the premium
+    /// default, 2 unless set). 1–4 need a premium plan.
     pub priority: Option<i64>,
+    /// Service callers: the user the job is for (it is theirs, counts
+    /// against their limit and is visible to them). Ignored from a user's token.
+    pub user_id: Option<String>,
     /// Jobs to run after this one completes, each getting the previous result
     /// under `previous` in its input.
     #[serde(default)]
@@ -239,19 +247,20 @@ pub async fn submit(
         ));
     }
     check_steps(state, caller, &body.next)?;
+    let (owner, limit) = owner_of(state, caller, body.user_id.as_deref())?;
     let (priority, notice) = match body.priority {
         Some(asked @ 1..=4) if !caller.premium => {
             (Some(5), Some(format!("priority {asked} needs a premium plan; the job runs at priority 5")))
         }
+        // Premium jobs have high priority (the seed's plan) unless they ask otherwise.
+        None if caller.premium && !caller.service => (Some(state.settings.premium_priority), None),
         other => (other, None),
     };
     let queue = &state.queue;
     let cacheable = use_cache && handler.manifest.cacheable && queue.settings().cache_enabled && body.next.is_empty();
     if cacheable {
         let scope = handler.manifest.cache_scope;
-        if let Some(result) =
-            queue.cached_result(&body.job_type, &handler.version, scope, &caller.user_id, &body.input).await?
-        {
+        if let Some(result) = queue.cached_result(&body.job_type, &handler.version, scope, &owner, &body.input).await? {
             metrics::counter!(CACHE_HITS, "type" => body.job_type.clone()).increment(1);
             return Ok(Enqueued::Cached(result));
         }
@@ -259,16 +268,37 @@ pub async fn submit(
     }
     let next = body.next.into_iter().map(|step| Step { job_type: step.job_type, input: step.input }).collect();
     let request = EnqueueRequest {
-        user_id: caller.user_id.clone(),
+        user_id: owner,
         job_type: body.job_type,
         input: body.input,
         priority,
         max_attempts: Some(handler.manifest.max_attempts as i32),
         next,
     };
-    let job = queue.enqueue(request).await?;
+    let job = queue.enqueue_within(request, limit).await?;
     metrics::counter!(JOBS_ENQUEUED, "type" => job.job_type.clone()).increment(1);
     Ok(Enqueued::Job { job: Box::new(job), estimated_time_s: handler.manifest.estimated_time_s, notice })
+}
+
+/// Whose job it is, and the unfinished-jobs limit that applies: a user's
+/// own; the user a service caller names (that user's limit); a service
+/// caller's own (the service limit, apart from every user's).
+fn owner_of(state: &AppState, caller: &Caller, named: Option<&str>) -> Result<(String, Option<u32>), ApiError> {
+    let settings = state.queue.settings();
+    match named {
+        Some(user) if caller.service && user != super::auth::SERVICE_ROLE => {
+            let plain = (1..=128).contains(&user.len()) && !user.chars().any(char::is_control);
+            if !plain {
+                return Err(ApiError::bad_request(
+                    "invalid_user_id",
+                    "user_id must be 1 to 128 characters without control characters (the user's id, e.g. their Supabase auth uid)",
+                ));
+            }
+            Ok((user.to_string(), settings.max_unfinished_per_user))
+        }
+        _ if caller.service => Ok((caller.user_id.clone(), settings.max_unfinished_per_service)),
+        _ => Ok((caller.user_id.clone(), settings.max_unfinished_per_user)),
+    }
 }
 
 /// The jobs an enqueue creates, its pipeline's steps included.
@@ -421,7 +451,7 @@ fn wait_duration(state: &AppState, wait: Option<f64>) -> Result<Option<Duration>
 }
 
 /// Polls the job until it ends, the wait runs out or the server shuts down.
-async fn wait_for_end(state: &AppState, job: Job, wait: Duration) -> Result<Job, ApiError> {
+pub(super) async fn wait_for_end(state: &AppState, job: Job, wait: Duration) -> Result<Job, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut pause = Duration::from_millis(10);
     let mut latest = job;

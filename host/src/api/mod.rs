@@ -12,6 +12,7 @@ mod batch;
 mod body;
 mod dashboard;
 pub mod error;
+mod functions;
 mod handlers;
 mod health;
 mod jobs;
@@ -71,6 +72,12 @@ pub struct GatewaySettings {
     pub secure_cookies: bool,
     /// How connections and requests are bounded.
     pub server: server::ServerSettings,
+    /// SUPABASE_URL: where the /functions/v1 routes quern does not serve go.
+    pub functions_upstream: Option<url::Url>,
+    /// How long a passed-through function may take.
+    pub functions_timeout: Duration,
+    /// The priority of a premium caller's job that asks for none.
+    pub premium_priority: i64,
 }
 
 impl Default for GatewaySettings {
@@ -78,7 +85,7 @@ impl Default for GatewaySettings {
         Self {
             rate_limit_per_min: Some(50),
             trust_proxy: limits::TrustProxy::Off,
-            cors_origins: Vec::new(),
+            cors_origins: vec!["*".to_string()],
             disabled_types: Vec::new(),
             max_wait: Duration::from_secs(30),
             dashboard_password: None,
@@ -86,6 +93,9 @@ impl Default for GatewaySettings {
             max_upload_bytes: 50 << 20,
             secure_cookies: false,
             server: server::ServerSettings::default(),
+            functions_upstream: None,
+            functions_timeout: Duration::from_secs(150),
+            premium_priority: 2,
         }
     }
 }
@@ -125,6 +135,8 @@ pub struct Gateway {
     pub alerts: Arc<Alerts>,
     /// Applies rollouts this gateway writes before it answers.
     pub versions: Arc<VersionSync>,
+    /// Reaches the customer's Supabase functions (the pass-through).
+    pub functions: reqwest::Client,
     sessions: Sessions,
     sign_ins: dashboard::SignInThrottle,
     disabled: RwLock<BTreeSet<String>>,
@@ -151,7 +163,9 @@ impl Gateway {
         let limiter = settings.rate_limit_per_min.and_then(IpLimiter::per_minute);
         let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), leader, shutdown.clone());
         let versions = VersionSync::new(queue.store().clone(), registry.clone());
+        let functions = functions::client(settings.functions_timeout);
         Arc::new(Self {
+            functions,
             queue,
             registry,
             auth,
@@ -233,14 +247,18 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .split_for_parts();
     let document = Arc::new(openapi.clone());
     let request_id = HeaderName::from_static("x-request-id");
+    let cors_layer = cors(&state.settings.cors_origins);
     let router = api
+        .route("/functions/v1/{*path}", axum::routing::any(functions::serve))
         .fallback(no_route)
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_time))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(axum::Extension(document))
         .layer(axum::middleware::from_fn(metrics::track_http))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(cors(&state.settings.cors_origins))
+        .layer(axum::middleware::from_fn(move |request: Request<axum::body::Body>, next: axum::middleware::Next| {
+            api_cors(cors_layer.clone(), request, next)
+        }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http()
@@ -282,8 +300,15 @@ async fn limit_time(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let waits = request.uri().query().is_some_and(|query| query.split('&').any(|pair| pair.starts_with("wait=")));
-    let limit =
-        if waits { state.settings.max_wait + Duration::from_secs(5) } else { state.settings.server.request_timeout };
+    let settings = &state.settings;
+    let limit = if request.uri().path().starts_with("/functions/v1/") {
+        // A legacy function waits for its job; a passed-through one has its own timeout.
+        settings.functions_timeout.max(settings.max_wait) + Duration::from_secs(5)
+    } else if waits {
+        settings.max_wait + Duration::from_secs(5)
+    } else {
+        settings.server.request_timeout
+    };
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => axum::response::IntoResponse::into_response(error::ApiError::new(
@@ -356,6 +381,23 @@ async fn no_route(method: Method, uri: axum::http::Uri) -> error::ApiError {
     )
 }
 
+/// CORS on the APIs only (`/v1`, `/functions/v1`): the dashboard, which
+/// signs in with a cookie, never answers another origin.
+async fn api_cors(
+    cors: CorsLayer,
+    request: Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tower::{Layer, ServiceExt};
+    if !functions::is_api_path(request.uri().path()) {
+        return next.run(request).await;
+    }
+    match cors.layer(next).oneshot(request).await {
+        Ok(response) => axum::response::IntoResponse::into_response(response),
+        Err(never) => match never {},
+    }
+}
+
 fn cors(origins: &[String]) -> CorsLayer {
     let allow_origin = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
@@ -364,13 +406,15 @@ fn cors(origins: &[String]) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow_origin)
-        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS])
+        // The seed's functions allow exactly these.
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             HeaderName::from_static("apikey"),
             HeaderName::from_static("x-client-info"),
         ])
+        .expose_headers([HeaderName::from_static(jobs::NOTICE_HEADER), HeaderName::from_static("x-request-id")])
         .max_age(Duration::from_secs(600))
 }
 

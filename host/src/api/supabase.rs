@@ -1,14 +1,16 @@
 //! The routes of the customer's Supabase Edge Functions, with their shapes,
 //! so their frontend (`useAsyncAnalysis`) works by changing one URL:
 //! `POST /functions/v1/enqueue-analysis` and `GET|POST
-//! /functions/v1/get-analysis-status`. Unlike the seed, the user is the
-//! token's `sub`, never `input.userId`.
+//! /functions/v1/get-analysis-status`. Unlike the seed, a user's job is the
+//! token's `sub`'s, never `input.userId`'s; a service caller (the seed's own
+//! server side) may name the user with `user_id`, or `input.userId` as the
+//! seed's function read it.
 
 use std::net::SocketAddr;
 
 use axum::extract::rejection::ExtensionRejection;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -20,22 +22,40 @@ use super::AppState;
 use super::auth::Caller;
 use super::body::{ApiQuery, JsonBody};
 use super::error::{ApiError, ErrorBody};
-use super::jobs::{EnqueueBody, Enqueued, submit};
+use super::jobs::{EnqueueBody, Enqueued, NOTICE_HEADER, submit};
 use super::limits::check_rate;
 use crate::store::JobStatus;
 
-/// The seed's enqueue body. `type` and `input` are required; `userId` in the
-/// input is never trusted for identity.
+/// The seed's enqueue body. `type` and `input` are required (JavaScript
+/// truthiness, as the seed checks them); `userId` in the input is trusted
+/// only from a service caller.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AnalysisRequest {
     #[serde(rename = "type")]
-    pub job_type: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub job_type: Option<Value>,
     #[schema(value_type = Option<Object>)]
     pub input: Option<Value>,
     pub priority: Option<i64>,
     /// `false` skips the cache lookup.
     #[serde(rename = "useCache")]
     pub use_cache: Option<bool>,
+    /// Service callers: the user the job is for.
+    pub user_id: Option<String>,
+}
+
+/// The seed's answer when `type` or `input` is missing or falsy.
+pub const MISSING_FIELDS: &str = "Missing required fields: type, input";
+
+/// JavaScript's truthiness: what the seed's `!type || !input` refuses.
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|n| n != 0.0 && !n.is_nan()),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(_) | Value::Object(_) => true,
+    }
 }
 
 /// 202 `{jobId, status: "pending", estimatedTime, pollUrl}`, or on a cache
@@ -62,7 +82,7 @@ pub struct AnalysisEnqueued {
     responses(
         (status = 202, body = AnalysisEnqueued),
         (status = 200, description = "A cached result", body = AnalysisEnqueued),
-        (status = 400, description = "`{\"error\": \"type and input are required\"}`, or an invalid request", body = ErrorBody),
+        (status = 400, description = "`{\"error\": \"Missing required fields: type, input\"}`, or an invalid request", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody),
@@ -80,14 +100,22 @@ pub async fn enqueue_analysis(
     let JsonBody(body) = body?;
     let request: AnalysisRequest = serde_json::from_value(body)
         .map_err(|error| ApiError::bad_request("invalid_request", format!("invalid body: {error}")))?;
-    let (Some(job_type), Some(input)) = (request.job_type, request.input.filter(|input| !input.is_null())) else {
+    let (Some(job_type), Some(input)) = (request.job_type.filter(truthy), request.input.filter(truthy)) else {
         // The seed's exact answer.
-        return Ok(
-            (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "type and input are required"}))).into_response()
-        );
+        return Ok((StatusCode::BAD_REQUEST, axum::Json(json!({ "error": MISSING_FIELDS }))).into_response());
     };
-    let body = EnqueueBody { job_type, input, priority: request.priority, next: Vec::new() };
+    let Value::String(job_type) = job_type else {
+        return Err(ApiError::bad_request(
+            "invalid_type",
+            "type must be a string naming a job type (see GET /v1/types)",
+        ));
+    };
+    // A service caller speaks for the user it names, as the seed's function
+    // did with `input.userId`; a user's token always speaks for itself.
+    let user_id = request.user_id.or_else(|| input.get("userId").and_then(Value::as_str).map(str::to_string));
+    let body = EnqueueBody { job_type, input, priority: request.priority, user_id, next: Vec::new() };
     check_rate(&state, &caller, &headers, peer.as_ref().ok(), 1)?;
+    let mut notice = None;
     let answer = match submit(&state, &caller, body, request.use_cache.unwrap_or(true)).await? {
         Enqueued::Cached(result) => (
             StatusCode::OK,
@@ -100,19 +128,27 @@ pub async fn enqueue_analysis(
                 cached: Some(true),
             },
         ),
-        Enqueued::Job { job, estimated_time_s, .. } => (
-            StatusCode::ACCEPTED,
-            AnalysisEnqueued {
-                job_id: Some(job.id),
-                status: JobStatus::Pending,
-                estimated_time: Some(estimated_time_s),
-                poll_url: Some(format!("/functions/v1/get-analysis-status?jobId={}", job.id)),
-                result: None,
-                cached: None,
-            },
-        ),
+        Enqueued::Job { job, estimated_time_s, notice: said } => {
+            notice = said;
+            (
+                StatusCode::ACCEPTED,
+                AnalysisEnqueued {
+                    job_id: Some(job.id),
+                    status: JobStatus::Pending,
+                    estimated_time: Some(estimated_time_s),
+                    poll_url: Some(format!("/functions/v1/get-analysis-status?jobId={}", job.id)),
+                    result: None,
+                    cached: None,
+                },
+            )
+        }
     };
-    Ok((answer.0, axum::Json(answer.1)).into_response())
+    let mut response = (answer.0, axum::Json(answer.1)).into_response();
+    // The body's shape is the seed's: a notice travels in a header.
+    if let Some(value) = notice.and_then(|notice| HeaderValue::from_str(&notice).ok()) {
+        response.headers_mut().insert(NOTICE_HEADER, value);
+    }
+    Ok(response)
 }
 
 #[derive(Debug, Deserialize, IntoParams, ToSchema)]

@@ -27,6 +27,9 @@ use crate::store::{
 };
 
 /// Queue-wide settings (names from the customer's worker: WORKER_*, CACHE_*).
+/// The owner of the jobs service callers enqueue for no named user.
+pub const SERVICE_OWNER: &str = "service_role";
+
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
     /// First retry delay; doubles per attempt (WORKER_RETRY_DELAY_MS).
@@ -37,6 +40,9 @@ pub struct QueueSettings {
     pub lease: Duration,
     /// Unfinished jobs a user may have (QUERN_MAX_ACTIVE_JOBS_PER_USER).
     pub max_unfinished_per_user: Option<u32>,
+    /// Unfinished jobs service callers may have of their own, for no named
+    /// user (QUERN_MAX_ACTIVE_JOBS_PER_SERVICE).
+    pub max_unfinished_per_service: Option<u32>,
     /// ENABLE_CACHE.
     pub cache_enabled: bool,
     /// CACHE_TTL_HOURS.
@@ -53,6 +59,7 @@ impl Default for QueueSettings {
             default_max_attempts: 3,
             lease: Duration::from_secs(30),
             max_unfinished_per_user: Some(10),
+            max_unfinished_per_service: Some(1000),
             cache_enabled: true,
             cache_ttl: Duration::from_secs(24 * 3600),
             max_steps: 16,
@@ -150,8 +157,24 @@ impl Queue {
 
     /// Validates and inserts a job; refuses it when the user is at the limit.
     pub async fn enqueue(&self, request: EnqueueRequest) -> Result<Job, QueueError> {
+        let limit = self.limit_of(&request.user_id);
+        self.enqueue_within(request, limit).await
+    }
+
+    /// [`Queue::enqueue`] with the owner's unfinished-jobs `limit` given.
+    pub async fn enqueue_within(&self, request: EnqueueRequest, limit: Option<u32>) -> Result<Job, QueueError> {
         let job = self.new_job(request)?;
-        Ok(self.store.enqueue(&job, Utc::now(), self.settings.max_unfinished_per_user).await?)
+        Ok(self.store.enqueue(&job, Utc::now(), limit).await?)
+    }
+
+    /// The unfinished-jobs limit of an owner: the service callers' own
+    /// jobs have theirs, every user the per-user one.
+    pub fn limit_of(&self, owner: &str) -> Option<u32> {
+        if owner == SERVICE_OWNER {
+            self.settings.max_unfinished_per_service
+        } else {
+            self.settings.max_unfinished_per_user
+        }
     }
 
     /// Validates every request, then inserts them all in one transaction, or
@@ -243,7 +266,8 @@ impl Queue {
     /// Puts a failed or cancelled job back to `pending` with `attempts` fresh
     /// attempts; the user's unfinished-job limit applies as at enqueue.
     pub async fn requeue(&self, id: Uuid, attempts: i32) -> Result<Job, QueueError> {
-        match self.store.requeue(id, Utc::now(), attempts, self.settings.max_unfinished_per_user).await? {
+        let owner = self.store.get(id).await?.map(|job| job.user_id).ok_or(QueueError::NotFound(id))?;
+        match self.store.requeue(id, Utc::now(), attempts, self.limit_of(&owner)).await? {
             RequeueOutcome::Requeued(job) => Ok(*job),
             RequeueOutcome::NotRetryable(status) => Err(QueueError::NotRetryable { id, status }),
             RequeueOutcome::NotFound => Err(QueueError::NotFound(id)),

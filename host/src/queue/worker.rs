@@ -155,6 +155,11 @@ impl WorkerProbe {
         self.0.running()
     }
 
+    /// Jobs it runs at once at most.
+    pub fn concurrency(&self) -> usize {
+        self.0.settings.concurrency as usize
+    }
+
     /// Attempt ends handed to the completer and not yet committed.
     pub fn ends_waiting(&self) -> usize {
         self.0.completer.waiting()

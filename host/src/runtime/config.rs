@@ -56,7 +56,8 @@ impl ConfigSource {
         self.overrides.keys().map(String::as_str)
     }
 
-    fn get(&self, key: &str) -> Option<String> {
+    /// The value of one key, wherever it is set.
+    pub fn get(&self, key: &str) -> Option<String> {
         self.overrides
             .get(key)
             .cloned()

@@ -31,7 +31,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use self::bindings::{Failure, Handler, HandlerPre, Job};
 use self::config::{ConfigSource, GrantedConfig};
 use self::engine::{CacheOutcome, CompileCache};
-use self::http::{HttpCap, HttpPolicy, HttpSettings, OutboundHttp, Transport};
+use self::http::{HostRule, HttpCap, HttpPolicy, HttpSettings, OutboundHttp, Transport};
 use self::log::{JobLabels, LogBudget};
 use self::progress::ProgressSink;
 use self::state::{JobState, MemoryLimiter};
@@ -205,8 +205,9 @@ impl Runtime {
 
     /// Compiles (or loads from the cache), links and checks a component
     /// against the world. Slow on a cache miss: keep it off the job path.
-    pub fn load(&self, bytes: &[u8], manifest: Manifest) -> Result<HandlerVersion, LoadError> {
+    pub fn load(&self, bytes: &[u8], mut manifest: Manifest) -> Result<HandlerVersion, LoadError> {
         check_component_header(bytes)?;
+        manifest.allowed_hosts.extend(self.hosts_from_settings(&manifest)?);
         let started = Instant::now();
         let sha256 = sha256_hex(bytes);
         let (component, cache_outcome) =
@@ -231,6 +232,32 @@ impl Runtime {
             pre,
             policy,
         })
+    }
+
+    /// The host rules a manifest takes from settings: the host and port of
+    /// the URL each holds (an unset setting grants nothing). A value is
+    /// never echoed: it may be a secret set under the wrong name.
+    fn hosts_from_settings(&self, manifest: &Manifest) -> Result<Vec<HostRule>, LoadError> {
+        let mut rules = Vec::new();
+        for key in &manifest.host_settings {
+            let Some(value) = self.settings.config.get(key) else { continue };
+            let invalid = |reason: &str| LoadError::Manifest {
+                path: format!("{} (allowed host {{{{ {key} }}}})", manifest.job_type),
+                source: crate::manifest::ManifestError::HostRule {
+                    rule: format!("{{{{ {key} }}}}"),
+                    reason: format!("the setting {key} {reason}"),
+                },
+            };
+            let url =
+                url::Url::parse(value.trim()).map_err(|_| invalid("is not a URL (e.g. https://api.example.com/v1)"))?;
+            let host = url.host_str().ok_or_else(|| invalid("is a URL without a host"))?;
+            let rule = match url.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_string(),
+            };
+            rules.push(HostRule::parse(&rule).map_err(|_| invalid("names a host that is not a valid rule"))?);
+        }
+        Ok(rules)
     }
 
     /// Deletes the compiled artifacts of every component but those in

@@ -87,7 +87,9 @@ impl PostgresStore {
             "SELECT name FROM (VALUES ('role authenticated', (SELECT count(*) FROM pg_roles WHERE rolname = 'authenticated')), \
                                       ('role service_role', (SELECT count(*) FROM pg_roles WHERE rolname = 'service_role')), \
                                       ('function auth.uid()', (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-                                                               WHERE n.nspname = 'auth' AND p.proname = 'uid'))) AS needs(name, found) \
+                                                               WHERE n.nspname = 'auth' AND p.proname = 'uid')), \
+                                      ('table auth.users', (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                                                            WHERE n.nspname = 'auth' AND c.relname = 'users'))) AS needs(name, found) \
              WHERE found = 0",
         )
         .fetch_all(&self.pool)
