@@ -287,9 +287,16 @@ pub struct GatewayArgs {
     /// /functions/v1/<name> quern does not serve is passed through to it.
     #[arg(long, env = "SUPABASE_URL")]
     pub supabase_url: Option<url::Url>,
-    /// How long a passed-through function may take to answer, in seconds.
-    #[arg(long, env = "QUERN_FUNCTIONS_TIMEOUT_S", default_value_t = 150, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    /// How long a passed-through function may take to answer, in seconds
+    /// (for more than 55, raise QUERN_HTTP_IDLE_TIMEOUT_S above it too: an
+    /// idle connection is closed after that).
+    #[arg(long, env = "QUERN_FUNCTIONS_TIMEOUT_S", default_value_t = 55, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub functions_timeout_s: u64,
+    /// The longest a request waits for its job: `?wait=` at most, and a
+    /// legacy function served by quern before it answers 202 with the job
+    /// (at most 30 s: less than the idle timeout, which would cut a wait).
+    #[arg(long, env = "QUERN_MAX_WAIT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=30))]
+    pub max_wait_s: u64,
     /// The priority of a premium caller's job that asks for none (1 most urgent … 10).
     #[arg(long, env = "QUERN_PREMIUM_PRIORITY", default_value_t = 2, value_parser = clap::value_parser!(i64).range(1..=10))]
     pub premium_priority: i64,
@@ -410,7 +417,7 @@ impl GatewayArgs {
             functions_upstream: self.supabase_url.clone(),
             functions_timeout: std::time::Duration::from_secs(self.functions_timeout_s),
             premium_priority: self.premium_priority,
-            ..crate::api::GatewaySettings::default()
+            max_wait: std::time::Duration::from_secs(self.max_wait_s),
         }
     }
 

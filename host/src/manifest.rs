@@ -364,6 +364,26 @@ mod tests {
     }
 
     #[test]
+    fn a_host_may_come_from_a_setting_the_manifest_reads() {
+        let manifest = Manifest::parse(
+            "type = \"a\"\n[http]\nallowed_hosts = [\"x.example\", \"{{ GEMINI_BASE_URL }}\"]\n[config]\nkeys = [\"GEMINI_BASE_URL\"]\n",
+        )
+        .unwrap();
+        assert_eq!(manifest.host_settings, ["GEMINI_BASE_URL"]);
+        assert_eq!(manifest.allowed_hosts.len(), 1);
+        let error = Manifest::parse("type = \"a\"\n[http]\nallowed_hosts = [\"{{ HOME }}\"]\n").unwrap_err();
+        assert!(error.to_string().contains("add \"HOME\" to [config] keys"), "{error}");
+    }
+
+    #[test]
+    fn a_legacy_function_name_is_checked() {
+        let manifest = Manifest::parse("type = \"a\"\nfunction = \"sofia-image-analysis\"\n").unwrap();
+        assert_eq!(manifest.function.as_deref(), Some("sofia-image-analysis"));
+        let error = Manifest::parse("type = \"a\"\nfunction = \"../admin\"\n").unwrap_err();
+        assert!(error.to_string().contains("is not an Edge Function name"), "{error}");
+    }
+
+    #[test]
     fn full_manifest_parses() {
         let manifest = Manifest::parse(
             r#"

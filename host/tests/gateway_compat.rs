@@ -83,13 +83,23 @@ async fn supabase_routes_answer_with_the_seed_shapes(db: &Db) {
     );
     assert_eq!(cached.body["result"], status.body["result"]);
 
-    for body in
-        [json!({"input": {"a": 1}}), json!({"type": "cached"}), json!({"type": "cached", "input": null}), json!({})]
-    {
-        let missing = invoke("enqueue-analysis", Some(&token), body).await;
-        assert_eq!(missing.status, 400);
-        assert_eq!(missing.body, json!({"error": "type and input are required"}));
+    // The seed's `!type || !input`: JavaScript truthiness, and its exact words.
+    for body in [
+        json!({"input": {"a": 1}}),
+        json!({"type": "cached"}),
+        json!({"type": "cached", "input": null}),
+        json!({"type": "cached", "input": false}),
+        json!({"type": "cached", "input": 0}),
+        json!({"type": "cached", "input": ""}),
+        json!({"type": "", "input": {"a": 1}}),
+        json!({}),
+    ] {
+        let missing = invoke("enqueue-analysis", Some(&token), body.clone()).await;
+        assert_eq!(missing.status, 400, "{body}");
+        assert_eq!(missing.body, json!({"error": "Missing required fields: type, input"}), "{body}");
     }
+    let empty_object = invoke("enqueue-analysis", Some(&token), json!({"type": "echo", "input": {}})).await;
+    assert_eq!(empty_object.status, 202, "`{{}}` is truthy, as in JavaScript: {}", empty_object.text);
     let no_id = invoke("get-analysis-status", Some(&token), json!({})).await;
     assert_eq!((no_id.status.as_u16(), no_id.error()), (400, "jobId is required"));
 
@@ -283,7 +293,10 @@ async fn detailed_health_is_for_the_service_role() {
     let server = Server::start(&db).await;
     let health = server.call(Method::GET, "/health", None, None).await;
     assert_eq!(health.status, 200);
-    assert_eq!(keys(&health.body), BTreeSet::from(["status", "worker_id", "active_jobs", "uptime_s", "version"]));
+    assert_eq!(
+        keys(&health.body),
+        BTreeSet::from(["status", "worker_id", "active_jobs", "uptime", "uptime_s", "version"])
+    );
     assert_eq!(health.body["status"], "healthy");
     let refused = server.get("/health/detailed", &server.token("alice")).await;
     assert_eq!(refused.status, 403);
@@ -328,7 +341,7 @@ async fn health_is_503_while_the_database_is_away_and_recovers() {
     proxy.cut();
     let health = server.call(Method::GET, "/health", None, None).await;
     assert_eq!(health.status, 503, "{}", health.text);
-    assert_eq!(health.body["status"], "unavailable");
+    assert_eq!(health.body["status"], "unhealthy");
     let enqueue = server.enqueue(&token, "echo", json!({"during": "outage"})).await;
     assert_eq!((enqueue.status.as_u16(), enqueue.code()), (503, "database_unavailable"), "{}", enqueue.text);
     assert!(enqueue.headers.contains_key("retry-after"));

@@ -148,6 +148,40 @@ async fn ollama_down_the_job_completes_through_gemini() {
     db.cleanup().await;
 }
 
+/// The seed's Gemini gateway and model by two settings alone: the shipped
+/// manifests allow `{{ GEMINI_BASE_URL }}`, so wherever it points is reachable
+/// (here a loopback stand-in) with no manifest edit, and `/v1/handlers` shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gemini_gateway_is_chosen_by_settings_without_editing_a_manifest() {
+    let db = Db::sqlite().await;
+    let gemini = Fake::start(Kind::Chat).await;
+    let shipped = |t: &'static str| (t, std::fs::read_to_string(support::dist(&format!("{t}.toml"))).unwrap());
+    let gateway = format!("{}/v1", gemini.url());
+    // Ollama stays at the seed's internal name, which does not resolve here: down.
+    let env = vec![
+        ("GEMINI_API_KEY", GEMINI_KEY.into()),
+        ("GEMINI_BASE_URL", gateway.clone()),
+        ("GEMINI_MODEL", "google/gemini-2.5-pro".into()),
+    ];
+    let options = Options { handlers: vec![shipped("sofia_text")], env, ..Options::default() };
+    let server = Server::start_with(&db, options).await;
+    server.remember(GEMINI_KEY.into());
+    let job = run_to_end(&server, &server.token("alice"), "sofia_text", json!({"text": "pão com ovo"})).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(
+        (job["result"]["provider"].clone(), job["result"]["model"].clone()),
+        (json!("gemini"), json!("google/gemini-2.5-pro"))
+    );
+    assert_eq!(gemini.seen().len(), 1, "the gateway answered");
+
+    let handlers = server.get("/v1/handlers", &server.service_token()).await;
+    let sofia = handlers.body.as_array().unwrap().iter().find(|t| t["type"] == "sofia_text").unwrap();
+    let host = gemini.url().trim_start_matches("http://").to_string();
+    assert!(sofia["allowed_hosts"].as_array().unwrap().iter().any(|h| h == &json!(host)), "{sofia}");
+    server.finish().await;
+    db.cleanup().await;
+}
+
 /// Gemini, the last provider, answers 429 with `Retry-After: 2`. The host's
 /// HTTP client honours it for its own three tries; when all three are
 /// refused the handler hands the delay to the queue, which runs the job

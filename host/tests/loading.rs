@@ -74,3 +74,28 @@ fn a_directory_loads_every_good_pair_and_reports_the_bad_ones() {
     let broken = results.iter().find(|(path, _)| path.ends_with("broken.wasm")).unwrap();
     assert!(broken.1.as_ref().unwrap_err().to_string().contains("not a WebAssembly file"));
 }
+
+#[test]
+fn a_host_from_a_setting_resolves_at_load_and_a_bad_value_is_never_echoed() {
+    let bytes = std::fs::read(support::dist("echo.wasm")).unwrap();
+    let manifest = quern::manifest::Manifest::parse(
+        "type = \"echo\"\n[http]\nallowed_hosts = [\"{{ GEMINI_BASE_URL }}\"]\n[config]\nkeys = [\"GEMINI_BASE_URL\"]\n",
+    )
+    .unwrap();
+    let with = |value: &str| quern::runtime::RuntimeSettings {
+        config: quern::runtime::config::ConfigSource::empty().with("GEMINI_BASE_URL", value),
+        ..support::settings()
+    };
+    let runtime = quern::runtime::Runtime::new(with("https://ai.gateway.lovable.dev/v1")).unwrap();
+    let handler = runtime.load(&bytes, manifest.clone()).unwrap();
+    let hosts: Vec<String> = handler.manifest.allowed_hosts.iter().map(ToString::to_string).collect();
+    assert_eq!(hosts, ["ai.gateway.lovable.dev"]);
+
+    let runtime = quern::runtime::Runtime::new(with("sk-live-not-a-url")).unwrap();
+    let Err(error) = runtime.load(&bytes, manifest.clone()) else { panic!("a value that is not a URL is refused") };
+    let error = error.to_string();
+    assert!(error.contains("GEMINI_BASE_URL is not a URL") && !error.contains("sk-live"), "{error}");
+
+    let unset = quern::runtime::Runtime::new(support::settings()).unwrap();
+    assert!(unset.load(&bytes, manifest).unwrap().manifest.allowed_hosts.is_empty(), "an unset setting grants nothing");
+}

@@ -94,7 +94,7 @@ impl Default for GatewaySettings {
             secure_cookies: false,
             server: server::ServerSettings::default(),
             functions_upstream: None,
-            functions_timeout: Duration::from_secs(150),
+            functions_timeout: Duration::from_secs(55),
             premium_priority: 2,
         }
     }

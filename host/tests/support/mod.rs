@@ -93,6 +93,9 @@ impl Reply {
 pub struct Received {
     pub method: String,
     pub path: String,
+    pub query: Option<String>,
+    /// Header names lowercase, in the order received.
+    pub headers: Vec<(String, String)>,
     pub body: String,
     pub at: Instant,
 }
@@ -139,7 +142,7 @@ async fn answer(
     State(script): State<Arc<Mutex<Script>>>,
     method: Method,
     uri: Uri,
-    _: HeaderMap,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let reply = {
@@ -147,6 +150,13 @@ async fn answer(
         script.received.push(Received {
             method: method.to_string(),
             path: uri.path().to_string(),
+            query: uri.query().map(str::to_string),
+            headers: headers
+                .iter()
+                .map(|(name, value)| {
+                    (name.as_str().to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned())
+                })
+                .collect(),
             body: String::from_utf8_lossy(&body).into_owned(),
             at: Instant::now(),
         });

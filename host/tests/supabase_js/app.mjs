@@ -1,0 +1,82 @@
+// The customer's app against quern, through @supabase/supabase-js itself:
+// the useAsyncAnalysis hook's two async routes, the seed's 400 answer, the
+// hook's sync fallback (passed through to the customer's functions) and a
+// browser's CORS preflight. Prints one JSON line of what it saw; exits 1 on
+// the first thing that is not as the app expects.
+import http from "node:http";
+import { createClient } from "@supabase/supabase-js";
+
+const { QUERN_URL, USER_TOKEN, ANON_KEY } = process.env;
+const supabase = createClient(QUERN_URL, ANON_KEY, {
+  global: { headers: { Authorization: `Bearer ${USER_TOKEN}` } },
+  auth: { persistSession: false, autoRefreshToken: false },
+});
+
+function check(condition, what, seen) {
+  if (!condition) {
+    console.error(`not as the app expects: ${what}: ${JSON.stringify(seen)}`);
+    process.exit(1);
+  }
+}
+
+const seen = {};
+
+// 1. enqueue-analysis, then get-analysis-status until it ends (the hook's loop).
+const enqueued = await supabase.functions.invoke("enqueue-analysis", {
+  body: { type: "echo", input: { imageUrl: "https://media.example/lunch.jpg", mealType: "lunch" } },
+});
+check(!enqueued.error, "enqueue-analysis answered", enqueued.error?.message);
+check(enqueued.data.status === "pending" && enqueued.data.jobId, "a pending job with an id", enqueued.data);
+seen.enqueued = enqueued.data;
+const deadline = Date.now() + 20_000;
+let status;
+do {
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  status = await supabase.functions.invoke("get-analysis-status", { body: { jobId: enqueued.data.jobId } });
+  check(!status.error, "get-analysis-status answered", status.error?.message);
+} while (!["completed", "failed", "cancelled"].includes(status.data.status) && Date.now() < deadline);
+check(status.data.status === "completed", "the job completed", status.data);
+check(status.data.result?.echo?.mealType === "lunch", "its result", status.data.result);
+seen.completed = status.data.status;
+
+// 2. The seed's 400: invoke reports a FunctionsHttpError whose response is the body.
+const missing = await supabase.functions.invoke("enqueue-analysis", { body: { type: "echo" } });
+check(missing.error?.name === "FunctionsHttpError", "a missing input is an HTTP error", missing.error?.name);
+const body = await missing.error.context.json();
+check(body.error === "Missing required fields: type, input", "the seed's words", body);
+seen.missing = body;
+
+// 3. The hook's sync fallback: a function quern does not serve, passed through.
+const fallback = await supabase.functions.invoke("sofia-image-analysis", {
+  body: { imageUrl: "https://media.example/lunch.jpg", userId: "ignored" },
+});
+check(!fallback.error, "the sync fallback answered", fallback.error?.message);
+check(fallback.data.from === "customer-functions", "the customer's function answered it", fallback.data);
+seen.fallback = fallback.data;
+
+// 4. A browser's preflight from the app's origin.
+const preflight = await new Promise((resolve, reject) => {
+  const url = new URL("/functions/v1/enqueue-analysis", QUERN_URL);
+  const request = http.request(url, {
+    method: "OPTIONS",
+    headers: {
+      Origin: "http://localhost:8080",
+      "Access-Control-Request-Method": "POST",
+      "Access-Control-Request-Headers": "authorization, x-client-info, apikey, content-type",
+    },
+  }, (response) => {
+    response.resume();
+    resolve({ status: response.statusCode, headers: response.headers });
+  });
+  request.on("error", reject);
+  request.end();
+});
+check(preflight.status >= 200 && preflight.status < 300, "the preflight succeeds", preflight);
+check(preflight.headers["access-control-allow-origin"] === "*", "any origin, as the seed", preflight.headers);
+const allowed = preflight.headers["access-control-allow-headers"] ?? "";
+for (const name of ["authorization", "x-client-info", "apikey", "content-type"]) {
+  check(allowed.includes(name), `the preflight allows ${name}`, allowed);
+}
+seen.preflight = preflight.status;
+
+console.log(JSON.stringify(seen));
