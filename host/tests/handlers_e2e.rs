@@ -104,12 +104,13 @@ async fn all_six_job_types_run_end_to_end_through_quern_serve() {
         let result = &job["result"];
         match job_type {
             "sofia_image" => {
-                assert_eq!(result["yolo_detections"][0]["label"], "rice");
+                assert_eq!(result["yolo_detections"]["detections"][0]["class"], "rice", "YOLO's body as received");
+                assert!(result["foods"].is_string() && result["timestamp"].is_string(), "{result}");
                 assert_eq!(result["totals"]["kcal"], 268.0);
             }
             "sofia_text" => assert_eq!(result["foods"][1]["name"], "feijão"),
             "medical_exam" => assert_eq!(result["values"][0]["flag"], "high"),
-            "unified_assistant" => assert!(result["reply"].as_str().unwrap().starts_with("Olá")),
+            "unified_assistant" => assert!(result["response"].as_str().unwrap().starts_with("Olá")),
             "meal_plan" => {
                 assert_eq!(result["days"].as_array().unwrap().len(), 2);
                 assert_eq!(result["days"][0]["kcal_total"], result["targets"]["kcal"]);
@@ -144,6 +145,53 @@ async fn ollama_down_the_job_completes_through_gemini() {
         (json!("gemini"), json!("gemini-2.5-flash"))
     );
     assert_eq!(up.gemini.seen()[0].authorization.as_deref(), Some(&*format!("Bearer {GEMINI_KEY}")));
+    server.finish().await;
+    db.cleanup().await;
+}
+
+/// The hook's sync fallback is served by quern for the types whose manifest
+/// names the legacy function, with the seed's fields; and a pipeline
+/// `unified_assistant → whatsapp_message` sends the assistant's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_legacy_functions_answer_with_the_seed_s_fields_and_the_assistant_s_answer_goes_to_whatsapp() {
+    let db = Db::sqlite().await;
+    let up = Upstreams::start().await;
+    let server = serve(&db, &up, &[]).await;
+    let token = server.token("9b2f3c1e-user");
+    let call = |name: &'static str, body: Value| {
+        let request = server
+            .client
+            .post(format!("{}/functions/v1/{name}", server.base))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        async move { support::server::read(request.send().await.unwrap()).await }
+    };
+    let assistant = call("unified-ai-assistant", json!({"message": "O que comer no jantar?", "userId": "x"})).await;
+    assert_eq!(assistant.status, 200, "{}", assistant.text);
+    assert!(assistant.body["response"].is_string(), "{}", assistant.text);
+    let image =
+        call("sofia-image-analysis", json!({"imageUrl": "https://media.example/prato.jpg", "mealType": "almoco"}))
+            .await;
+    assert_eq!(image.status, 200, "{}", image.text);
+    assert!(image.body["foods"].is_string() && image.body["timestamp"].is_string(), "{}", image.text);
+    assert_eq!(image.body["yolo_detections"]["detections"][0]["class"], "rice", "{}", image.text);
+    let exam = call("analyze-medical-exam", json!({"text": "GLICOSE ..... 110 mg/dL (VR 70 a 99)"})).await;
+    assert!(exam.body["analysis"].is_string(), "{}", exam.text);
+
+    let service = server.service_token();
+    let body = json!({"type": "unified_assistant", "input": {"message": "Dica do dia?"},
+                      "next": [{"type": "whatsapp_message", "input": {"to": "+5511999998888", "userId": "x"}}]});
+    let first = server.post("/v1/jobs", &service, body).await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    let sent = up.whatsapp.clone();
+    support::poll_until(Duration::from_secs(30), "the assistant's answer at WhatsApp", || {
+        (!sent.seen().is_empty()).then_some(())
+    })
+    .await;
+    let seen = up.whatsapp.seen();
+    assert_eq!(seen.len(), 1, "sent once");
+    assert!(seen[0].body["text"]["body"].as_str().unwrap().starts_with("Olá"), "{:?}", seen[0].body);
     server.finish().await;
     db.cleanup().await;
 }
@@ -218,10 +266,11 @@ async fn yolo_down_sofia_image_completes_without_detections() {
     let token = server.token("alice");
     let job = run_to_end(&server, &token, "sofia_image", json!({"imageUrl": "https://media.example/p.jpg"})).await;
     assert_eq!(job["status"], "completed", "{job}");
-    assert_eq!(job["result"]["yolo_detections"], json!([]));
+    assert_eq!(job["result"]["yolo_detections"], json!(null));
+    assert_eq!(job["result"]["detections"], json!([]));
     assert_eq!(job["result"]["yolo"]["available"], false);
     assert!(job["result"]["yolo"]["error"].as_str().unwrap().contains("YOLO is unavailable"), "{job}");
-    assert_eq!(job["result"]["foods"][0]["name"], "arroz");
+    assert_eq!(job["result"]["items"][0]["name"], "arroz");
     server.finish().await;
     db.cleanup().await;
 }

@@ -11,10 +11,13 @@ use serde::{Deserialize, Serialize};
 /// How far a day's energy may stray from the target.
 pub const TOLERANCE: f64 = 0.20;
 
+/// The app's input: a profile in English or Portuguese, numbers as numbers
+/// or as the strings a form sends; other fields (`userId`, the profile's
+/// name, …) are ignored.
 #[derive(Debug, Deserialize)]
 pub struct Input {
     pub profile: Profile,
-    #[serde(default = "default_days")]
+    #[serde(default = "default_days", deserialize_with = "quern_sdk::input::number")]
     pub days: u32,
 }
 
@@ -23,13 +26,21 @@ fn default_days() -> u32 {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Profile {
+    #[serde(alias = "idade")]
+    #[serde(deserialize_with = "quern_sdk::input::number")]
     pub age: u32,
+    #[serde(alias = "sexo")]
     pub sex: Sex,
+    #[serde(alias = "peso", alias = "weight")]
+    #[serde(deserialize_with = "quern_sdk::input::number")]
     pub weight_kg: f64,
+    #[serde(alias = "altura", alias = "height")]
+    #[serde(deserialize_with = "quern_sdk::input::number")]
     pub height_cm: f64,
+    #[serde(alias = "nivel_atividade", alias = "activity_level")]
     pub activity: Activity,
+    #[serde(alias = "objetivo")]
     pub goal: Goal,
     #[serde(default)]
     pub restrictions: Vec<String>,
@@ -38,25 +49,35 @@ pub struct Profile {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sex {
+    #[serde(alias = "masculino", alias = "homem", alias = "m")]
     Male,
+    #[serde(alias = "feminino", alias = "mulher", alias = "f")]
     Female,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activity {
+    #[serde(alias = "sedentario", alias = "sedentário")]
     Sedentary,
+    #[serde(alias = "leve", alias = "levemente_ativo")]
     Light,
+    #[serde(alias = "moderado", alias = "moderadamente_ativo")]
     Moderate,
+    #[serde(alias = "ativo")]
     Active,
+    #[serde(alias = "muito_ativo", alias = "extremamente_ativo")]
     VeryActive,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Goal {
+    #[serde(alias = "perder_peso", alias = "emagrecer", alias = "emagrecimento")]
     LoseWeight,
+    #[serde(alias = "manter", alias = "manter_peso", alias = "manutencao", alias = "manutenção")]
     Maintain,
+    #[serde(alias = "ganhar_peso", alias = "ganhar_massa", alias = "hipertrofia")]
     GainWeight,
 }
 

@@ -62,6 +62,33 @@ async fn totals_are_computed_from_the_meals_and_match_their_sum() {
 }
 
 #[tokio::test]
+async fn the_app_s_portuguese_profile_with_its_extras_and_string_numbers_gives_the_same_plan() {
+    let harness = harness();
+    harness.respond("POST", OLLAMA, CannedResponse::chat_completion("llama3.2", &plan(1, 1700.0)));
+    let run = harness
+        .run(json!({
+            "userId": "u-1",
+            "days": "1",
+            "profile": {"nome": "Maria", "idade": "30", "sexo": "feminino", "peso": "70", "altura": 165,
+                        "nivel_atividade": "moderado", "objetivo": "perder_peso", "restrictions": ["lactose"],
+                        "cidade": "Recife"}
+        }))
+        .await;
+    let output = run.output();
+    assert_eq!(output["targets"]["kcal"], 1701.0, "the same targets as the English profile: {output}");
+    let day = &output["days"][0];
+    let meals_sum: f64 = day["meals"].as_array().unwrap().iter().map(|m| m["kcal"].as_f64().unwrap()).sum();
+    assert!((day["kcal_total"].as_f64().unwrap() - meals_sum).abs() < 0.01, "{day}");
+
+    let run = self::harness().run(json!({"profile": {"idade": "trinta", "sexo": "feminino"}})).await;
+    let failure = run.failure();
+    assert!(
+        failure.contains("field `profile.idade`: expected u32") && !failure.contains("trinta"),
+        "named as sent, never echoed: {failure}"
+    );
+}
+
+#[tokio::test]
 async fn a_plan_off_target_is_sent_back_once_then_refused() {
     let harness = harness();
     harness.respond("POST", OLLAMA, CannedResponse::chat_completion("llama3.2", &plan(1, 3200.0)));
@@ -89,7 +116,7 @@ async fn invalid_input_fails_permanently_naming_the_field() {
         (json!({"profile": profile(), "days": 0}), "`days` = 0"),
         (
             json!({"profile": bad_sex}),
-            "field `profile.sex`: not one of the values allowed: expected `male` or `female`",
+            "field `profile.sex`: not one of the values allowed: expected one of `homem`, `m`, `male`,",
         ),
         (json!({"profile": no_goal}), "missing field `goal`"),
     ] {

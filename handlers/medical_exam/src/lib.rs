@@ -72,6 +72,10 @@ pub struct ModelExam {
 
 #[derive(Debug, Serialize)]
 pub struct Output {
+    /// The reading as one text (the seed's `analysis`): the summary, the
+    /// values outside their range (flagged here, not by the model) and the
+    /// disclaimer.
+    pub analysis: String,
     pub exam_type: String,
     pub values: Vec<ExamValue>,
     pub summary: String,
@@ -91,15 +95,44 @@ impl Handler for MedicalExam {
         quern_sdk::progress(10, "reading the exam");
         let (exam, reply) = chat_json::<ModelExam>(&request(&source, input.exam_type.as_deref()), check)?;
         quern_sdk::progress(100, "done");
+        let values: Vec<ExamValue> = exam.values.into_iter().map(reflag).collect();
         Ok(Output {
+            analysis: analysis(&exam.summary, &values),
             exam_type: exam.exam_type,
-            values: exam.values.into_iter().map(reflag).collect(),
+            values,
             summary: exam.summary,
             disclaimer: DISCLAIMER,
             provider: reply.provider.into(),
             model: reply.model,
         })
     }
+}
+
+/// The seed's `analysis` text: the summary, each value outside its range,
+/// and the disclaimer.
+pub fn analysis(summary: &str, values: &[ExamValue]) -> String {
+    let mut text = summary.trim().to_string();
+    let outside: Vec<String> = values
+        .iter()
+        .filter(|v| matches!(v.flag, Flag::Low | Flag::High))
+        .map(|v| {
+            let value = match &v.value {
+                Measured::Number(n) => n.to_string(),
+                Measured::Text(t) => t.clone(),
+            };
+            let unit = v.unit.as_deref().map_or(String::new(), |u| format!(" {u}"));
+            let range = v.reference_range.as_deref().map_or(String::new(), |r| format!(", referência {r}"));
+            let side = if v.flag == Flag::High { "alto" } else { "baixo" };
+            format!("- {}: {value}{unit} ({side}{range})", v.name)
+        })
+        .collect();
+    if !outside.is_empty() {
+        text.push_str("\n\nFora da faixa de referência:\n");
+        text.push_str(&outside.join("\n"));
+    }
+    text.push_str("\n\n");
+    text.push_str(DISCLAIMER);
+    text
 }
 
 pub fn checked_source(input: &Input) -> Result<Source, Failure> {

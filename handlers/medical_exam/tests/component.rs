@@ -37,8 +37,29 @@ async fn an_exam_text_becomes_flagged_values_with_a_disclaimer() {
     assert_eq!(output["values"][1]["flag"], "high", "no readable range: the model's flag stands");
     assert!(output["disclaimer"].as_str().unwrap().contains("não substitui"));
     assert_eq!(output["provider"], "ollama");
+    // The seed's `analysis`: one text, the out-of-range values flagged in code.
+    let analysis = output["analysis"].as_str().unwrap();
+    assert!(analysis.starts_with("Glicose acima da referência."), "{analysis}");
+    assert!(analysis.contains("- Glicose: 126 mg/dL (alto, referência 70-99)"), "{analysis}");
+    assert!(
+        analysis.contains("- HbA1c: 6,1% (alto)") && analysis.ends_with("professional's assessment."),
+        "{analysis}"
+    );
     let prompt = run.requests[0].json().unwrap()["messages"][1]["content"].as_str().unwrap().to_string();
     assert!(prompt.contains("glicemia") && prompt.contains("126 mg/dL"), "{prompt}");
+}
+
+#[tokio::test]
+async fn the_app_s_input_with_its_extra_fields_gets_the_seed_s_analysis() {
+    let harness = harness();
+    harness.respond("POST", OLLAMA, CannedResponse::chat_completion("llama3.2", &exam()));
+    let run = harness
+        .run(json!({"imageUrl": "https://media.example/exame.jpg", "userId": "u-1", "examType": "sangue",
+                    "timestamp": "2026-01-17T10:00:00Z"}))
+        .await;
+    let output = run.output();
+    assert!(output["analysis"].is_string() && output["summary"].is_string(), "{output}");
+    assert!(output["values"].is_array() && output["exam_type"].is_string(), "{output}");
 }
 
 #[tokio::test]

@@ -28,6 +28,7 @@
 
 pub mod ai;
 pub mod http;
+pub mod input;
 mod log;
 
 /// The generated bindings of the `quern:handler` world (see `wit/` at the root

@@ -3,6 +3,12 @@
 //! sees; a vision model, told those detections, estimates the foods. YOLO is
 //! a help, not a requirement: when it is down or unconfigured the analysis
 //! goes on without detections and the result says so.
+//!
+//! The result keeps the seed's fields with the seed's types: `foods` (the
+//! model's text), `yolo_detections` (the YOLO service's body as received, or
+//! null) and `timestamp` (ISO 8601); the structured analysis is `items` and
+//! `totals` (computed here from the items), with `detections`, `provider`,
+//! `model` and `meal_type`.
 
 use quern_nutrition::{Food, ModelFoods, SYSTEM_PROMPT, Totals, check, totals};
 use quern_sdk::ai::{ChatRequest, Message, Part, chat_json};
@@ -11,7 +17,8 @@ use quern_sdk::{Failure, Handler, JobInfo, config, fail};
 use serde::{Deserialize, Serialize};
 
 /// `{"imageUrl": "https://…"}` or `{"imageBase64": "…"}`, and an optional
-/// `mealType`; other fields (the app sends `userId`) are ignored.
+/// `mealType` in English or Portuguese; other fields (the app sends
+/// `userId`) are ignored.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Input {
@@ -21,6 +28,22 @@ pub struct Input {
 }
 
 pub const MEAL_TYPES: &[&str] = &["breakfast", "lunch", "dinner", "snack"];
+
+/// The app's Portuguese meal names, as the English ones they mean.
+const MEAL_TYPES_PT: &[(&str, &str)] = &[
+    ("cafe_da_manha", "breakfast"),
+    ("cafe da manha", "breakfast"),
+    ("café da manhã", "breakfast"),
+    ("cafe", "breakfast"),
+    ("café", "breakfast"),
+    ("almoco", "lunch"),
+    ("almoço", "lunch"),
+    ("jantar", "dinner"),
+    ("ceia", "dinner"),
+    ("lanche", "snack"),
+    ("lanche_da_tarde", "snack"),
+    ("lanche da tarde", "snack"),
+];
 
 /// The image, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,9 +71,16 @@ pub struct YoloStatus {
 
 #[derive(Debug, Serialize)]
 pub struct Output {
-    pub foods: Vec<Food>,
+    /// The seed's `foods`: the model's answer as it wrote it.
+    pub foods: String,
+    /// The seed's `yolo_detections`: YOLO's body as received (null when
+    /// YOLO did not answer; `yolo` says why).
+    pub yolo_detections: Option<serde_json::Value>,
+    /// The seed's `timestamp`: when the analysis finished (ISO 8601, UTC).
+    pub timestamp: String,
+    pub items: Vec<Food>,
     pub totals: Totals,
-    pub yolo_detections: Vec<Detection>,
+    pub detections: Vec<Detection>,
     pub yolo: YoloStatus,
     pub meal_type: Option<String>,
     pub provider: String,
@@ -67,23 +97,28 @@ impl Handler for SofiaImage {
         let image = checked_image(&input)?;
         let meal_type = checked_meal_type(&input)?;
         quern_sdk::progress(10, "detecting objects");
-        let (detections, yolo) = match config("YOLO_URL") {
+        let ((detections, yolo_body), yolo) = match config("YOLO_URL") {
             Some(url) => match detect(&url, &image) {
-                Ok(detections) => (detections, YoloStatus { available: true, error: None }),
+                Ok(seen) => (seen, YoloStatus { available: true, error: None }),
                 Err(error) => {
                     quern_sdk::warn!("continuing without detections: {error}");
-                    (Vec::new(), YoloStatus { available: false, error: Some(error) })
+                    ((Vec::new(), None), YoloStatus { available: false, error: Some(error) })
                 }
             },
-            None => (Vec::new(), YoloStatus { available: false, error: Some("YOLO_URL is not configured".into()) }),
+            None => {
+                ((Vec::new(), None), YoloStatus { available: false, error: Some("YOLO_URL is not configured".into()) })
+            }
         };
         quern_sdk::progress(40, "asking the vision model");
         let (answer, reply) = chat_json::<ModelFoods>(&request(&image, meal_type.as_deref(), &detections), check)?;
         quern_sdk::progress(100, "done");
         Ok(Output {
+            foods: reply.content.trim().to_string(),
+            yolo_detections: yolo_body,
+            timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             totals: totals(&answer.foods),
-            foods: answer.foods,
-            yolo_detections: detections,
+            items: answer.foods,
+            detections,
             yolo,
             meal_type,
             provider: reply.provider.into(),
@@ -113,16 +148,24 @@ fn is_base64(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || matches!(byte, b'+' | b'/' | b'=' | b'-' | b'_' | b'\n' | b'\r')
 }
 
+/// The meal type in English, from English or Portuguese (`almoco`, `jantar`, …).
 pub fn checked_meal_type(input: &Input) -> Result<Option<String>, Failure> {
-    match input.meal_type.as_deref() {
-        None => Ok(None),
-        Some(meal) if MEAL_TYPES.contains(&meal) => Ok(Some(meal.to_string())),
-        Some(meal) => Err(fail(format!("invalid input: `mealType` `{meal}` is not one of {}", MEAL_TYPES.join(", ")))),
+    let Some(meal) = input.meal_type.as_deref() else { return Ok(None) };
+    let meal = meal.trim().to_lowercase();
+    if let Some(english) = MEAL_TYPES.iter().find(|m| **m == meal) {
+        return Ok(Some(english.to_string()));
+    }
+    match MEAL_TYPES_PT.iter().find(|(pt, _)| *pt == meal) {
+        Some((_, english)) => Ok(Some(english.to_string())),
+        None => Err(fail(format!(
+            "invalid input: `mealType` is not a meal: use one of {} (or almoco, jantar, lanche, cafe_da_manha)",
+            MEAL_TYPES.join(", ")
+        ))),
     }
 }
 
-/// YOLO's detections, or why there are none.
-pub fn detect(yolo_url: &str, image: &Image) -> Result<Vec<Detection>, String> {
+/// YOLO's detections with its body as received, or why there are none.
+pub fn detect(yolo_url: &str, image: &Image) -> Result<(Vec<Detection>, Option<serde_json::Value>), String> {
     let body = match image {
         Image::Url(url) => serde_json::json!({ "image_url": url }),
         Image::Base64(data) => serde_json::json!({ "image_base64": data }),
@@ -140,7 +183,8 @@ pub fn detect(yolo_url: &str, image: &Image) -> Result<Vec<Detection>, String> {
     if !(200..300).contains(&response.status) {
         return Err(format!("YOLO answered {}: {}", response.status, snippet(&response.body)));
     }
-    parse_detections(&response.body)
+    let detections = parse_detections(&response.body)?;
+    Ok((detections, serde_json::from_slice(&response.body).ok()))
 }
 
 /// `{"detections": [{"class" | "label" | "name": …, "confidence": …, "bbox": […]}]}`.
@@ -223,11 +267,12 @@ mod tests {
     }
 
     #[test]
-    fn meal_types_are_checked() {
+    fn meal_types_are_checked_in_english_or_portuguese() {
         assert_eq!(checked_meal_type(&input(None, None, Some("lunch"))).unwrap().as_deref(), Some("lunch"));
-        assert!(
-            reason(checked_meal_type(&input(None, None, Some("brunch"))).unwrap_err()).contains("`mealType` `brunch`")
-        );
+        assert_eq!(checked_meal_type(&input(None, None, Some("Almoço"))).unwrap().as_deref(), Some("lunch"));
+        assert_eq!(checked_meal_type(&input(None, None, Some("jantar"))).unwrap().as_deref(), Some("dinner"));
+        let error = reason(checked_meal_type(&input(None, None, Some("brunch"))).unwrap_err());
+        assert!(error.contains("`mealType` is not a meal") && !error.contains("brunch"), "{error}");
     }
 
     #[test]

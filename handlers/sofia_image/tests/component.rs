@@ -39,12 +39,25 @@ async fn a_photo_is_analysed_with_yolo_s_detections_as_context() {
     let harness = harness();
     harness.respond("POST", YOLO, detections());
     harness.respond("POST", OLLAMA, CannedResponse::chat_completion("llava", &foods()));
+    // The app's input: Portuguese meal type, its userId.
     let run =
-        harness.run(json!({"imageUrl": "https://media.example/banana.jpg", "mealType": "snack", "userId": "x"})).await;
+        harness.run(json!({"imageUrl": "https://media.example/banana.jpg", "mealType": "lanche", "userId": "x"})).await;
     let output = run.output();
-    assert_eq!(output["foods"][0]["name"], "banana");
+    // The seed's fields with the seed's types.
+    let foods: serde_json::Value = serde_json::from_str(output["foods"].as_str().unwrap()).unwrap();
+    assert_eq!(foods["foods"][0]["name"], "banana", "`foods` is the model's text");
+    assert_eq!(
+        output["yolo_detections"],
+        json!({"detections": [{"class": "banana", "confidence": 0.93, "bbox": [12, 40, 220, 180]}]}),
+        "`yolo_detections` is YOLO's body as received"
+    );
+    let timestamp = output["timestamp"].as_str().unwrap();
+    assert!(timestamp.len() >= 20 && timestamp.ends_with('Z') && timestamp.as_bytes()[10] == b'T', "{timestamp}");
+    // The structured analysis.
+    assert_eq!(output["items"][0]["name"], "banana");
     assert_eq!(output["totals"]["kcal"], 107.0);
-    assert_eq!(output["yolo_detections"][0]["label"], "banana");
+    assert_eq!(output["detections"][0]["label"], "banana");
+    assert_eq!(output["meal_type"], "snack");
     assert_eq!(output["yolo"], json!({"available": true, "error": null}));
     assert_eq!((output["provider"].clone(), output["model"].clone()), (json!("ollama"), json!("llava")));
     assert_eq!(run.requests[0].json().unwrap(), json!({"image_url": "https://media.example/banana.jpg"}));
@@ -62,10 +75,10 @@ async fn yolo_down_the_analysis_goes_on_without_detections_and_says_so() {
     harness.respond("POST", OLLAMA, CannedResponse::chat_completion("llava", &foods()));
     let run = harness.run(json!({"imageBase64": "iVBORw0KGgoAAAANSUhEUg"})).await;
     let output = run.output();
-    assert_eq!(output["yolo_detections"], json!([]));
+    assert_eq!((output["yolo_detections"].clone(), output["detections"].clone()), (json!(null), json!([])));
     assert_eq!(output["yolo"]["available"], false);
     assert!(output["yolo"]["error"].as_str().unwrap().contains("YOLO is unavailable"), "{output}");
-    assert_eq!(output["foods"][0]["name"], "banana");
+    assert_eq!(output["items"][0]["name"], "banana");
     let chat = run.requests[1].json().unwrap();
     assert!(chat["messages"][1]["content"][0]["text"].as_str().unwrap().contains("No object detector results"));
     assert_eq!(chat["messages"][1]["content"][1]["image_url"]["url"], "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg");

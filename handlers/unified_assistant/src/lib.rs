@@ -1,7 +1,8 @@
 //! `unified_assistant`: the app's assistant. A message, the conversation so
 //! far and optional context (the user's goals, today's meals) → a reply in
 //! the user's language. Plain text out, so no JSON mode here; the reply is
-//! checked to be non-empty.
+//! checked to be non-empty. The reply is `response`, as the seed's worker
+//! returns it; fields the app adds (`userId`, a turn's `timestamp`) are ignored.
 
 use quern_sdk::ai::{ChatRequest, Message, chat};
 use quern_sdk::serde_json::{Map, Value};
@@ -21,7 +22,6 @@ pub struct Input {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Turn {
     pub role: String,
     pub content: String,
@@ -29,7 +29,8 @@ pub struct Turn {
 
 #[derive(Debug, Serialize)]
 pub struct Output {
-    pub reply: String,
+    /// The assistant's answer (the seed's `response`).
+    pub response: String,
     pub provider: String,
     pub model: String,
 }
@@ -52,7 +53,7 @@ impl Handler for UnifiedAssistant {
         if text.is_empty() {
             return Err(retry(format!("{} answered an empty reply", reply.provider)));
         }
-        Ok(Output { reply: text.to_string(), provider: reply.provider.into(), model: reply.model })
+        Ok(Output { response: text.to_string(), provider: reply.provider.into(), model: reply.model })
     }
 }
 

@@ -29,8 +29,25 @@ async fn a_message_gets_a_reply_naming_who_answered() {
         harness.run(json!({"message": "O que comer no jantar?", "history": [], "context": {"goal": "maintain"}})).await;
     assert_eq!(
         run.output(),
-        json!({"reply": "Prefira um jantar leve, com legumes.", "provider": "ollama", "model": "llama3.2"})
+        json!({"response": "Prefira um jantar leve, com legumes.", "provider": "ollama", "model": "llama3.2"})
     );
+}
+
+#[tokio::test]
+async fn the_app_s_input_with_its_extra_fields_gets_the_seed_s_response() {
+    let harness = harness();
+    harness.respond("POST", OLLAMA, CannedResponse::chat_completion("llama3.2", "Beba água ao longo do dia."));
+    let run = harness
+        .run(json!({
+            "message": "Quanta água devo beber?",
+            "userId": "3f1c2a9e-0000-4000-8000-00000000a11c",
+            "history": [{"role": "user", "content": "oi", "timestamp": "2026-01-17T10:00:00Z"},
+                        {"role": "assistant", "content": "Olá!", "timestamp": "2026-01-17T10:00:01Z"}],
+        }))
+        .await;
+    let output = run.output();
+    assert_eq!(output["response"], "Beba água ao longo do dia.", "{output}");
+    assert!(output["provider"].is_string() && output["model"].is_string(), "{output}");
 }
 
 #[tokio::test]

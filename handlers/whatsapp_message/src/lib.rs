@@ -17,14 +17,20 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_API_URL: &str = "https://graph.facebook.com/v21.0";
 pub const MAX_TEXT_CHARS: usize = 4096;
 
-/// `{"to": "+5511999998888", "text": "…"}` or `{"to": …, "template": {…}}`.
+/// `{"to": "+5511999998888", "text": "…"}` or `{"to": …, "template": {…}}`;
+/// in a pipeline after another job, the text may come from its result
+/// (`previous`: the assistant's `response`, an exam's `analysis`, or a
+/// `text`). Other fields (the app sends `userId`) are ignored.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Input {
     pub to: String,
     pub text: Option<String>,
     pub template: Option<Template>,
+    pub previous: Option<Value>,
 }
+
+/// The fields of a previous job's result that carry text to send, in order.
+pub const PREVIOUS_TEXT_FIELDS: [&str; 3] = ["response", "analysis", "text"];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -78,7 +84,11 @@ fn timeout_ms() -> u32 {
 /// The Cloud API body, or a permanent failure naming the bad field.
 pub fn message_body(input: &Input) -> Result<Value, Failure> {
     let to = e164_digits(&input.to)?;
-    match (&input.text, &input.template) {
+    let text = match (&input.text, &input.template, &input.previous) {
+        (None, None, Some(previous)) => Some(text_of_previous(previous)?),
+        (text, _, _) => text.clone(),
+    };
+    match (&text, &input.template) {
         (Some(text), None) => {
             let text = text.trim();
             if text.is_empty() {
@@ -108,6 +118,20 @@ pub fn message_body(input: &Input) -> Result<Value, Failure> {
     }
 }
 
+/// The text a previous job's result carries (see [`PREVIOUS_TEXT_FIELDS`]).
+fn text_of_previous(previous: &Value) -> Result<String, Failure> {
+    PREVIOUS_TEXT_FIELDS
+        .iter()
+        .find_map(|field| previous.get(field).and_then(Value::as_str))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            fail(format!(
+                "invalid input: `previous` (the result of the job before) has no text to send in {}; give `text`",
+                PREVIOUS_TEXT_FIELDS.map(|f| format!("`{f}`")).join(", ")
+            ))
+        })
+}
+
 /// `+5511999998888` → `5511999998888`.
 pub fn e164_digits(to: &str) -> Result<String, Failure> {
     let digits = to.strip_prefix('+').unwrap_or("");
@@ -116,7 +140,8 @@ pub fn e164_digits(to: &str) -> Result<String, Failure> {
     if valid {
         Ok(digits.to_string())
     } else {
-        Err(fail(format!("invalid input: `to` = `{to}` is not an E.164 number like +5511999998888")))
+        // The number itself is personal data: never quoted.
+        Err(fail("invalid input: `to` is not an E.164 number like +5511999998888"))
     }
 }
 

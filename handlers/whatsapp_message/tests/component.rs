@@ -40,17 +40,33 @@ async fn a_text_message_is_sent_once_in_the_cloud_api_format() {
 }
 
 #[tokio::test]
+async fn after_the_assistant_in_a_pipeline_its_response_is_sent_and_the_app_s_user_id_is_ignored() {
+    let harness = harness();
+    harness.respond("POST", API, accepted());
+    // What the queue gives the step after `unified_assistant`: its result under `previous`.
+    let previous = json!({"response": "Beba água ao longo do dia.", "provider": "ollama", "model": "llama3.2"});
+    let run = harness.run(json!({"to": "+5511999998888", "userId": "u-1", "previous": previous})).await;
+    assert_eq!(run.output()["status"], "accepted");
+    assert_eq!(run.requests.len(), 1, "sent once");
+    assert_eq!(run.requests[0].json().unwrap()["text"]["body"], "Beba água ao longo do dia.");
+}
+
+#[tokio::test]
 async fn invalid_input_fails_permanently_naming_the_field() {
     let harness = harness();
     for (input, needle) in [
         (json!({"text": "oi"}), "missing field `to`"),
-        (json!({"to": "11999998888", "text": "oi"}), "`to` = `11999998888`"),
+        (json!({"to": "11987654321", "text": "oi"}), "`to` is not an E.164 number"),
         (json!({"to": "+5511999998888"}), "`text` or `template` is required"),
         (json!({"to": "+5511999998888", "text": "oi", "template": {"name": "x"}}), "not both"),
-        (json!({"to": "+5511999998888", "text": "oi", "userId": "u"}), "unknown field `userId`"),
+        (
+            json!({"to": "+5511999998888", "previous": {"provider": "ollama"}}),
+            "`previous` (the result of the job before) has no text",
+        ),
     ] {
         let run = harness.run(input).await;
         assert!(run.failure().contains(needle), "{}", run.failure());
+        assert!(!run.failure().contains("11987654321"), "a phone number is never quoted: {}", run.failure());
         assert!(run.requests.is_empty(), "nothing is sent for bad input");
     }
 }
