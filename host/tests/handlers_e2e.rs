@@ -1,4 +1,4 @@
-//! The customer's six job types end to end: `quern serve` running the built
+//! The customer's nine job types end to end: `quern serve` running the built
 //! handler components, with YOLO, Ollama, Gemini and the WhatsApp Cloud API
 //! played by loopback fakes that speak their wire formats.
 
@@ -11,8 +11,17 @@ use serde_json::{Value, json};
 use support::db::Db;
 use support::server::{Options, Server};
 
-const TYPES: [&str; 6] =
-    ["sofia_image", "sofia_text", "medical_exam", "unified_assistant", "meal_plan", "whatsapp_message"];
+const TYPES: [&str; 9] = [
+    "sofia_image",
+    "sofia_text",
+    "medical_exam",
+    "unified_assistant",
+    "meal_plan",
+    "whatsapp_message",
+    "dr_vital",
+    "whatsapp_nutrition_webhook",
+    "google_fit_analysis",
+];
 const GEMINI_KEY: &str = "gemini-secret-key-e2e";
 const WHATSAPP_TOKEN: &str = "whatsapp-secret-token-e2e";
 
@@ -75,7 +84,7 @@ async fn run_to_end(server: &Server, token: &str, job_type: &str, input: Value) 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_six_job_types_run_end_to_end_through_quern_serve() {
+async fn all_nine_job_types_run_end_to_end_through_quern_serve() {
     let db = Db::sqlite().await;
     let up = Upstreams::start().await;
     let server = serve(&db, &up, &[]).await;
@@ -94,11 +103,17 @@ async fn all_six_job_types_run_end_to_end_through_quern_serve() {
                                          "activity": "moderate", "goal": "lose_weight"}, "days": 2}),
         ),
         ("whatsapp_message", json!({"to": "+5511999998888", "text": "Seu plano está pronto!"})),
+        ("dr_vital", json!({"message": "Como está minha pressão?", "healthContext": {"measurements": {"bp": "12/8"}}})),
+        ("whatsapp_nutrition_webhook", json!({"from": "5511999998888", "text": {"body": "arroz e feijão"}})),
+        (
+            "google_fit_analysis",
+            json!({"steps": [{"date": "2026-01-01", "steps": 7000}, {"date": "2026-01-02", "steps": "9000"}]}),
+        ),
     ];
     // Messages go out from the app's backend only (`[access]` of its manifest).
     let service = server.service_token();
     for (job_type, input) in cases {
-        let token = if job_type == "whatsapp_message" { &service } else { &token };
+        let token = if job_type.starts_with("whatsapp") { &service } else { &token };
         let job = run_to_end(&server, token, job_type, input).await;
         assert_eq!(job["status"], "completed", "{job_type}: {job}");
         let result = &job["result"];
@@ -116,6 +131,18 @@ async fn all_six_job_types_run_end_to_end_through_quern_serve() {
                 assert_eq!(result["days"][0]["kcal_total"], result["targets"]["kcal"]);
             }
             "whatsapp_message" => assert_eq!(result["message_id"], "wamid.fake"),
+            "dr_vital" => {
+                assert!(result["response"].is_string() && result["disclaimer"].is_string(), "{result}");
+                assert_eq!(result["context_used"], json!(["measurements"]));
+            }
+            "whatsapp_nutrition_webhook" => {
+                assert_eq!(result["totals"]["kcal"], 268.0, "192 + 76, summed in code");
+                assert!(result["reply"].as_str().unwrap().contains("268,0 kcal"), "{result}");
+            }
+            "google_fit_analysis" => {
+                assert_eq!(result["stats"]["steps"]["total"], 16000.0);
+                assert!(result["narrative"].is_string(), "{result}");
+            }
             _ => unreachable!(),
         }
         if job_type != "whatsapp_message" {
@@ -123,7 +150,7 @@ async fn all_six_job_types_run_end_to_end_through_quern_serve() {
         }
     }
     let sent = up.whatsapp.seen();
-    assert_eq!(sent.len(), 1);
+    assert_eq!(sent.len(), 2, "the message and the webhook's reply, once each");
     assert_eq!(sent[0].path, "/v21.0/1234567890/messages");
     assert_eq!(sent[0].authorization.as_deref(), Some(&*format!("Bearer {WHATSAPP_TOKEN}")));
     let vision = up.ollama.seen().into_iter().find(|s| s.body["model"] == "llava").expect("a vision request");
@@ -284,20 +311,20 @@ async fn whatsapp_never_sends_twice_for_one_job() {
     let up = Upstreams::start().await;
     let server = serve(&db, &up, &[]).await;
     let token = server.service_token();
-    for mode in [Mode::Slow(Duration::from_secs(3)), Mode::ServerError] {
-        up.whatsapp.set(mode.clone());
-        let before = up.whatsapp.seen().len();
-        let job = run_to_end(
-            &server,
-            &token,
-            "whatsapp_message",
-            json!({"to": "+5511999998888", "text": format!("{mode:?}")}),
-        )
-        .await;
-        assert_eq!(job["status"], "failed", "{mode:?}: {job}");
-        assert!(job["error"].as_str().unwrap().starts_with("delivery unknown"), "{job}");
-        assert_eq!(up.whatsapp.seen().len() - before, 1, "{mode:?}: exactly one request for the job");
-        assert_eq!(job["attempts"], 1, "not retried");
+    let senders = [
+        ("whatsapp_message", json!({"to": "+5511999998888", "text": "oi"})),
+        ("whatsapp_nutrition_webhook", json!({"from": "5511999998888", "text": "arroz e feijão"})),
+    ];
+    for (job_type, input) in senders {
+        for mode in [Mode::Slow(Duration::from_secs(3)), Mode::ServerError] {
+            up.whatsapp.set(mode.clone());
+            let before = up.whatsapp.seen().len();
+            let job = run_to_end(&server, &token, job_type, input.clone()).await;
+            assert_eq!(job["status"], "failed", "{job_type} {mode:?}: {job}");
+            assert!(job["error"].as_str().unwrap().starts_with("delivery unknown"), "{job}");
+            assert_eq!(up.whatsapp.seen().len() - before, 1, "{job_type} {mode:?}: exactly one request for the job");
+            assert_eq!(job["attempts"], 1, "not retried");
+        }
     }
     // Rate limited first (the API refused, nothing delivered): sent again
     // after its Retry-After, and delivered once.

@@ -52,12 +52,38 @@ async fn after_the_assistant_in_a_pipeline_its_response_is_sent_and_the_app_s_us
 }
 
 #[tokio::test]
+async fn an_incoming_message_gets_an_ai_reply_sent_once() {
+    let harness = Harness::workspace("whatsapp_message")
+        .allow_host("graph.test")
+        .allow_host("ollama.test")
+        .config("WHATSAPP_API_URL", "http://graph.test/v21.0")
+        .config("WHATSAPP_TOKEN", "wa-token")
+        .config("WHATSAPP_PHONE_NUMBER_ID", "1234567890")
+        .config("OLLAMA_URL", "http://ollama.test")
+        .build()
+        .unwrap();
+    harness.respond(
+        "POST",
+        "http://ollama.test/v1/chat/completions",
+        CannedResponse::chat_completion("llama3.2", "Prefira frutas e iogurte natural."),
+    );
+    harness.respond("POST", API, accepted());
+    let run = harness.run(json!({"to": "+5511999998888", "reply_to": "Qual um bom lanche?", "userId": "u"})).await;
+    let output = run.output();
+    assert_eq!(output["reply"], "Prefira frutas e iogurte natural.", "{output}");
+    assert_eq!((output["status"].clone(), output["provider"].clone()), (json!("accepted"), json!("ollama")));
+    let sends: Vec<_> = run.requests.iter().filter(|r| r.url == API).collect();
+    assert_eq!(sends.len(), 1, "sent once");
+    assert_eq!(sends[0].json().unwrap()["text"]["body"], "Prefira frutas e iogurte natural.");
+}
+
+#[tokio::test]
 async fn invalid_input_fails_permanently_naming_the_field() {
     let harness = harness();
     for (input, needle) in [
         (json!({"text": "oi"}), "missing field `to`"),
         (json!({"to": "11987654321", "text": "oi"}), "`to` is not an E.164 number"),
-        (json!({"to": "+5511999998888"}), "`text` or `template` is required"),
+        (json!({"to": "+5511999998888"}), "`text`, `template` or `reply_to` is required"),
         (json!({"to": "+5511999998888", "text": "oi", "template": {"name": "x"}}), "not both"),
         (
             json!({"to": "+5511999998888", "previous": {"provider": "ollama"}}),
