@@ -255,3 +255,42 @@ async fn compiled_artifacts_of_versions_no_longer_stored_are_evicted_sqlite() {
 async fn compiled_artifacts_of_versions_no_longer_stored_are_evicted_postgres() {
     compiled_artifacts_of_versions_no_longer_stored_are_evicted(Db::postgres().await).await;
 }
+
+/// Every foreign key of quern's schema has an index leading with its
+/// columns (so deleting a referenced row never scans the referencing
+/// table), and so has `root_id`, by which a chain is found.
+#[tokio::test]
+async fn every_foreign_key_and_root_id_has_its_index_on_postgres() {
+    let db = Db::postgres().await;
+    let Raw::Postgres(admin) = &db.raw else { unreachable!() };
+    let schema = db.url.split("search_path%3D").nth(1).unwrap().to_string();
+    let unindexed: Vec<String> = sqlx::query_scalar(
+        "SELECT c.conrelid::regclass::text || '(' || a.attname || ')' FROM pg_constraint c \
+         JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1] \
+         WHERE c.contype = 'f' AND c.connamespace = $1::regnamespace \
+         AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.conrelid AND i.indkey[0] = c.conkey[1])",
+    )
+    .bind(&schema)
+    .fetch_all(admin)
+    .await
+    .unwrap();
+    assert!(unindexed.is_empty(), "foreign keys without an index: {unindexed:?}");
+    let root_indexed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+         WHERE i.indrelid = ($1 || '.quern_jobs')::regclass AND a.attname = 'root_id')",
+    )
+    .bind(&schema)
+    .fetch_one(admin)
+    .await
+    .unwrap();
+    assert!(root_indexed, "quern_jobs(root_id) has an index");
+    let foreign_keys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND connamespace = $1::regnamespace",
+    )
+    .bind(&schema)
+    .fetch_one(admin)
+    .await
+    .unwrap();
+    assert!(foreign_keys >= 2, "the check saw the schema's foreign keys ({foreign_keys})");
+    db.cleanup().await;
+}

@@ -4,13 +4,10 @@
 //! A message that reads as an emergency is not sent to a model at all: the
 //! answer tells the user to seek care now.
 
-use quern_sdk::ai::{ChatRequest, Message, chat};
+use quern_sdk::ai::{ChatRequest, Turn, chat, conversation};
 use quern_sdk::serde_json::{Map, Value};
-use quern_sdk::{Failure, Handler, JobInfo, fail, retry};
+use quern_sdk::{Failure, Handler, JobInfo, retry};
 use serde::{Deserialize, Serialize};
-
-pub const MAX_MESSAGE_CHARS: usize = 4000;
-pub const MAX_HISTORY: usize = 40;
 
 pub const DISCLAIMER: &str = "Dr. Vital dá orientações gerais e não substitui uma consulta com um profissional de \
 saúde. Dr. Vital gives general guidance and does not replace a consultation with a health professional.";
@@ -56,12 +53,6 @@ pub struct Input {
     /// What the app knows of the user's health: measurements, exams, goals…
     #[serde(alias = "healthContext", alias = "health_context")]
     pub context: Option<Map<String, Value>>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Turn {
-    pub role: String,
-    pub content: String,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -147,30 +138,12 @@ fn unaccented(c: char) -> char {
 
 /// The chat request, or a permanent failure naming the bad field.
 pub fn request(input: &Input) -> Result<ChatRequest, Failure> {
-    let message = input.message.trim();
-    if message.is_empty() {
-        return Err(fail("invalid input: `message` is empty"));
-    }
-    if message.chars().count() > MAX_MESSAGE_CHARS {
-        return Err(fail(format!("invalid input: `message` is longer than {MAX_MESSAGE_CHARS} characters")));
-    }
-    if input.history.len() > MAX_HISTORY {
-        return Err(fail(format!("invalid input: `history` has more than {MAX_HISTORY} turns; send the last ones")));
-    }
     let mut system = PROMPT.to_string();
     if let Some(context) = &input.context {
         system.push_str("\n\nThe user's health data (JSON): ");
         system.push_str(&Value::Object(context.clone()).to_string());
     }
-    let mut messages = vec![Message::system(system)];
-    for (i, turn) in input.history.iter().enumerate() {
-        messages.push(match turn.role.as_str() {
-            "user" => Message::user(turn.content.clone()),
-            "assistant" => Message::assistant(turn.content.clone()),
-            _ => return Err(fail(format!("invalid input: `history[{i}].role` must be `user` or `assistant`"))),
-        });
-    }
-    messages.push(Message::user(message));
+    let messages = conversation(system, &input.history, &input.message)?;
     Ok(ChatRequest { temperature: Some(0.4), ..ChatRequest::new(messages) })
 }
 

@@ -221,6 +221,49 @@ pub fn chat_with(chain: &[Provider], request: &ChatRequest) -> Result<ChatReply,
     }))
 }
 
+/// The longest message a conversation takes from the user.
+pub const MAX_MESSAGE_CHARS: usize = 4000;
+/// The most turns of a conversation replayed to a model.
+pub const MAX_HISTORY: usize = 40;
+
+/// One turn of a conversation the app kept; other fields (a turn's
+/// `timestamp`) are ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
+}
+
+/// A chat's messages: `system`, the conversation so far, then the user's
+/// `message`; a permanent failure naming the field (never quoting it) when
+/// the message is empty or too long, there are too many turns, or a turn's
+/// role is not `user` or `assistant`.
+pub fn conversation(system: String, history: &[Turn], message: &str) -> Result<Vec<Message>, Failure> {
+    let message = message.trim();
+    if message.is_empty() {
+        return Err(fail("invalid input: `message` is empty"));
+    }
+    if message.chars().count() > MAX_MESSAGE_CHARS {
+        return Err(fail(format!("invalid input: `message` is longer than {MAX_MESSAGE_CHARS} characters")));
+    }
+    if history.len() > MAX_HISTORY {
+        return Err(fail(format!(
+            "invalid input: `history` has {} turns; send at most the last {MAX_HISTORY}",
+            history.len()
+        )));
+    }
+    let mut messages = vec![Message::system(system)];
+    for (i, turn) in history.iter().enumerate() {
+        messages.push(match turn.role.as_str() {
+            "user" => Message::user(turn.content.clone()),
+            "assistant" => Message::assistant(turn.content.clone()),
+            _ => return Err(fail(format!("invalid input: `history[{i}].role` must be `user` or `assistant`"))),
+        });
+    }
+    messages.push(Message::user(message));
+    Ok(messages)
+}
+
 /// [`chat_with`] the chain from configuration.
 pub fn chat(request: &ChatRequest) -> Result<ChatReply, Failure> {
     chat_with(&providers_from_config(), request)

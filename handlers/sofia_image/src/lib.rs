@@ -131,10 +131,8 @@ impl Handler for SofiaImage {
 pub fn checked_image(input: &Input) -> Result<Image, Failure> {
     match (input.image_url.as_deref().map(str::trim), input.image_base64.as_deref().map(str::trim)) {
         (Some(url), None) if url.starts_with("https://") || url.starts_with("http://") => Ok(Image::Url(url.into())),
-        (Some(url), None) => Err(fail(format!(
-            "invalid input: `imageUrl` must be an http or https URL, got `{}`",
-            url.chars().take(40).collect::<String>()
-        ))),
+        // The URL is not quoted: it may carry a signed token.
+        (Some(_), None) => Err(fail("invalid input: `imageUrl` must be an http or https URL")),
         (None, Some(data)) if !data.is_empty() && data.bytes().all(is_base64) => Ok(Image::Base64(data.into())),
         (None, Some(_)) => {
             Err(fail("invalid input: `imageBase64` is not base64 (no `data:` prefix, just the encoded bytes)"))

@@ -4,13 +4,10 @@
 //! checked to be non-empty. The reply is `response`, as the seed's worker
 //! returns it; fields the app adds (`userId`, a turn's `timestamp`) are ignored.
 
-use quern_sdk::ai::{ChatRequest, Message, chat};
+use quern_sdk::ai::{ChatRequest, Turn, chat, conversation};
 use quern_sdk::serde_json::{Map, Value};
-use quern_sdk::{Failure, Handler, JobInfo, fail, retry};
+use quern_sdk::{Failure, Handler, JobInfo, retry};
 use serde::{Deserialize, Serialize};
-
-pub const MAX_MESSAGE_CHARS: usize = 4000;
-pub const MAX_HISTORY: usize = 40;
 
 #[derive(Debug, Deserialize)]
 pub struct Input {
@@ -19,12 +16,6 @@ pub struct Input {
     pub history: Vec<Turn>,
     /// Facts about the user the assistant may use: a JSON object.
     pub context: Option<Map<String, Value>>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Turn {
-    pub role: String,
-    pub content: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,37 +50,12 @@ impl Handler for UnifiedAssistant {
 
 /// The chat request, or a permanent failure naming the bad field.
 pub fn request(input: &Input) -> Result<ChatRequest, Failure> {
-    let message = input.message.trim();
-    if message.is_empty() {
-        return Err(fail("invalid input: `message` is empty"));
-    }
-    if message.chars().count() > MAX_MESSAGE_CHARS {
-        return Err(fail(format!("invalid input: `message` is longer than {MAX_MESSAGE_CHARS} characters")));
-    }
-    if input.history.len() > MAX_HISTORY {
-        return Err(fail(format!(
-            "invalid input: `history` has {} turns; send at most the last {MAX_HISTORY}",
-            input.history.len()
-        )));
-    }
     let mut system = PROMPT.to_string();
     if let Some(context) = &input.context {
         system.push_str("\n\nWhat the app knows about the user (JSON): ");
         system.push_str(&Value::Object(context.clone()).to_string());
     }
-    let mut messages = vec![Message::system(system)];
-    for (i, turn) in input.history.iter().enumerate() {
-        messages.push(match turn.role.as_str() {
-            "user" => Message::user(turn.content.clone()),
-            "assistant" => Message::assistant(turn.content.clone()),
-            other => {
-                return Err(fail(format!(
-                    "invalid input: `history[{i}].role` is `{other}`; use `user` or `assistant`"
-                )));
-            }
-        });
-    }
-    messages.push(Message::user(message));
+    let messages = conversation(system, &input.history, &input.message)?;
     Ok(ChatRequest { temperature: Some(0.6), ..ChatRequest::new(messages) })
 }
 
