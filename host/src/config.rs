@@ -472,3 +472,27 @@ pub fn dev_secret(data_dir: &std::path::Path) -> std::io::Result<(Vec<u8>, bool)
     file.write_all(secret.as_bytes())?;
     Ok((secret.into_bytes(), true))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Gateway {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    }
+
+    #[test]
+    fn supabase_s_name_for_the_jwt_secret_is_read_and_quern_s_wins() {
+        let data = std::env::temp_dir();
+        let args = Gateway::try_parse_from(["quern", "--supabase-jwt-secret", "from-supabase"]).unwrap().gateway;
+        let (settings, dev) = args.auth_settings(&data).unwrap();
+        assert_eq!((settings.hs256_secret.as_deref(), dev), (Some(&b"from-supabase"[..]), DevSecret::None));
+        let both = ["quern", "--supabase-jwt-secret", "from-supabase", "--jwt-secret", "from-quern"];
+        let (settings, _) = Gateway::try_parse_from(both).unwrap().gateway.auth_settings(&data).unwrap();
+        assert_eq!(settings.hs256_secret.as_deref(), Some(&b"from-quern"[..]));
+    }
+}
