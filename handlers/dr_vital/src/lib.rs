@@ -138,12 +138,8 @@ fn unaccented(c: char) -> char {
 
 /// The chat request, or a permanent failure naming the bad field.
 pub fn request(input: &Input) -> Result<ChatRequest, Failure> {
-    let mut system = PROMPT.to_string();
-    if let Some(context) = &input.context {
-        system.push_str("\n\nThe user's health data (JSON): ");
-        system.push_str(&Value::Object(context.clone()).to_string());
-    }
-    let messages = conversation(system, &input.history, &input.message)?;
+    let context = input.context.as_ref().map(|facts| ("The user's health data", facts));
+    let messages = conversation(PROMPT, context, &input.history, &input.message)?;
     Ok(ChatRequest { temperature: Some(0.4), ..ChatRequest::new(messages) })
 }
 

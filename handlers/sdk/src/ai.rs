@@ -234,11 +234,21 @@ pub struct Turn {
     pub content: String,
 }
 
-/// A chat's messages: `system`, the conversation so far, then the user's
-/// `message`; a permanent failure naming the field (never quoting it) when
-/// the message is empty or too long, there are too many turns, or a turn's
-/// role is not `user` or `assistant`.
-pub fn conversation(system: String, history: &[Turn], message: &str) -> Result<Vec<Message>, Failure> {
+/// Facts about the user given to the model with the instructions: what
+/// they are (`label`, e.g. "The user's health data") and the JSON object.
+pub type Context<'a> = (&'a str, &'a serde_json::Map<String, Value>);
+
+/// A chat's messages: the `system` instructions (with the `context`, if
+/// any), the conversation so far, then the user's `message`; a permanent
+/// failure naming the field (never quoting it) when the message is empty
+/// or too long, there are too many turns, or a turn's role is not `user` or
+/// `assistant`.
+pub fn conversation(
+    system: &str,
+    context: Option<Context<'_>>,
+    history: &[Turn],
+    message: &str,
+) -> Result<Vec<Message>, Failure> {
     let message = message.trim();
     if message.is_empty() {
         return Err(fail("invalid input: `message` is empty"));
@@ -252,6 +262,10 @@ pub fn conversation(system: String, history: &[Turn], message: &str) -> Result<V
             history.len()
         )));
     }
+    let system = match context {
+        Some((label, facts)) => format!("{system}\n\n{label} (JSON): {}", Value::Object(facts.clone())),
+        None => system.to_string(),
+    };
     let mut messages = vec![Message::system(system)];
     for (i, turn) in history.iter().enumerate() {
         messages.push(match turn.role.as_str() {

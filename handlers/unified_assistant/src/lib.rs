@@ -50,12 +50,8 @@ impl Handler for UnifiedAssistant {
 
 /// The chat request, or a permanent failure naming the bad field.
 pub fn request(input: &Input) -> Result<ChatRequest, Failure> {
-    let mut system = PROMPT.to_string();
-    if let Some(context) = &input.context {
-        system.push_str("\n\nWhat the app knows about the user (JSON): ");
-        system.push_str(&Value::Object(context.clone()).to_string());
-    }
-    let messages = conversation(system, &input.history, &input.message)?;
+    let context = input.context.as_ref().map(|facts| ("What the app knows about the user", facts));
+    let messages = conversation(PROMPT, context, &input.history, &input.message)?;
     Ok(ChatRequest { temperature: Some(0.6), ..ChatRequest::new(messages) })
 }
 
