@@ -178,6 +178,15 @@ async fn versions_no_rollout_names_are_pruned_beyond_the_newest_postgres() {
     versions_no_rollout_names_are_pruned_beyond_the_newest(Db::postgres().await).await;
 }
 
+/// Dates every artifact in a compile cache two hours back, past the grace
+/// eviction gives what another process may have just compiled.
+fn age_artifacts(dir: &std::path::Path) {
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
+    for name in compiled_files(dir) {
+        std::fs::File::options().write(true).open(dir.join(name)).unwrap().set_modified(then).unwrap();
+    }
+}
+
 /// The files in a compile cache, by name.
 fn compiled_files(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -225,6 +234,8 @@ async fn compiled_artifacts_of_versions_no_longer_stored_are_evicted(db: Db) {
     assert_eq!(compiled_files(cache.path()).len(), 2, "both versions were compiled into the cache");
     // An artifact an older build of quern left behind.
     std::fs::write(cache.path().join(format!("{}-0000000000000000.cwasm", sha256s[0])), b"old").unwrap();
+    assert_eq!(sync.evict_compiled().await.unwrap(), 0, "nothing just written goes");
+    age_artifacts(cache.path());
 
     assert_eq!(sync.evict_compiled().await.unwrap(), 1, "only the older build's artifact goes");
     assert_eq!(compiled_files(cache.path()).len(), 2);

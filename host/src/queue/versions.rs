@@ -29,6 +29,9 @@ use crate::telemetry::CANARY_ROLLBACKS;
 const POLL: Duration = Duration::from_secs(3);
 /// How often compiled artifacts of versions no longer stored are deleted.
 const EVICT_EVERY: Duration = Duration::from_secs(600);
+/// How old an artifact must be to be deleted: another process sharing the
+/// compile cache may have just compiled a build this one does not know.
+const EVICT_AFTER: Duration = Duration::from_secs(3600);
 /// How far back a canary's failures are counted.
 const CANARY_WINDOW: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
 
@@ -95,13 +98,13 @@ impl VersionSync {
 
     /// Deletes this process's compiled artifacts of components that are
     /// neither stored nor serving (versions pruned, builds replaced in the
-    /// handlers directory); returns how many.
+    /// handlers directory) and were written more than an hour ago; returns how many.
     pub async fn evict_compiled(&self) -> anyhow::Result<usize> {
         let mut keep: HashSet<String> = self.store.versions().await?.into_iter().map(|v| v.sha256).collect();
         keep.extend(self.registry.serving_sha256s());
         keep.extend(self.lock().values().map(|h| h.sha256.clone()));
         let runtime = self.registry.runtime().clone();
-        let evicted = tokio::task::spawn_blocking(move || runtime.evict_compiled(&keep)).await??;
+        let evicted = tokio::task::spawn_blocking(move || runtime.evict_compiled(&keep, EVICT_AFTER)).await??;
         if evicted > 0 {
             tracing::info!(evicted, "deleted compiled artifacts of handler versions no longer stored");
         }

@@ -111,10 +111,12 @@ impl CompileCache {
         Ok((component, CacheOutcome::Compiled))
     }
 
-    /// Deletes every compiled artifact but those of the components in
-    /// `keep` (by sha256) for this engine: artifacts of versions no longer
-    /// stored, and those an older build of quern wrote. Returns how many.
-    pub fn evict_except(&self, engine: &Engine, keep: &HashSet<String>) -> std::io::Result<usize> {
+    /// Deletes every compiled artifact written more than `grace` ago but
+    /// those of the components in `keep` (by sha256) for this engine:
+    /// artifacts of versions no longer stored, and those an older build of
+    /// quern wrote. The grace spares what another process sharing the
+    /// directory has just compiled. Returns how many.
+    pub fn evict_except(&self, engine: &Engine, keep: &HashSet<String>, grace: Duration) -> std::io::Result<usize> {
         let Some(dir) = &self.dir else { return Ok(0) };
         let kept: HashSet<PathBuf> = keep.iter().filter_map(|sha256| self.path_for(engine, sha256)).collect();
         let entries = match std::fs::read_dir(dir) {
@@ -124,8 +126,10 @@ impl CompileCache {
         };
         let mut evicted = 0;
         for entry in entries {
-            let path = entry?.path();
-            if path.extension().is_some_and(|ext| ext == "cwasm") && !kept.contains(&path) {
+            let entry = entry?;
+            let path = entry.path();
+            let young = entry.metadata()?.modified()?.elapsed().is_ok_and(|age| age < grace);
+            if path.extension().is_some_and(|ext| ext == "cwasm") && !kept.contains(&path) && !young {
                 match std::fs::remove_file(&path) {
                     Ok(()) => evicted += 1,
                     // Another process sharing the directory got there first.

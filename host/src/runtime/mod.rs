@@ -261,9 +261,10 @@ impl Runtime {
     }
 
     /// Deletes the compiled artifacts of every component but those in
-    /// `keep` (by sha256) from the compile cache; returns how many.
-    pub fn evict_compiled(&self, keep: &HashSet<String>) -> std::io::Result<usize> {
-        self.cache.evict_except(&self.engine, keep)
+    /// `keep` (by sha256) from the compile cache, sparing those written
+    /// within `grace`; returns how many.
+    pub fn evict_compiled(&self, keep: &HashSet<String>, grace: Duration) -> std::io::Result<usize> {
+        self.cache.evict_except(&self.engine, keep, grace)
     }
 
     /// Runs one attempt of `job` on `handler` in a fresh instance.
