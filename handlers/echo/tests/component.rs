@@ -1,8 +1,8 @@
-//! The built `echo` component, run in isolation by `quern::testing`.
+//! The built `echo` component, run in isolation by `quern_testing`.
 //! Build it first: `cargo xtask build-handlers`.
 
-use quern::runtime::Outcome;
-use quern::testing::Harness;
+use quern_testing::Harness;
+use quern_testing::Outcome;
 use serde_json::json;
 
 fn harness() -> Harness {

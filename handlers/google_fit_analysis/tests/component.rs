@@ -1,6 +1,6 @@
 //! The built `google_fit_analysis` component against canned chat completions.
 
-use quern::testing::{CannedResponse, Harness};
+use quern_testing::{CannedResponse, Harness};
 use serde_json::{Value, json};
 
 const OLLAMA: &str = "http://ollama.test/v1/chat/completions";

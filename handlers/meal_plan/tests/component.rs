@@ -1,6 +1,6 @@
 //! The built `meal_plan` component against canned chat completions.
 
-use quern::testing::{CannedResponse, Harness};
+use quern_testing::{CannedResponse, Harness};
 use serde_json::{Value, json};
 
 const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
@@ -128,7 +128,7 @@ async fn invalid_input_fails_permanently_naming_the_field() {
 #[tokio::test]
 async fn upstream_down_failing_or_rate_limited_is_a_retry() {
     let harness = harness();
-    harness.respond("POST", OLLAMA, CannedResponse::error(quern::testing::HttpErrorKind::Connect, "refused"));
+    harness.respond("POST", OLLAMA, CannedResponse::error(quern_testing::HttpErrorKind::Connect, "refused"));
     assert!(harness.run(json!({"profile": profile()})).await.retry().0.contains("could not connect"));
     let harness = self::harness();
     harness.respond("POST", OLLAMA, CannedResponse::text(503, "loading model"));

@@ -1,6 +1,6 @@
 //! The built `medical_exam` component against canned chat completions.
 
-use quern::testing::{CannedResponse, Harness, HttpErrorKind};
+use quern_testing::{CannedResponse, Harness, HttpErrorKind};
 use serde_json::json;
 
 const OLLAMA: &str = "http://ollama.test/v1/chat/completions";

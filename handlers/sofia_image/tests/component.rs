@@ -1,8 +1,8 @@
 //! The built `sofia_image` component in isolation: YOLO's `/detect` and the
 //! vision model answered by canned responses in their wire formats.
 
-use quern::runtime::Outcome;
-use quern::testing::{CannedResponse, Harness, HttpErrorKind};
+use quern_testing::Outcome;
+use quern_testing::{CannedResponse, Harness, HttpErrorKind};
 use serde_json::json;
 
 const YOLO: &str = "http://yolo.test/detect";

@@ -1,8 +1,8 @@
 //! The built `sofia_text` component in isolation, against canned upstream
 //! answers in the OpenAI chat-completions wire format.
 
-use quern::runtime::Outcome;
-use quern::testing::{CannedResponse, Harness, HttpErrorKind};
+use quern_testing::Outcome;
+use quern_testing::{CannedResponse, Harness, HttpErrorKind};
 use serde_json::json;
 
 const OLLAMA: &str = "http://ollama.test/v1/chat/completions";

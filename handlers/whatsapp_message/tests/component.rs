@@ -1,6 +1,6 @@
 //! The built `whatsapp_message` component against canned WhatsApp Cloud API answers.
 
-use quern::testing::{CannedResponse, Harness, HttpErrorKind};
+use quern_testing::{CannedResponse, Harness, HttpErrorKind};
 use serde_json::json;
 
 const API: &str = "http://graph.test/v21.0/1234567890/messages";

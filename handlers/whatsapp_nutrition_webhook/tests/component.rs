@@ -1,7 +1,7 @@
 //! The built `whatsapp_nutrition_webhook` component against canned chat
 //! completions and WhatsApp Cloud API answers.
 
-use quern::testing::{CannedResponse, Harness, HttpErrorKind};
+use quern_testing::{CannedResponse, Harness, HttpErrorKind};
 use serde_json::json;
 
 const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
@@ -31,7 +31,7 @@ fn accepted() -> CannedResponse {
     CannedResponse::json(200, json!({"messaging_product": "whatsapp", "messages": [{"id": "wamid.NUT"}]}))
 }
 
-fn sends(run: &quern::testing::HarnessRun) -> usize {
+fn sends(run: &quern_testing::HarnessRun) -> usize {
     run.requests.iter().filter(|r| r.url == API).count()
 }
 

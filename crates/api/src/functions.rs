@@ -1,0 +1,204 @@
+//! Every other `/functions/v1/<name>` of the customer's Supabase project, so
+//! the app can point its one functions URL at quern:
+//! - a name a loaded handler's manifest claims (`function = "…"`, the legacy
+//!   synchronous function the type replaces) is served here: the body is the
+//!   job's input, the answer is the result once the job ends within the wait
+//!   bound, or 202 with the job to poll when it does not;
+//! - any other name is forwarded to `SUPABASE_URL/functions/v1/<name>`, body
+//!   and answer streamed, with only the headers a function reads passed on.
+//!   That configured upstream is the only host ever contacted (redirects are
+//!   not followed).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::ExtensionRejection;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::Caller;
+use super::body::parse;
+use super::error::ApiError;
+use super::jobs::{EnqueueBody, Enqueued, submit, wait_for_end};
+use super::limits::check_rate;
+use quern_store::JobStatus;
+
+/// The request headers an Edge Function reads; no other is passed on.
+const PASSED_ON: [&str; 4] = ["authorization", "apikey", "x-client-info", "content-type"];
+
+/// Connection-level headers, which belong to one hop and are never relayed.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The client that reaches the customer's functions: no redirects followed,
+/// so no host but the configured one is ever contacted.
+pub fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .expect("a TLS backend is compiled in")
+}
+
+/// `ANY /functions/v1/{*path}` that no route of quern's own matched.
+pub async fn serve(
+    State(state): State<AppState>,
+    Path(path): Path<String>,
+    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    caller: Result<Caller, ApiError>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    check_path(&path)?;
+    let name = path.split('/').next().unwrap_or_default();
+    if let Some(handler) = state.registry.all().into_iter().find(|h| h.manifest.function.as_deref() == Some(name)) {
+        let job_type = handler.manifest.job_type.clone();
+        return run_sync(&state, peer.ok(), caller?, job_type, request).await;
+    }
+    forward(&state, &path, request).await
+}
+
+/// Each segment a plain name: nothing that could reach another path upstream.
+fn check_path(path: &str) -> Result<(), ApiError> {
+    let plain = |segment: &str| {
+        !segment.is_empty()
+            && segment != "."
+            && segment != ".."
+            && segment.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    if path.split('/').all(plain) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_function",
+            "a function's path is names of letters, digits, `-`, `_` and `.`, separated by `/`",
+        ))
+    }
+}
+
+/// The legacy synchronous function a type replaces: enqueue the body as the
+/// job's input, wait up to the wait bound, answer the result as the function
+/// did (200 with the result; 500 `{"error"}` when the job failed), or 202
+/// `{jobId, status, pollUrl}` when it is still running.
+async fn run_sync(
+    state: &AppState,
+    peer: Option<ConnectInfo<SocketAddr>>,
+    caller: Caller,
+    job_type: String,
+    request: Request,
+) -> Result<Response, ApiError> {
+    if request.method() != Method::POST {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} runs a job: send POST with the input as the JSON body", request.uri().path()),
+        ));
+    }
+    let headers = request.headers().clone();
+    let bytes = axum::body::to_bytes(request.into_body(), super::body::MAX_BODY_BYTES).await.map_err(|_| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the body exceeds 256 KiB: send URLs, not data")
+    })?;
+    let input: Value = parse(&bytes)?;
+    let body = EnqueueBody { job_type, input, priority: None, user_id: None, next: Vec::new() };
+    check_rate(state, &caller, &headers, peer.as_ref(), 1)?;
+    let job = match submit(state, &caller, body, true).await? {
+        Enqueued::Cached(result) => return Ok((StatusCode::OK, axum::Json(result)).into_response()),
+        Enqueued::Job { job, .. } => wait_for_end(state, *job, state.settings.max_wait).await?,
+    };
+    Ok(match job.status {
+        JobStatus::Completed => (StatusCode::OK, axum::Json(job.result.unwrap_or(Value::Null))).into_response(),
+        JobStatus::Failed | JobStatus::Cancelled => {
+            let error = job.error.unwrap_or_else(|| format!("the job {}", job.status.as_str()));
+            (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": error }))).into_response()
+        }
+        JobStatus::Pending | JobStatus::Processing => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({
+                "jobId": job.id,
+                "status": job.status,
+                "pollUrl": format!("/functions/v1/get-analysis-status?jobId={}", job.id),
+            })),
+        )
+            .into_response(),
+    })
+}
+
+/// Streams the request to the customer's function and its answer back.
+async fn forward(state: &AppState, path: &str, request: Request) -> Result<Response, ApiError> {
+    let Some(upstream) = &state.settings.functions_upstream else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_function",
+            format!(
+                "quern does not serve /functions/v1/{path}: set SUPABASE_URL to pass the functions it does not \
+                 serve through to your Supabase project"
+            ),
+        ));
+    };
+    let mut url = upstream.clone();
+    url.set_path(&format!("{}/functions/v1/{path}", upstream.path().trim_end_matches('/')));
+    url.set_query(request.uri().query());
+    let method = reqwest::Method::from_bytes(request.method().as_str().as_bytes())
+        .map_err(|_| ApiError::bad_request("invalid_method", "an unknown HTTP method"))?;
+    let mut outgoing = state.functions.request(method, url.clone());
+    for name in PASSED_ON {
+        if let Some(value) = request.headers().get(name) {
+            outgoing = outgoing.header(name, value.as_bytes());
+        }
+    }
+    let body = reqwest::Body::wrap_stream(request.into_body().into_data_stream());
+    let host = url.host_str().unwrap_or_default().to_string();
+    let answer = outgoing.body(body).send().await.map_err(|error| {
+        let (status, code) = if error.is_timeout() {
+            (StatusCode::GATEWAY_TIMEOUT, "function_timeout")
+        } else {
+            (StatusCode::BAD_GATEWAY, "function_unreachable")
+        };
+        tracing::warn!(%host, function = %path, error = %error, "a passed-through function did not answer");
+        ApiError::new(
+            status,
+            code,
+            format!("the Supabase function {path} at {host} did not answer ({code}); try again"),
+        )
+    })?;
+    let mut response = Response::builder().status(answer.status().as_u16());
+    if let Some(headers) = response.headers_mut() {
+        relay_headers(answer.headers(), headers);
+    }
+    response
+        .body(Body::from_stream(answer.bytes_stream()))
+        .map_err(|error| ApiError::new(StatusCode::BAD_GATEWAY, "function_unreadable", error.to_string()))
+}
+
+/// The upstream's answer headers minus hop-by-hop ones and its CORS headers
+/// (quern answers CORS itself, by its own settings).
+fn relay_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) {
+    for (name, value) in from {
+        let name = name.as_str();
+        if HOP_BY_HOP.contains(&name) || name.starts_with("access-control-") {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value.as_bytes()))
+        {
+            to.append(name, value);
+        }
+    }
+}
+
+/// Whether a path is one CORS answers for (the APIs, never the dashboard).
+pub fn is_api_path(path: &str) -> bool {
+    path.starts_with("/v1/") || path.starts_with("/functions/v1/")
+}

@@ -1,0 +1,442 @@
+//! The HTTP gateway (axum): the job API under `/v1`, the Supabase-compatible
+//! routes under `/functions/v1`, health, metrics and the OpenAPI document.
+//!
+//! [`router`] lists every route in one place. Handlers are small functions
+//! over extractors; errors leave through [`error::ApiError`] in one shape.
+//! This module calls the queue and the store; it knows nothing of wasm
+//! beyond the registry's list of loaded types.
+
+pub mod admin;
+pub mod auth;
+mod batch;
+mod body;
+mod dashboard;
+pub mod error;
+mod functions;
+mod handlers;
+mod health;
+mod jobs;
+pub mod limits;
+pub mod metrics;
+pub mod server;
+mod stats;
+mod supabase;
+mod types;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, Request, header};
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use utoipa::openapi::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use self::auth::Auth;
+use self::dashboard::Sessions;
+use self::limits::IpLimiter;
+use quern_queue::Queue;
+use quern_queue::alerts::{AlertSettings, Alerts};
+use quern_queue::leader::Leader;
+use quern_queue::versions::VersionSync;
+use quern_queue::worker::WorkerProbe;
+use quern_runtime::registry::Registry;
+
+pub use self::body::MAX_BODY_BYTES;
+
+/// Gateway settings (names from the seeds where they have one: PORT).
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// Enqueues per minute per client IP; `None` for no limit.
+    pub rate_limit_per_min: Option<u32>,
+    /// Proxies believed about the client's address in `X-Forwarded-For`.
+    pub trust_proxy: limits::TrustProxy,
+    /// Origins allowed by CORS; `*` for any.
+    pub cors_origins: Vec<String>,
+    /// Types refused at enqueue from the start (QUERN_DISABLED_TYPES).
+    pub disabled_types: Vec<String>,
+    /// The longest `?wait=` a caller may ask for.
+    pub max_wait: Duration,
+    /// A password that opens the dashboard (besides a service_role token).
+    pub dashboard_password: Option<String>,
+    pub alerts: AlertSettings,
+    /// The largest handler upload (QUERN_MAX_UPLOAD_MB).
+    pub max_upload_bytes: usize,
+    /// Mark the dashboard's session cookie `Secure` (the public URL is https).
+    pub secure_cookies: bool,
+    /// How connections and requests are bounded.
+    pub server: server::ServerSettings,
+    /// SUPABASE_URL: where the /functions/v1 routes quern does not serve go.
+    pub functions_upstream: Option<url::Url>,
+    /// How long a passed-through function may take.
+    pub functions_timeout: Duration,
+    /// The priority of a premium caller's job that asks for none.
+    pub premium_priority: i64,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            rate_limit_per_min: Some(50),
+            trust_proxy: limits::TrustProxy::Off,
+            cors_origins: vec!["*".to_string()],
+            disabled_types: Vec::new(),
+            max_wait: Duration::from_secs(30),
+            dashboard_password: None,
+            alerts: AlertSettings::default(),
+            max_upload_bytes: 50 << 20,
+            secure_cookies: false,
+            server: server::ServerSettings::default(),
+            functions_upstream: None,
+            functions_timeout: Duration::from_secs(55),
+            premium_priority: 2,
+        }
+    }
+}
+
+/// What else runs in the gateway's process.
+pub struct InProcess {
+    /// The worker in this process, if any (`quern serve`), for health.
+    pub worker: Option<WorkerProbe>,
+    /// The metrics recorder, when one is installed.
+    pub metrics: Option<Arc<metrics::Metrics>>,
+    /// The token `/metrics` asks for, if any (QUERN_METRICS_TOKEN).
+    pub metrics_token: Option<String>,
+    /// Whether this process leads maintenance (only the leader posts alerts).
+    pub leader: Leader,
+}
+
+impl InProcess {
+    /// A gateway alone in its process that leads (benches, tests).
+    pub fn alone() -> Self {
+        Self { worker: None, metrics: None, metrics_token: None, leader: Leader::always() }
+    }
+}
+
+/// Everything a request handler may reach.
+pub struct Gateway {
+    pub queue: Arc<Queue>,
+    pub registry: Arc<Registry>,
+    pub auth: Auth,
+    pub settings: GatewaySettings,
+    /// The worker in this process, if any (`quern serve`), for health.
+    pub worker: Option<WorkerProbe>,
+    /// Liveness, readiness and `/metrics` (also served on an admin listener).
+    pub probes: Arc<admin::Probes>,
+    /// Cancelled on shutdown: long requests (`?wait=`, SSE) end early.
+    pub shutdown: CancellationToken,
+    /// Judged from the database while the gateway runs.
+    pub alerts: Arc<Alerts>,
+    /// Applies rollouts this gateway writes before it answers.
+    pub versions: Arc<VersionSync>,
+    /// Reaches the customer's Supabase functions (the pass-through).
+    pub functions: reqwest::Client,
+    sessions: Sessions,
+    sign_ins: dashboard::SignInThrottle,
+    disabled: RwLock<BTreeSet<String>>,
+    limiter: Option<IpLimiter>,
+    started: Instant,
+}
+
+pub type AppState = Arc<Gateway>;
+
+impl Gateway {
+    pub fn new(
+        queue: Arc<Queue>,
+        registry: Arc<Registry>,
+        auth: Auth,
+        settings: GatewaySettings,
+        process: InProcess,
+        shutdown: CancellationToken,
+    ) -> AppState {
+        let InProcess { worker, metrics, metrics_token, leader } = process;
+        let started = Instant::now();
+        let store = queue.store().clone();
+        let probes = Arc::new(admin::Probes { store, registry: registry.clone(), metrics, metrics_token, started });
+        let disabled = settings.disabled_types.iter().cloned().collect();
+        let limiter = settings.rate_limit_per_min.and_then(IpLimiter::per_minute);
+        let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), leader, shutdown.clone());
+        let versions = VersionSync::new(queue.store().clone(), registry.clone());
+        let functions = functions::client(settings.functions_timeout);
+        Arc::new(Self {
+            functions,
+            queue,
+            registry,
+            auth,
+            settings,
+            worker,
+            probes,
+            shutdown,
+            alerts,
+            versions,
+            sessions: Sessions::default(),
+            sign_ins: dashboard::SignInThrottle::default(),
+            disabled: RwLock::new(disabled),
+            limiter,
+            started,
+        })
+    }
+
+    /// Whether a type's feature flag is off: on this gateway, or paused for
+    /// every gateway and worker through the handler API.
+    pub fn is_disabled(&self, job_type: &str) -> bool {
+        self.registry.is_paused(job_type) || self.disabled.read().unwrap_or_else(|e| e.into_inner()).contains(job_type)
+    }
+
+    pub fn set_enabled(&self, job_type: &str, enabled: bool) {
+        let mut disabled = self.disabled.write().unwrap_or_else(|e| e.into_inner());
+        if enabled {
+            disabled.remove(job_type);
+        } else {
+            disabled.insert(job_type.to_string());
+        }
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// Every route, and the OpenAPI document describing exactly those routes.
+pub fn router(state: AppState) -> (Router, OpenApi) {
+    let (api, openapi) = OpenApiRouter::with_openapi(openapi_base())
+        .routes(routes!(jobs::enqueue, jobs::list))
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(jobs::events))
+        .routes(routes!(types::list))
+        .routes(routes!(types::enable))
+        .routes(routes!(types::disable))
+        .routes(routes!(supabase::enqueue_analysis))
+        .routes(routes!(supabase::get_analysis_status, supabase::post_analysis_status))
+        .routes(routes!(health::health))
+        .routes(routes!(health::live))
+        .routes(routes!(health::ready))
+        .routes(routes!(health::detailed))
+        .routes(routes!(metrics::render))
+        .routes(routes!(stats::stats))
+        .routes(routes!(dashboard::page))
+        .routes(routes!(dashboard::login))
+        .routes(routes!(dashboard::logout))
+        .routes(routes!(dashboard::job))
+        .routes(routes!(handlers::list))
+        .routes(routes!(handlers::rollout))
+        .routes(routes!(handlers::rollback))
+        .routes(routes!(handlers::pause))
+        .routes(routes!(handlers::resume))
+        .routes(routes!(openapi_json))
+        // Components are larger than job requests: this route alone takes
+        // up to QUERN_MAX_UPLOAD_MB (the innermost body limit wins).
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(handlers::upload))
+                .layer(DefaultBodyLimit::max(state.settings.max_upload_bytes)),
+        )
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(batch::enqueue_batch))
+                .layer(DefaultBodyLimit::max(batch::MAX_BATCH_BODY_BYTES)),
+        )
+        .split_for_parts();
+    let document = Arc::new(openapi.clone());
+    let request_id = HeaderName::from_static("x-request-id");
+    let cors_layer = cors(&state.settings.cors_origins);
+    let router = api
+        .route("/functions/v1/{*path}", axum::routing::any(functions::serve))
+        .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limit_time))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(axum::Extension(document))
+        .layer(axum::middleware::from_fn(metrics::track_http))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(move |request: Request<axum::body::Body>, next: axum::middleware::Next| {
+            api_cors(cors_layer.clone(), request, next)
+        }))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<_>| {
+                    // The id, method and route only: never the query, headers or body.
+                    let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                    let route = request
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map_or("unmatched", |path| path.as_str());
+                    tracing::info_span!("request", request_id = %id, method = %request.method(), route)
+                })
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(axum::middleware::map_request(keep_safe_request_id))
+        .with_state(state);
+    (router, openapi)
+}
+
+/// Serves `router` on `listener` until `shutdown` (see [`server`]), with
+/// client addresses available to the per-IP limit.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    settings: server::ServerSettings,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    server::serve(listener, router, settings, shutdown).await
+}
+
+/// Bounds how long a handler may take to answer: the request timeout, or for
+/// `?wait=` the longest wait plus a margin. (A stream's body is not bounded
+/// here: SSE has its own limit.)
+async fn limit_time(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let waits = request.uri().query().is_some_and(|query| query.split('&').any(|pair| pair.starts_with("wait=")));
+    let settings = &state.settings;
+    let limit = if request.uri().path().starts_with("/functions/v1/") {
+        // A legacy function waits for its job; a passed-through one has its own timeout.
+        settings.functions_timeout.max(settings.max_wait) + Duration::from_secs(5)
+    } else if waits {
+        settings.max_wait + Duration::from_secs(5)
+    } else {
+        settings.server.request_timeout
+    };
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => axum::response::IntoResponse::into_response(error::ApiError::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request took longer than {} s (QUERN_HTTP_REQUEST_TIMEOUT_S); try again", limit.as_secs()),
+        )),
+    }
+}
+
+/// A panic in a handler answers 500 in the usual shape; the process goes on.
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    tracing::error!("a request handler panicked");
+    axum::response::IntoResponse::into_response(error::ApiError::new(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the server failed while handling this request; it has been logged",
+    ))
+}
+
+/// A client's `X-Request-Id` is kept only when it is short and safe to log
+/// (at most 64 letters, digits, `-`, `_`, `.`); any other is replaced by a
+/// fresh one, so a client cannot write into the log through it.
+async fn keep_safe_request_id<B>(mut request: Request<B>) -> Request<B> {
+    let safe = |value: &HeaderValue| {
+        let bytes = value.as_bytes();
+        !bytes.is_empty()
+            && bytes.len() <= 64
+            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    if request.headers().get("x-request-id").is_some_and(|value| !safe(value)) {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
+}
+
+fn openapi_base() -> OpenApi {
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    let mut openapi = utoipa::openapi::OpenApiBuilder::new()
+        .info(
+            utoipa::openapi::InfoBuilder::new()
+                .title("quern")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "A job host: enqueue jobs, follow them to their end, cancel and retry them. \
+                     Every error is `{\"error\": \"…\", \"code\": \"…\"}`.",
+                ))
+                .build(),
+        )
+        .build();
+    let components = openapi.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+    );
+    openapi
+}
+
+/// The OpenAPI document of this server.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta", responses((status = 200, description = "This document")))]
+async fn openapi_json(axum::Extension(document): axum::Extension<Arc<OpenApi>>) -> axum::Json<OpenApi> {
+    axum::Json(OpenApi::clone(&document))
+}
+
+async fn no_route(method: Method, uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "no_route",
+        format!("no route {method} {}: see /openapi.json for the routes", uri.path()),
+    )
+}
+
+/// CORS on the APIs only (`/v1`, `/functions/v1`): the dashboard, which
+/// signs in with a cookie, never answers another origin.
+async fn api_cors(
+    cors: CorsLayer,
+    request: Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tower::{Layer, ServiceExt};
+    if !functions::is_api_path(request.uri().path()) {
+        return next.run(request).await;
+    }
+    match cors.layer(next).oneshot(request).await {
+        Ok(response) => axum::response::IntoResponse::into_response(response),
+        Err(never) => match never {},
+    }
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS])
+        // The seed's functions allow exactly these.
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("apikey"),
+            HeaderName::from_static("x-client-info"),
+        ])
+        .expose_headers([HeaderName::from_static(jobs::NOTICE_HEADER), HeaderName::from_static("x-request-id")])
+        .max_age(Duration::from_secs(600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn boom() -> &'static str {
+        panic!("boom")
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_answers_500_in_the_usual_shape() {
+        use tower::ServiceExt;
+        let router: Router = Router::new()
+            .route("/boom", axum::routing::get(boom))
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked));
+        let request = axum::http::Request::get("/boom").body(axum::body::Body::empty()).unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "internal", "{body}");
+    }
+}

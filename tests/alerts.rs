@@ -1,0 +1,109 @@
+//! The customer's alert plan (seed 002, §17) by default, judged from the
+//! database on both backends: failure rate above 5 %, p95 job time above
+//! 30 s, more than 50 jobs pending, a worker silent for more than 5 minutes.
+
+mod support;
+
+use chrono::{TimeDelta, Utc};
+use quern_queue::alerts::{AlertSettings, Alerts, FAILURE_RATE, QUEUE_BACKLOG, SLOW_JOBS, WORKER_OFFLINE};
+use quern_queue::{EnqueueRequest, Queue, QueueSettings};
+use quern_store::{AttemptEnd, AttemptOutcome, Transition, WorkerRow};
+use serde_json::json;
+use support::db::Db;
+
+/// Runs `ran_s` seconds each: `completed` jobs of `job_type` that completed, then `failed` that failed.
+async fn finished(db: &Db, job_type: &str, completed: usize, failed: usize, ran_s: i64) {
+    let queue =
+        Queue::new(db.store.clone(), QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() });
+    for n in 0..completed + failed {
+        let input = json!({"n": n});
+        queue
+            .enqueue(EnqueueRequest { user_id: "u".into(), job_type: job_type.into(), input, ..Default::default() })
+            .await
+            .unwrap();
+    }
+    let now = Utc::now();
+    let types = [job_type.to_string()];
+    let jobs =
+        db.store.claim("w", (completed + failed) as u32, now, now + TimeDelta::seconds(60), &types).await.unwrap();
+    assert_eq!(jobs.len(), completed + failed);
+    for (n, job) in jobs.iter().enumerate() {
+        let transition = if n < completed {
+            Transition::Complete { result: json!({}), processing_time_ms: 1, next: None, cache: None }
+        } else {
+            Transition::Fail { error: "upstream said no".into(), outcome: AttemptOutcome::Failed }
+        };
+        let end = AttemptEnd {
+            job_id: job.id,
+            worker_id: "w".into(),
+            attempt: job.attempts,
+            handler_version: None,
+            started_at: now - TimeDelta::seconds(ran_s),
+            transition,
+        };
+        assert!(db.store.finish_attempt(&end, now).await.unwrap());
+    }
+}
+
+fn kinds(alerts: &Alerts) -> Vec<(String, String)> {
+    let mut kinds: Vec<_> = alerts.active().into_iter().map(|a| (a.kind, a.subject)).collect();
+    kinds.sort();
+    kinds
+}
+
+async fn the_seed_s_alert_plan_is_the_default(db: Db) {
+    let alerts = Alerts::new(AlertSettings::default());
+    // 1 failure in 21 (4.8 %) is under 5 %; quick jobs are not slow.
+    finished(&db, "quick", 20, 1, 1).await;
+    alerts.check(db.store.as_ref(), Utc::now()).await.unwrap();
+    assert_eq!(kinds(&alerts), Vec::<(String, String)>::new());
+
+    // 2 in 22 (9 %) is over; 31 s at the 95th percentile is slow.
+    finished(&db, "quick", 0, 1, 1).await;
+    finished(&db, "sluggish", 20, 0, 31).await;
+    alerts.check(db.store.as_ref(), Utc::now()).await.unwrap();
+    assert_eq!(
+        kinds(&alerts),
+        [(FAILURE_RATE.to_string(), "quick".to_string()), (SLOW_JOBS.to_string(), "sluggish".to_string())]
+    );
+    let slow = alerts.active().into_iter().find(|a| a.kind == SLOW_JOBS).unwrap();
+    assert!(slow.message.contains("31.0 s at the 95th percentile"), "{}", slow.message);
+
+    // 51 pending jobs, and a worker silent for 6 minutes.
+    let queue =
+        Queue::new(db.store.clone(), QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() });
+    for n in 0..51 {
+        let request = EnqueueRequest {
+            user_id: "u".into(),
+            job_type: "waiting".into(),
+            input: json!({"n": n}),
+            ..Default::default()
+        };
+        queue.enqueue(request).await.unwrap();
+    }
+    let silent = Utc::now() - TimeDelta::minutes(6);
+    let worker = WorkerRow {
+        id: "ai-worker-1".into(),
+        host: "vps".into(),
+        started_at: silent,
+        last_heartbeat_at: silent,
+        active_jobs: 0,
+        concurrency: 5,
+        version: "0.1.0".into(),
+    };
+    db.store.upsert_worker(&worker).await.unwrap();
+    alerts.check(db.store.as_ref(), Utc::now()).await.unwrap();
+    let kinds: Vec<String> = kinds(&alerts).into_iter().map(|(kind, _)| kind).collect();
+    assert_eq!(kinds, [FAILURE_RATE, QUEUE_BACKLOG, SLOW_JOBS, WORKER_OFFLINE]);
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_seed_s_alert_plan_is_the_default_sqlite() {
+    the_seed_s_alert_plan_is_the_default(Db::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn the_seed_s_alert_plan_is_the_default_postgres() {
+    the_seed_s_alert_plan_is_the_default(Db::postgres().await).await;
+}

@@ -1,0 +1,220 @@
+//! `quern migrate --supabase` on PostgreSQL: the seed's `analysis_jobs` view
+//! with row-level security, so the frontend's direct reads and cancel work
+//! through PostgREST as the signed-in user. Supabase's `auth.uid()` and
+//! roles are stood in for here exactly as Supabase defines them.
+
+mod support;
+
+use std::process::Command;
+
+use quern_queue::{EnqueueRequest, Queue, QueueSettings};
+use quern_store::JobStatus;
+use serde_json::json;
+use support::db::{Db, Raw};
+use uuid::Uuid;
+
+/// Supabase's roles, `auth.uid()` and `auth.users` (roles are cluster-wide:
+/// created once).
+async fn stand_in_for_supabase(pool: &sqlx::PgPool) {
+    sqlx::raw_sql(
+        "DO $$ BEGIN
+             CREATE ROLE anon NOLOGIN;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN
+             CREATE ROLE authenticated NOLOGIN;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN
+             CREATE ROLE service_role NOLOGIN BYPASSRLS;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         CREATE SCHEMA IF NOT EXISTS auth;
+         CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
+             SELECT nullif(current_setting('request.jwt.claims', true)::jsonb ->> 'sub', '')::uuid
+         $$;
+         DO $$ BEGIN
+             CREATE TABLE IF NOT EXISTS auth.users (id uuid PRIMARY KEY, email text);
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+fn migrate_supabase(url: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_quern")).args(["migrate", "--supabase"]).env("DATABASE_URL", url).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_read_and_cancel_their_own_jobs_through_analysis_jobs() {
+    let db = Db::postgres().await;
+    let Raw::Postgres(admin) = &db.raw else { unreachable!() };
+    stand_in_for_supabase(admin).await;
+    let output = migrate_supabase(&db.url);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let again = migrate_supabase(&db.url);
+    assert!(again.status.success(), "applying it twice is harmless: {}", String::from_utf8_lossy(&again.stderr));
+
+    let queue = Queue::new(db.store.clone(), QueueSettings::default());
+    let (alice, bob) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+    let enqueue = |user: &str, n: i64| {
+        let request = EnqueueRequest {
+            user_id: user.to_string(),
+            job_type: "sofia_image".into(),
+            input: json!({"imageUrl": format!("https://media.example/{n}.jpg")}),
+            ..Default::default()
+        };
+        let queue = &queue;
+        async move { queue.enqueue(request).await.unwrap().id }
+    };
+    let (mine, mine_too, theirs) = (enqueue(&alice, 1).await, enqueue(&alice, 2).await, enqueue(&bob, 3).await);
+
+    let schema = db.url.split("search_path%3D").nth(1).unwrap().to_string();
+    let mut tx = admin.begin().await.unwrap();
+    for statement in [
+        "SET LOCAL ROLE authenticated".to_string(),
+        format!("SET LOCAL search_path TO {schema}"),
+        format!(
+            "SELECT set_config('request.jwt.claims', '{{\"sub\": \"{alice}\", \"role\": \"authenticated\"}}', true)"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *tx).await.unwrap();
+    }
+    let visible: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM analysis_jobs ORDER BY created_at").fetch_all(&mut *tx).await.unwrap();
+    assert_eq!(visible, vec![mine, mine_too], "alice sees her jobs only");
+
+    // The hook's cancel: `update({status: 'cancelled'}).eq('id', jobId)`.
+    let cancel = "UPDATE analysis_jobs SET status = 'cancelled' WHERE id = $1";
+    assert_eq!(sqlx::query(cancel).bind(mine).execute(&mut *tx).await.unwrap().rows_affected(), 1);
+    assert_eq!(sqlx::query(cancel).bind(theirs).execute(&mut *tx).await.unwrap().rows_affected(), 0, "not bob's");
+
+    sqlx::query("SAVEPOINT s").execute(&mut *tx).await.unwrap();
+    let complete = sqlx::query("UPDATE analysis_jobs SET status = 'completed' WHERE id = $1")
+        .bind(mine_too)
+        .execute(&mut *tx)
+        .await;
+    assert!(complete.unwrap_err().to_string().contains("row-level security"), "only a cancel is allowed");
+    sqlx::query("ROLLBACK TO SAVEPOINT s").execute(&mut *tx).await.unwrap();
+    let result =
+        sqlx::query("UPDATE analysis_jobs SET result = '{}' WHERE id = $1").bind(mine_too).execute(&mut *tx).await;
+    assert!(result.unwrap_err().to_string().contains("permission denied"), "only the status column");
+    tx.rollback().await.unwrap();
+
+    // Commit the cancel for real and see quern's view of it.
+    let mut tx = admin.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE authenticated").execute(&mut *tx).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}"))).execute(&mut *tx).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT set_config('request.jwt.claims', '{{\"sub\": \"{alice}\"}}', true)"
+    )))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(cancel).bind(mine).execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    let job = db.store.get(mine).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Cancelled);
+    assert!(job.completed_at.is_some(), "the trigger stamps a direct cancel like quern's own");
+    assert_eq!(db.store.get(theirs).await.unwrap().unwrap().status, JobStatus::Pending);
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn supabase_migrations_are_refused_where_supabase_is_not() {
+    let sqlite = Command::new(env!("CARGO_BIN_EXE_quern"))
+        .args(["migrate", "--supabase"])
+        .env("DATABASE_URL", "sqlite:///tmp/quern-not-supabase.db")
+        .output()
+        .unwrap();
+    assert!(!sqlite.status.success());
+    assert!(String::from_utf8_lossy(&sqlite.stderr).contains("--supabase needs DATABASE_URL=postgres://"));
+
+    // The `postgres` database has no auth schema (the test above adds one to `test` only).
+    let url = support::db::postgres_url().rsplit_once('/').map(|(base, _)| format!("{base}/postgres")).unwrap();
+    let schema = format!("quern_test_{}", Uuid::now_v7().simple());
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&admin).await.unwrap();
+    let output = migrate_supabase(&format!("{url}?options=-csearch_path%3D{schema}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("lacks Supabase's") && stderr.contains("auth.uid()"), "{stderr}");
+}
+
+/// Runs `statements` in one transaction as the service role, in the test's schema.
+async fn as_service_role(db: &Db, statements: &[&str]) -> Vec<sqlx::postgres::PgRow> {
+    let Raw::Postgres(admin) = &db.raw else { unreachable!() };
+    let schema = db.url.split("search_path%3D").nth(1).unwrap().to_string();
+    let mut tx = admin.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE service_role").execute(&mut *tx).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}"))).execute(&mut *tx).await.unwrap();
+    let mut rows = Vec::new();
+    for statement in statements {
+        rows = sqlx::query(sqlx::AssertSqlSafe(statement.to_string())).fetch_all(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_role_enqueues_through_analysis_jobs_reads_the_cache_and_deleted_users_take_their_jobs() {
+    use sqlx::Row;
+    let db = Db::postgres().await;
+    let Raw::Postgres(admin) = &db.raw else { unreachable!() };
+    stand_in_for_supabase(admin).await;
+    let output = migrate_supabase(&db.url);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    // The seed's enqueue-analysis: insert({type, input, priority, user_id}).select().single().
+    let mut wakeups = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    wakeups.listen("quern_jobs").await.unwrap();
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    let insert = format!(
+        "INSERT INTO analysis_jobs (type, input, priority, user_id) \
+         VALUES ('sofia_text', '{{\"text\": \"arroz e feijão\"}}', 5, '{alice}') RETURNING *"
+    );
+    let rows = as_service_role(&db, &[&insert]).await;
+    let id: Uuid = rows[0].get("id");
+    assert_eq!(rows[0].get::<String, _>("status"), "pending");
+    assert_eq!((rows[0].get::<i32, _>("attempts"), rows[0].get::<i32, _>("max_attempts")), (0, 3));
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(5), wakeups.recv()).await;
+    assert!(woken.is_ok_and(|n| n.is_ok()), "the insert wakes the workers");
+    let job = db.store.get(id).await.unwrap().expect("the job is quern's");
+    assert_eq!(
+        (job.status, job.user_id.as_str(), job.job_type.as_str()),
+        (JobStatus::Pending, &*alice.to_string(), "sofia_text")
+    );
+    let now = chrono::Utc::now();
+    let claimed =
+        db.store.claim("w1", 10, now, now + chrono::TimeDelta::seconds(30), &["sofia_text".to_string()]).await;
+    assert_eq!(claimed.unwrap().len(), 1, "a worker claims it");
+
+    // The seed's analysis_cache and cleanup_expired_cache().
+    db.execute(
+        "INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at) VALUES \
+         ('fresh', 'sofia_text', '{\"ok\": 1}', now() + interval '1 hour', now()), \
+         ('stale', 'sofia_text', '{\"ok\": 2}', now() - interval '1 hour', now() - interval '2 hours')",
+    )
+    .await;
+    let rows = as_service_role(&db, &["SELECT cache_key, hit_count, id FROM analysis_cache ORDER BY cache_key"]).await;
+    assert_eq!(rows.iter().map(|r| r.get::<String, _>("cache_key")).collect::<Vec<_>>(), ["fresh", "stale"]);
+    as_service_role(&db, &["SELECT cleanup_expired_cache()::text"]).await;
+    let rows = as_service_role(&db, &["SELECT cache_key FROM analysis_cache"]).await;
+    assert_eq!(rows.iter().map(|r| r.get::<String, _>("cache_key")).collect::<Vec<_>>(), ["fresh"]);
+
+    // Deleting a user from auth.users deletes their jobs, and only theirs.
+    let queue = Queue::new(db.store.clone(), QueueSettings::default());
+    let request = |user: Uuid| EnqueueRequest {
+        user_id: user.to_string(),
+        job_type: "sofia_text".into(),
+        input: json!({"text": "ovo"}),
+        ..Default::default()
+    };
+    let bobs = queue.enqueue(request(bob)).await.unwrap().id;
+    sqlx::query("INSERT INTO auth.users (id) VALUES ($1), ($2)").bind(alice).bind(bob).execute(admin).await.unwrap();
+    sqlx::query("DELETE FROM auth.users WHERE id = $1").bind(alice).execute(admin).await.unwrap();
+    assert!(db.store.get(id).await.unwrap().is_none(), "alice's job went with her");
+    assert!(db.store.get(bobs).await.unwrap().is_some(), "bob's stays");
+    sqlx::query("DELETE FROM auth.users WHERE id = $1").bind(bob).execute(admin).await.unwrap();
+    db.cleanup().await;
+}
