@@ -13,6 +13,49 @@ pub mod soak;
 
 use std::time::Duration;
 
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Per-job cost of a fresh sandbox: instantiate, call, drop.
+    Runtime(runtime::RuntimeBenchArgs),
+    /// The queue end to end: enqueue and processing throughput, pickup latency.
+    Queue(queue::QueueBenchArgs),
+    /// Several `quern worker` processes draining one backlog on one PostgreSQL.
+    Fleet(fleet::FleetBenchArgs),
+    /// Claim cost and pickup latency on an empty queue and behind a large backlog.
+    Backlog(backlog::BacklogBenchArgs),
+    /// The gateway's latency while every worker slot spins.
+    Isolation(isolation::IsolationBenchArgs),
+    /// The HTTP gateway: enqueue, cache hit and status requests per second, latency.
+    Http(http::HttpBenchArgs),
+    /// Simulated users enqueueing and following jobs end to end (the seed's load test).
+    E2e(e2e::E2eBenchArgs),
+    /// Deleting old jobs from a large table while enqueues go on.
+    Retention(retention::RetentionBenchArgs),
+    /// Steady load for minutes with retention in seconds: table, disk and memory stay flat.
+    Soak(soak::SoakBenchArgs),
+}
+
+fn block_on(bench: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench)
+}
+
+/// Runs one benchmark to its end; each prints its own numbers.
+pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Runtime(args) => Ok(runtime::run(&args)?),
+        BenchCommand::Queue(args) => block_on(queue::run(&args)),
+        BenchCommand::Fleet(args) => block_on(fleet::run(&args)),
+        BenchCommand::Backlog(args) => block_on(backlog::run(&args)),
+        BenchCommand::Isolation(args) => block_on(isolation::run(&args)),
+        BenchCommand::Http(args) => block_on(http::run(&args)),
+        BenchCommand::E2e(args) => block_on(e2e::run(&args)),
+        BenchCommand::Retention(args) => block_on(retention::run(&args)),
+        BenchCommand::Soak(args) => block_on(soak::run(&args)),
+    }
+}
+
 /// Percentiles of a set of latency samples.
 #[derive(Debug, Clone, Copy)]
 pub struct Latencies {

@@ -48,30 +48,16 @@ enum Command {
     /// Apply the database migrations and exit.
     Migrate(serve::MigrateArgs),
     /// Measure; print the numbers.
+    #[cfg(feature = "bench")]
     #[command(subcommand)]
-    Bench(BenchCommand),
-}
-
-#[derive(Subcommand, Debug)]
-enum BenchCommand {
-    /// Per-job cost of a fresh sandbox: instantiate, call, drop.
-    Runtime(quern::bench::runtime::RuntimeBenchArgs),
-    /// The queue end to end: enqueue and processing throughput, pickup latency.
-    Queue(quern::bench::queue::QueueBenchArgs),
-    /// Several `quern worker` processes draining one backlog on one PostgreSQL.
-    Fleet(quern::bench::fleet::FleetBenchArgs),
-    /// Claim cost and pickup latency on an empty queue and behind a large backlog.
-    Backlog(quern::bench::backlog::BacklogBenchArgs),
-    /// The gateway's latency while every worker slot spins.
-    Isolation(quern::bench::isolation::IsolationBenchArgs),
-    /// The HTTP gateway: enqueue, cache hit and status requests per second, latency.
-    Http(quern::bench::http::HttpBenchArgs),
-    /// Simulated users enqueueing and following jobs end to end (the seed's load test).
-    E2e(quern::bench::e2e::E2eBenchArgs),
-    /// Deleting old jobs from a large table while enqueues go on.
-    Retention(quern::bench::retention::RetentionBenchArgs),
-    /// Steady load for minutes with retention in seconds: table, disk and memory stay flat.
-    Soak(quern::bench::soak::SoakBenchArgs),
+    Bench(quern::bench::BenchCommand),
+    /// Benchmarks are built only with the feature `bench`.
+    #[cfg(not(feature = "bench"))]
+    #[command(hide = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 impl Cli {
@@ -132,11 +118,6 @@ pub fn init_logging(json: bool) -> Option<tracing_appender::non_blocking::Worker
 }
 
 /// Runs a benchmark to its end on a runtime of its own.
-fn bench(run: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run)?;
-    Ok(ExitCode::SUCCESS)
-}
-
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
@@ -148,17 +129,16 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate(args) => serve::migrate(args),
         Command::Jobs(args) => jobs::jobs(args),
         Command::Handlers(args) => handlers::handlers(args),
-        Command::Bench(BenchCommand::Queue(args)) => bench(quern::bench::queue::run(&args)),
-        Command::Bench(BenchCommand::Fleet(args)) => bench(quern::bench::fleet::run(&args)),
-        Command::Bench(BenchCommand::Backlog(args)) => bench(quern::bench::backlog::run(&args)),
-        Command::Bench(BenchCommand::Isolation(args)) => bench(quern::bench::isolation::run(&args)),
-        Command::Bench(BenchCommand::E2e(args)) => bench(quern::bench::e2e::run(&args)),
-        Command::Bench(BenchCommand::Http(args)) => bench(quern::bench::http::run(&args)),
-        Command::Bench(BenchCommand::Retention(args)) => bench(quern::bench::retention::run(&args)),
-        Command::Bench(BenchCommand::Soak(args)) => bench(quern::bench::soak::run(&args)),
-        Command::Bench(BenchCommand::Runtime(args)) => {
-            quern::bench::runtime::run(&args)?;
+        #[cfg(feature = "bench")]
+        Command::Bench(command) => {
+            quern::bench::run(command)?;
             Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "bench"))]
+        Command::Bench { .. } => {
+            anyhow::bail!(
+                "this quern was built without benchmarks: build it with `cargo build --release --features bench`"
+            )
         }
     }
 }

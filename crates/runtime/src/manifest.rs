@@ -7,7 +7,7 @@
 use serde::Deserialize;
 use std::time::Duration;
 
-use crate::http::HostRule;
+use crate::http::{HostRule, RuleError};
 
 /// Configuration keys no handler may be granted: they would hand it the
 /// database, the ability to mint tokens, or the service role.
@@ -177,6 +177,12 @@ pub enum ManifestError {
     HostSetting(String),
     #[error("rollout.{name} = {value} is out of range: {range}")]
     Rollout { name: &'static str, value: f64, range: &'static str },
+}
+
+impl From<RuleError> for ManifestError {
+    fn from(error: RuleError) -> Self {
+        Self::HostRule { rule: error.rule, reason: error.reason }
+    }
 }
 
 #[derive(Deserialize)]

@@ -197,8 +197,8 @@ impl HarnessBuilder {
     pub fn build(self) -> Result<Harness, LoadError> {
         let (bytes, mut manifest) = read_component(&self.component)?;
         for rule in &self.extra_hosts {
-            let rule =
-                HostRule::parse(rule).map_err(|source| LoadError::Manifest { path: "(harness)".into(), source })?;
+            let rule = HostRule::parse(rule)
+                .map_err(|source| LoadError::Manifest { path: "(harness)".into(), source: source.into() })?;
             manifest.allowed_hosts.push(rule);
         }
         let granted: Vec<String> = self.config.keys().map(str::to_string).collect();
