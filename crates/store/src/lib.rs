@@ -10,6 +10,7 @@
 
 mod nodelay;
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::sync::Arc;

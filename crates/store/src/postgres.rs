@@ -5,15 +5,16 @@
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::Value;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::nodelay;
+use super::rows::{FromColumns, JOB_COLUMNS};
 use super::{
     AttemptEnd, AttemptRecord, CacheEntry, CacheStats, CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter,
     JobStatus, NewJob, OutcomeCount, Progress, PruneCutoffs, RequeueOutcome, Rollout, Store, StoreError, StoredVersion,
-    Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_outcome, parse_status, requeueable,
+    Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_status, requeueable,
 };
 use super::{EndedInSlice, RunTimes};
 
@@ -102,41 +103,6 @@ impl PostgresStore {
         tx.commit().await?;
         Ok(())
     }
-}
-
-const JOB_COLUMNS: &str = "id, user_id, type, input, result, error, status, priority, attempts, max_attempts, run_at, \
-     lease_expires_at, worker_id, handler_version, progress_percent, progress_message, processing_time_ms, parent_id, \
-     root_id, next_steps, created_at, updated_at, started_at, completed_at";
-
-fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
-    let status: String = row.try_get("status")?;
-    let next_steps: Value = row.try_get("next_steps")?;
-    Ok(Job {
-        id: row.try_get("id")?,
-        user_id: row.try_get("user_id")?,
-        job_type: row.try_get("type")?,
-        input: row.try_get("input")?,
-        result: row.try_get("result")?,
-        error: row.try_get("error")?,
-        status: parse_status(&status)?,
-        priority: row.try_get("priority")?,
-        attempts: row.try_get("attempts")?,
-        max_attempts: row.try_get("max_attempts")?,
-        run_at: row.try_get("run_at")?,
-        lease_expires_at: row.try_get("lease_expires_at")?,
-        worker_id: row.try_get("worker_id")?,
-        handler_version: row.try_get("handler_version")?,
-        progress_percent: row.try_get("progress_percent")?,
-        progress_message: row.try_get("progress_message")?,
-        processing_time_ms: row.try_get("processing_time_ms")?,
-        parent_id: row.try_get("parent_id")?,
-        root_id: row.try_get("root_id")?,
-        next_steps: serde_json::from_value(next_steps).map_err(|e| corrupt("quern_jobs", e))?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        started_at: row.try_get("started_at")?,
-        completed_at: row.try_get("completed_at")?,
-    })
 }
 
 /// The insert of a job and the NOTIFY that wakes workers (delivered at commit).
@@ -404,7 +370,7 @@ impl Store for PostgresStore {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(job_from_row).transpose()
+        row.as_ref().map(Job::from_columns).transpose()
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
@@ -423,7 +389,7 @@ impl Store for PostgresStore {
         }
         query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(filter.limit));
         let rows = query.build().fetch_all(&self.pool).await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter().map(Job::from_columns).collect()
     }
 
     async fn requeue(
@@ -462,7 +428,7 @@ impl Store for PostgresStore {
         .bind(extra_attempts.max(1))
         .fetch_one(&mut *tx)
         .await?;
-        let job = job_from_row(&row)?;
+        let job = Job::from_columns(&row)?;
         tx.commit().await?;
         Ok(RequeueOutcome::Requeued(Box::new(job)))
     }
@@ -476,15 +442,7 @@ impl Store for PostgresStore {
         let rows = sqlx::query("SELECT type, status, count(*) AS n FROM quern_jobs WHERE status IN ('pending', 'processing') GROUP BY type, status ORDER BY type, status")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(DepthRow {
-                    job_type: row.try_get("type")?,
-                    status: parse_status(&row.try_get::<String, _>("status")?)?,
-                    count: row.try_get("n")?,
-                })
-            })
-            .collect()
+        rows.iter().map(DepthRow::from_columns).collect()
     }
 
     async fn cache_stats(&self, now: DateTime<Utc>) -> Result<CacheStats, StoreError> {
@@ -519,7 +477,7 @@ impl Store for PostgresStore {
             .bind(types)
             .fetch_all(&self.pool)
             .await?;
-        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+        let mut jobs = rows.iter().map(Job::from_columns).collect::<Result<Vec<_>, _>>()?;
         jobs.sort_by_key(|job| (job.priority, job.run_at, job.created_at));
         Ok(jobs)
     }
@@ -643,7 +601,7 @@ impl Store for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter().map(Job::from_columns).collect()
     }
 
     async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
@@ -699,20 +657,7 @@ impl Store for PostgresStore {
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let outcome: String = row.try_get("outcome")?;
-                Ok(AttemptRecord {
-                    attempt: row.try_get("attempt")?,
-                    worker_id: row.try_get("worker_id")?,
-                    handler_version: row.try_get("handler_version")?,
-                    started_at: row.try_get("started_at")?,
-                    ended_at: row.try_get("ended_at")?,
-                    outcome: parse_outcome(&outcome)?,
-                    error: row.try_get("error")?,
-                })
-            })
-            .collect()
+        rows.iter().map(AttemptRecord::from_columns).collect()
     }
 
     async fn cache_hit(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Value>, StoreError> {
@@ -732,15 +677,7 @@ impl Store for PostgresStore {
                 .bind(key)
                 .fetch_optional(&self.pool)
                 .await?;
-        row.map(|row| {
-            Ok(CacheEntry {
-                response: row.try_get("response")?,
-                hit_count: row.try_get("hit_count")?,
-                last_hit_at: row.try_get("last_hit_at")?,
-                expires_at: row.try_get("expires_at")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(CacheEntry::from_columns).transpose()
     }
 
     async fn cache_put(
@@ -855,19 +792,7 @@ impl Store for PostgresStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(WorkerRow {
-                    id: row.try_get("id")?,
-                    host: row.try_get("host")?,
-                    started_at: row.try_get("started_at")?,
-                    last_heartbeat_at: row.try_get("last_heartbeat_at")?,
-                    active_jobs: row.try_get("active_jobs")?,
-                    concurrency: row.try_get("concurrency")?,
-                    version: row.try_get("version")?,
-                })
-            })
-            .collect()
+        rows.iter().map(WorkerRow::from_columns).collect()
     }
 
     async fn remove_worker(&self, id: &str) -> Result<(), StoreError> {
@@ -892,17 +817,7 @@ impl Store for PostgresStore {
         .bind(since)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let outcome: String = row.try_get("outcome")?;
-                Ok(OutcomeCount {
-                    job_type: row.try_get("type")?,
-                    handler_version: row.try_get("handler_version")?,
-                    outcome: parse_outcome(&outcome)?,
-                    count: row.try_get::<i64, _>("n")?.max(0) as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(OutcomeCount::from_columns).collect()
     }
 
     async fn run_times(&self, since: DateTime<Utc>, per_version: bool) -> Result<Vec<RunTimes>, StoreError> {
@@ -918,16 +833,7 @@ impl Store for PostgresStore {
         .bind(per_version)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RunTimes {
-                    job_type: row.try_get("type")?,
-                    handler_version: row.try_get("handler_version")?,
-                    avg_ms: row.try_get("avg_ms")?,
-                    p95_ms: row.try_get("p95_ms")?,
-                })
-            })
-            .collect()
+        rows.iter().map(RunTimes::from_columns).collect()
     }
 
     async fn ended_per_slice(
@@ -947,15 +853,7 @@ impl Store for PostgresStore {
         .bind(slice.num_microseconds().unwrap_or(i64::MAX).max(1))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(EndedInSlice {
-                    slice: row.try_get("slice")?,
-                    completed: row.try_get::<i64, _>("completed")?.max(0) as u64,
-                    failed: row.try_get::<i64, _>("failed")?.max(0) as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(EndedInSlice::from_columns).collect()
     }
 
     async fn recent_failures(&self, limit: u32) -> Result<Vec<FailedJob>, StoreError> {
@@ -966,17 +864,7 @@ impl Store for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(FailedJob {
-                    id: row.try_get("id")?,
-                    job_type: row.try_get("type")?,
-                    error: row.try_get("error")?,
-                    attempts: row.try_get("attempts")?,
-                    failed_at: row.try_get("completed_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(FailedJob::from_columns).collect()
     }
 
     async fn count_unfinished(&self) -> Result<i64, StoreError> {
@@ -1030,18 +918,7 @@ impl Store for PostgresStore {
         .bind(version)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|row| {
-            Ok(StoredVersion {
-                job_type: row.try_get("type")?,
-                version: row.try_get("version")?,
-                sha256: row.try_get("sha256")?,
-                component: row.try_get("component")?,
-                manifest: row.try_get("manifest")?,
-                uploaded_by: row.try_get("uploaded_by")?,
-                uploaded_at: row.try_get("uploaded_at")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(StoredVersion::from_columns).transpose()
     }
 
     async fn versions(&self) -> Result<Vec<VersionInfo>, StoreError> {
@@ -1051,18 +928,7 @@ impl Store for PostgresStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(VersionInfo {
-                    job_type: row.try_get("type")?,
-                    version: row.try_get("version")?,
-                    sha256: row.try_get("sha256")?,
-                    size_bytes: row.try_get("size_bytes")?,
-                    uploaded_by: row.try_get("uploaded_by")?,
-                    uploaded_at: row.try_get("uploaded_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(VersionInfo::from_columns).collect()
     }
 
     async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
@@ -1072,18 +938,7 @@ impl Store for PostgresStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Rollout {
-                    job_type: row.try_get("type")?,
-                    active_version: row.try_get("active_version")?,
-                    previous_version: row.try_get("previous_version")?,
-                    canary_version: row.try_get("canary_version")?,
-                    canary_percent: row.try_get("canary_percent")?,
-                    paused: row.try_get("paused")?,
-                })
-            })
-            .collect()
+        rows.iter().map(Rollout::from_columns).collect()
     }
 
     async fn put_rollout(&self, rollout: &Rollout, now: DateTime<Utc>) -> Result<(), StoreError> {

@@ -10,18 +10,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use serde_json::Value;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::watch;
+
+use super::rows::{FromColumns, JOB_COLUMNS};
 use uuid::Uuid;
 
 use super::{
     AttemptEnd, AttemptOutcome, AttemptRecord, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats, CancelOutcome,
     DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome, Rollout, Store,
-    StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_outcome,
-    parse_status, requeueable,
+    StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_status,
+    requeueable,
 };
 use super::{EndedInSlice, OutcomeCount, PruneCutoffs, RunTimes};
 
@@ -124,45 +124,6 @@ fn uuid(text: &str) -> Result<Uuid, StoreError> {
 
 fn json(text: &str) -> Result<Value, StoreError> {
     serde_json::from_str(text).map_err(|e| corrupt("quern_jobs", e))
-}
-
-const JOB_COLUMNS: &str = "id, user_id, type, input, result, error, status, priority, attempts, max_attempts, run_at, \
-     lease_expires_at, worker_id, handler_version, progress_percent, progress_message, processing_time_ms, parent_id, \
-     root_id, next_steps, created_at, updated_at, started_at, completed_at";
-
-fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
-    let status: String = row.try_get("status")?;
-    let id: String = row.try_get("id")?;
-    let parent_id: Option<String> = row.try_get("parent_id")?;
-    let root_id: Option<String> = row.try_get("root_id")?;
-    let result: Option<String> = row.try_get("result")?;
-    let next_steps: String = row.try_get("next_steps")?;
-    Ok(Job {
-        id: uuid(&id)?,
-        user_id: row.try_get("user_id")?,
-        job_type: row.try_get("type")?,
-        input: json(&row.try_get::<String, _>("input")?)?,
-        result: result.as_deref().map(json).transpose()?,
-        error: row.try_get("error")?,
-        status: parse_status(&status)?,
-        priority: row.try_get("priority")?,
-        attempts: row.try_get("attempts")?,
-        max_attempts: row.try_get("max_attempts")?,
-        run_at: at(row.try_get("run_at")?)?,
-        lease_expires_at: at_opt(row.try_get("lease_expires_at")?)?,
-        worker_id: row.try_get("worker_id")?,
-        handler_version: row.try_get("handler_version")?,
-        progress_percent: row.try_get("progress_percent")?,
-        progress_message: row.try_get("progress_message")?,
-        processing_time_ms: row.try_get("processing_time_ms")?,
-        parent_id: parent_id.as_deref().map(uuid).transpose()?,
-        root_id: root_id.as_deref().map(uuid).transpose()?,
-        next_steps: serde_json::from_str(&next_steps).map_err(|e| corrupt("quern_jobs", e))?,
-        created_at: at(row.try_get("created_at")?)?,
-        updated_at: at(row.try_get("updated_at")?)?,
-        started_at: at_opt(row.try_get("started_at")?)?,
-        completed_at: at_opt(row.try_get("completed_at")?)?,
-    })
 }
 
 /// Inserts a job in one statement that also checks its user's unfinished
@@ -421,7 +382,7 @@ impl Store for SqliteStore {
             .bind(id.to_string())
             .fetch_optional(&self.reader)
             .await?;
-        row.as_ref().map(job_from_row).transpose()
+        row.as_ref().map(Job::from_columns).transpose()
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
@@ -441,7 +402,7 @@ impl Store for SqliteStore {
         }
         query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(filter.limit));
         let rows = query.build().fetch_all(&self.reader).await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter().map(Job::from_columns).collect()
     }
 
     async fn requeue(
@@ -477,7 +438,7 @@ impl Store for SqliteStore {
         .bind(extra_attempts.max(1))
         .fetch_one(&mut *tx)
         .await?;
-        let job = job_from_row(&row)?;
+        let job = Job::from_columns(&row)?;
         tx.commit().await?;
         self.wake_workers();
         Ok(RequeueOutcome::Requeued(Box::new(job)))
@@ -492,15 +453,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query("SELECT type, status, count(*) AS n FROM quern_jobs WHERE status IN ('pending', 'processing') GROUP BY type, status ORDER BY type, status")
             .fetch_all(&self.reader)
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(DepthRow {
-                    job_type: row.try_get("type")?,
-                    status: parse_status(&row.try_get::<String, _>("status")?)?,
-                    count: row.try_get("n")?,
-                })
-            })
-            .collect()
+        rows.iter().map(DepthRow::from_columns).collect()
     }
 
     async fn cache_stats(&self, now: DateTime<Utc>) -> Result<CacheStats, StoreError> {
@@ -556,7 +509,7 @@ impl Store for SqliteStore {
             query = query.bind(job_type);
         }
         let rows = query.fetch_all(&self.writer).await?;
-        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+        let mut jobs = rows.iter().map(Job::from_columns).collect::<Result<Vec<_>, _>>()?;
         jobs.sort_by_key(|job| (job.priority, job.run_at, job.created_at));
         Ok(jobs)
     }
@@ -694,7 +647,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter().map(Job::from_columns).collect()
     }
 
     async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
@@ -755,20 +708,7 @@ impl Store for SqliteStore {
         .bind(id.to_string())
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let outcome: String = row.try_get("outcome")?;
-                Ok(AttemptRecord {
-                    attempt: row.try_get("attempt")?,
-                    worker_id: row.try_get("worker_id")?,
-                    handler_version: row.try_get("handler_version")?,
-                    started_at: at(row.try_get("started_at")?)?,
-                    ended_at: at(row.try_get("ended_at")?)?,
-                    outcome: parse_outcome(&outcome)?,
-                    error: row.try_get("error")?,
-                })
-            })
-            .collect()
+        rows.iter().map(AttemptRecord::from_columns).collect()
     }
 
     async fn cache_hit(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Value>, StoreError> {
@@ -789,15 +729,7 @@ impl Store for SqliteStore {
                 .bind(key)
                 .fetch_optional(&self.reader)
                 .await?;
-        row.map(|row| {
-            Ok(CacheEntry {
-                response: json(&row.try_get::<String, _>("response")?)?,
-                hit_count: row.try_get("hit_count")?,
-                last_hit_at: at_opt(row.try_get("last_hit_at")?)?,
-                expires_at: at(row.try_get("expires_at")?)?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(CacheEntry::from_columns).transpose()
     }
 
     async fn cache_put(
@@ -893,19 +825,7 @@ impl Store for SqliteStore {
         )
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(WorkerRow {
-                    id: row.try_get("id")?,
-                    host: row.try_get("host")?,
-                    started_at: at(row.try_get("started_at")?)?,
-                    last_heartbeat_at: at(row.try_get("last_heartbeat_at")?)?,
-                    active_jobs: row.try_get("active_jobs")?,
-                    concurrency: row.try_get("concurrency")?,
-                    version: row.try_get("version")?,
-                })
-            })
-            .collect()
+        rows.iter().map(WorkerRow::from_columns).collect()
     }
 
     async fn remove_worker(&self, id: &str) -> Result<(), StoreError> {
@@ -930,17 +850,7 @@ impl Store for SqliteStore {
         .bind(micros(since))
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let outcome: String = row.try_get("outcome")?;
-                Ok(OutcomeCount {
-                    job_type: row.try_get("type")?,
-                    handler_version: row.try_get("handler_version")?,
-                    outcome: parse_outcome(&outcome)?,
-                    count: row.try_get::<i64, _>("n")?.max(0) as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(OutcomeCount::from_columns).collect()
     }
 
     async fn run_times(&self, since: DateTime<Utc>, per_version: bool) -> Result<Vec<RunTimes>, StoreError> {
@@ -961,16 +871,7 @@ impl Store for SqliteStore {
         .bind(per_version)
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RunTimes {
-                    job_type: row.try_get("type")?,
-                    handler_version: row.try_get("handler_version")?,
-                    avg_ms: row.try_get("avg_ms")?,
-                    p95_ms: row.try_get("p95_ms")?,
-                })
-            })
-            .collect()
+        rows.iter().map(RunTimes::from_columns).collect()
     }
 
     async fn ended_per_slice(
@@ -989,15 +890,7 @@ impl Store for SqliteStore {
         .bind(slice.num_microseconds().unwrap_or(i64::MAX).max(1))
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(EndedInSlice {
-                    slice: row.try_get("slice")?,
-                    completed: row.try_get::<i64, _>("completed")?.max(0) as u64,
-                    failed: row.try_get::<i64, _>("failed")?.max(0) as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(EndedInSlice::from_columns).collect()
     }
 
     async fn recent_failures(&self, limit: u32) -> Result<Vec<FailedJob>, StoreError> {
@@ -1008,18 +901,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("id")?;
-                Ok(FailedJob {
-                    id: uuid(&id)?,
-                    job_type: row.try_get("type")?,
-                    error: row.try_get("error")?,
-                    attempts: row.try_get("attempts")?,
-                    failed_at: at(row.try_get("completed_at")?)?,
-                })
-            })
-            .collect()
+        rows.iter().map(FailedJob::from_columns).collect()
     }
 
     async fn count_unfinished(&self) -> Result<i64, StoreError> {
@@ -1071,18 +953,7 @@ impl Store for SqliteStore {
         .bind(version)
         .fetch_optional(&self.reader)
         .await?;
-        row.map(|row| {
-            Ok(StoredVersion {
-                job_type: row.try_get("type")?,
-                version: row.try_get("version")?,
-                sha256: row.try_get("sha256")?,
-                component: row.try_get("component")?,
-                manifest: row.try_get("manifest")?,
-                uploaded_by: row.try_get("uploaded_by")?,
-                uploaded_at: at(row.try_get("uploaded_at")?)?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(StoredVersion::from_columns).transpose()
     }
 
     async fn versions(&self) -> Result<Vec<VersionInfo>, StoreError> {
@@ -1092,18 +963,7 @@ impl Store for SqliteStore {
         )
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(VersionInfo {
-                    job_type: row.try_get("type")?,
-                    version: row.try_get("version")?,
-                    sha256: row.try_get("sha256")?,
-                    size_bytes: row.try_get("size_bytes")?,
-                    uploaded_by: row.try_get("uploaded_by")?,
-                    uploaded_at: at(row.try_get("uploaded_at")?)?,
-                })
-            })
-            .collect()
+        rows.iter().map(VersionInfo::from_columns).collect()
     }
 
     async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
@@ -1113,18 +973,7 @@ impl Store for SqliteStore {
         )
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Rollout {
-                    job_type: row.try_get("type")?,
-                    active_version: row.try_get("active_version")?,
-                    previous_version: row.try_get("previous_version")?,
-                    canary_version: row.try_get("canary_version")?,
-                    canary_percent: row.try_get("canary_percent")?,
-                    paused: row.try_get("paused")?,
-                })
-            })
-            .collect()
+        rows.iter().map(Rollout::from_columns).collect()
     }
 
     async fn put_rollout(&self, rollout: &Rollout, now: DateTime<Utc>) -> Result<(), StoreError> {
