@@ -1,6 +1,9 @@
 //! quern's settings, from flags or the environment (flag names mirror the
 //! variables: `--data-dir` / `QUERN_DATA_DIR`). Later commands extend this
 //! with the seed's names (PORT, WORKER_*, CACHE_*).
+//!
+//! One file over 400 lines on purpose: every setting's flag, variable and
+//! default stand in this one place, so no default is said twice.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,5 +1,8 @@
 //! The operators' dashboard and alerts: a real `quern serve`, a real
 //! headless Chromium driven through chromedriver, a loopback webhook.
+//!
+//! One file over 400 lines on purpose: one browser session setup (chromedriver,
+//! server, webhook) serves every test here.
 
 mod support;
 

@@ -1,5 +1,8 @@
 //! The HTTP API end to end: a real `quern serve` on a loopback port, on
 //! SQLite and on PostgreSQL, driven over HTTP as a client would.
+//!
+//! One file over 400 lines on purpose: the API's end-to-end story on both
+//! databases over one shared server setup.
 
 mod support;
 

@@ -1,6 +1,9 @@
 //! What the gateway promises to other software: the customer's Supabase
 //! routes with their exact shapes, CORS, the OpenAPI document, Prometheus
 //! metrics, tokens from a JWKS, and the first start's ready-made token.
+//!
+//! One file over 400 lines on purpose: each test pins one promise the gateway
+//! makes to other software, over one shared server setup.
 
 mod support;
 

@@ -1,5 +1,8 @@
 //! Handler versions uploaded through the API and rolled out across real
 //! worker and gateway processes: canary, rollback, pause, refusals.
+//!
+//! One file over 400 lines on purpose: every test here shares one fleet of
+//! real processes' setup, and each test is a sentence of the rollout story.
 
 mod support;
 

@@ -1,6 +1,9 @@
 //! The queue's batched paths, on SQLite and PostgreSQL: many attempt ends in
 //! one commit (each still guarded on its own), the worker's group commit and
 //! local queue, bulk enqueue, and a worker killed with ends not yet written.
+//!
+//! One file over 400 lines on purpose: every batched path is tested on both
+//! databases with one shared harness.
 
 mod support;
 

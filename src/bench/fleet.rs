@@ -3,6 +3,7 @@
 //! would. Prints the aggregate rate and checks that no job ran twice: every
 //! job ends with exactly one attempt, completed.
 
+use quern_store::prelude::*;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;

@@ -6,6 +6,9 @@
 //!
 //! Sessions live in this gateway's memory: behind several gateways, pin
 //! operators to one or sign in on each.
+//!
+//! One file over 400 lines on purpose: the page, its sign-in and its sessions
+//! are one feature; the figures it shows come from `stats`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -6,6 +6,10 @@
 //! type) before anything is stored; a refused upload touches nothing. A
 //! rollout is one row per type; writing it notifies every worker and
 //! gateway, and this gateway applies it before answering.
+//!
+//! One file over 400 lines on purpose: upload, list, rollout, rollback, pause and
+//! resume are one resource's routes with one set of checks; the rollout rules
+//! themselves are pure code in `quern_queue::rollout`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,6 +25,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::body::JsonBody;
 use super::error::{ApiError, ErrorBody};
+use super::types::JobTypeName;
 use quern_queue::rollout::{self, ChangeError, Refused, Step};
 use quern_queue::stats;
 use quern_runtime::LoadError;
@@ -70,7 +75,7 @@ pub struct UploadForm {
 
 /// Upload a handler version: validated, compiled, stored; not yet serving.
 #[utoipa::path(post, path = "/v1/handlers/{type}/versions", tag = "handlers", security(("bearer" = [])),
-    params(("type" = String, Path, description = "The job type")),
+    params(("type" = inline(JobTypeName), Path, description = "The job type")),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses(
         (status = 201, description = "Stored", body = UploadedVersion),
@@ -180,6 +185,7 @@ pub async fn upload(
 #[serde(deny_unknown_fields)]
 pub struct RolloutBody {
     /// A stored version of this type.
+    #[schema(min_length = 1)]
     pub version: String,
     /// 100 (default): the version serves every new job. 1–99: a canary
     /// taking that share of new jobs (by a stable hash of the job id).
@@ -189,7 +195,7 @@ pub struct RolloutBody {
 
 /// Roll a stored version out to every worker: all new jobs, or a canary share.
 #[utoipa::path(post, path = "/v1/handlers/{type}/rollout", tag = "handlers", security(("bearer" = [])),
-    params(("type" = String, Path, description = "The job type")),
+    params(("type" = inline(JobTypeName), Path, description = "The job type")),
     request_body = RolloutBody,
     responses(
         (status = 200, body = Rollout),
@@ -231,7 +237,7 @@ pub async fn rollout(
 
 /// Undo the last step: drop the canary if there is one, else return to the previous active version.
 #[utoipa::path(post, path = "/v1/handlers/{type}/rollback", tag = "handlers", security(("bearer" = [])),
-    params(("type" = String, Path, description = "The job type")),
+    params(("type" = inline(JobTypeName), Path, description = "The job type")),
     responses(
         (status = 200, body = Rollout),
         (status = 401, body = ErrorBody),
@@ -252,7 +258,7 @@ pub async fn rollback(
 
 /// Pause a type on every gateway and worker: enqueues get 503 `type_disabled`, queued jobs wait.
 #[utoipa::path(post, path = "/v1/handlers/{type}/pause", tag = "handlers", security(("bearer" = [])),
-    params(("type" = String, Path, description = "The job type")),
+    params(("type" = inline(JobTypeName), Path, description = "The job type")),
     responses((status = 200, body = Rollout), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn pause(
     State(state): State<AppState>,
@@ -264,7 +270,7 @@ pub async fn pause(
 
 /// Resume a paused type everywhere.
 #[utoipa::path(post, path = "/v1/handlers/{type}/resume", tag = "handlers", security(("bearer" = [])),
-    params(("type" = String, Path, description = "The job type")),
+    params(("type" = inline(JobTypeName), Path, description = "The job type")),
     responses((status = 200, body = Rollout), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn resume(
     State(state): State<AppState>,

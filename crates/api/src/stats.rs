@@ -23,6 +23,7 @@ const MIN_WINDOW: Duration = Duration::from_secs(60);
 const MAX_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StatsQuery {
     /// How far back the rates, times and throughput look: `15m`, `1h`
     /// (default), `1d`; from 1 minute to 7 days.

@@ -152,9 +152,12 @@ pub async fn enqueue_analysis(
 }
 
 #[derive(Debug, Deserialize, IntoParams, ToSchema)]
+#[into_params(parameter_in = Query)]
 pub struct StatusRequest {
+    /// The job id `enqueue-analysis` answered with.
     #[serde(rename = "jobId")]
-    #[param(rename = "jobId")]
+    #[param(rename = "jobId", required = true, value_type = String, format = Uuid)]
+    #[schema(required = true, value_type = String, format = Uuid)]
     pub job_id: Option<String>,
 }
 

@@ -1,12 +1,39 @@
 //! `/v1/types`: the job types this gateway knows, and their feature flags.
 
+use std::borrow::Cow;
+
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+
+use quern_runtime::manifest::JOB_TYPE_PATTERN;
 
 use super::AppState;
 use super::auth::{Caller, require_service};
 use super::error::{ApiError, ErrorBody};
+
+/// A job type's name as the OpenAPI document states it: the manifest's rule
+/// (lowercase letters, digits and `_`, a letter first, at most 64) as a
+/// pattern, so a client learns it from the document, not from a 400.
+pub struct JobTypeName;
+
+impl utoipa::PartialSchema for JobTypeName {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(JOB_TYPE_PATTERN))
+            .description(Some("A job type: lowercase letters, digits and `_`, a letter first, at most 64"))
+            .into()
+    }
+}
+
+impl ToSchema for JobTypeName {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("JobType")
+    }
+}
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TypeView {
@@ -46,7 +73,7 @@ pub async fn list(State(state): State<AppState>, _caller: Caller) -> axum::Json<
 
 /// Switch a type's feature flag on: enqueues are accepted again.
 #[utoipa::path(post, path = "/v1/types/{type}/enable", tag = "types", security(("bearer" = [])),
-    params(("type" = String, Path, description = "The job type")),
+    params(("type" = inline(JobTypeName), Path, description = "The job type")),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn enable(
     State(state): State<AppState>,
@@ -59,7 +86,7 @@ pub async fn enable(
 /// Switch a type's feature flag off: enqueues get 503 `type_disabled` (on
 /// this gateway; jobs already queued still run).
 #[utoipa::path(post, path = "/v1/types/{type}/disable", tag = "types", security(("bearer" = [])),
-    params(("type" = String, Path, description = "The job type")),
+    params(("type" = inline(JobTypeName), Path, description = "The job type")),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn disable(
     State(state): State<AppState>,

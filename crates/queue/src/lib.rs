@@ -2,6 +2,9 @@
 //! what a lapsed lease means, what cancel may do, how results are cached and
 //! pipelines continue. The rules live here once; the stores only perform the
 //! transitions these functions choose.
+//!
+//! One file over 400 lines on purpose: the lifecycle rules are kept in one
+//! place so that no transition is decided twice.
 
 pub mod alerts;
 pub mod cache_key;

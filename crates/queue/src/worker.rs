@@ -16,6 +16,10 @@
 //! On shutdown it stops claiming, releases the jobs it has not started,
 //! lets running jobs finish within the grace period, then interrupts the
 //! rest and releases them to `pending` unharmed.
+//!
+//! One file over 400 lines on purpose: the claim loop, the local queue, the cancel
+//! watch and the lease renewal share one worker's state and are read together;
+//! the batched writes already live apart in `completer`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};

@@ -7,6 +7,10 @@
 //! configuration. Built per job: a `Store` with its WASI context, limits and
 //! capability state, dropped when the job ends. This module knows nothing of
 //! queues, databases or HTTP routes.
+//!
+//! One file over 400 lines on purpose: the path of one job through the sandbox
+//! (instantiate, call, map the outcome) reads top to bottom; the capabilities
+//! live in their own modules.
 
 mod bindings;
 pub mod config;

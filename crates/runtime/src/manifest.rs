@@ -3,6 +3,9 @@
 //! Every handler ships one beside its component (`<type>.wasm` + `<type>.toml`
 //! in a handlers directory). Unknown fields are refused so that a typo is an
 //! error, not a silently ignored setting.
+//!
+//! One file over 400 lines on purpose: the envelope's parsing and the checks
+//! that refuse a bad manifest belong together; the last fifth is unit tests.
 
 use serde::Deserialize;
 use std::time::Duration;
@@ -315,6 +318,9 @@ impl Manifest {
         })
     }
 }
+
+/// [`validate_job_type`]'s rule as a regular expression (for schemas).
+pub const JOB_TYPE_PATTERN: &str = "^[a-z][a-z0-9_]{0,63}$";
 
 pub fn validate_job_type(name: &str) -> Result<(), ManifestError> {
     let valid = name.len() <= 64

@@ -14,6 +14,10 @@
 //! (see `queue::versions`), and the directory no longer decides for them.
 //! [`Registry::pick`] chooses a job's version by a stable hash of its id, so
 //! a canary split is the same for the same jobs wherever they run.
+//!
+//! One file over 400 lines on purpose: loading, watching and swapping share the
+//! registry's atomic maps and must be read together to see that a job never
+//! loses its version.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

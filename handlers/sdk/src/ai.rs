@@ -14,6 +14,9 @@
 //! [`chat_json`] asks for JSON, parses it into the caller's type, asks once
 //! more with the parse error if it does not fit, and then fails quoting the
 //! start of what the model said.
+//!
+//! One file over 400 lines on purpose: the provider chain, its failover rules
+//! and its wire format are one policy; the last fifth is its unit tests.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

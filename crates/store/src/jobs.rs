@@ -1,0 +1,322 @@
+//! Jobs: what a job is, what becomes of a cancel or a retry, and [`JobStore`].
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::{AttemptEnd, AttemptRecord, EndWritten, StoreError, corrupt};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Processing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [Self::Pending, Self::Processing, Self::Completed, Self::Failed, Self::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == text)
+    }
+
+    /// Completed, failed or cancelled: nothing more happens to the job.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A pipeline step that runs after a job completes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub input: Value,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Job {
+    pub id: Uuid,
+    pub user_id: String,
+    pub job_type: String,
+    pub input: Value,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub status: JobStatus,
+    pub priority: i16,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub worker_id: Option<String>,
+    pub handler_version: Option<String>,
+    pub progress_percent: i16,
+    pub progress_message: Option<String>,
+    pub processing_time_ms: Option<i32>,
+    pub parent_id: Option<Uuid>,
+    pub root_id: Option<Uuid>,
+    pub next_steps: Vec<Step>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    /// A job as its insert stored it: the store need not read it back.
+    /// Times keep the microseconds both databases keep.
+    pub fn pending(new: &NewJob, now: DateTime<Utc>) -> Self {
+        use chrono::SubsecRound;
+        let now = now.trunc_subsecs(6);
+        Self {
+            id: new.id,
+            user_id: new.user_id.clone(),
+            job_type: new.job_type.clone(),
+            input: new.input.clone(),
+            result: None,
+            error: None,
+            status: JobStatus::Pending,
+            priority: new.priority,
+            attempts: 0,
+            max_attempts: new.max_attempts,
+            run_at: new.run_at.trunc_subsecs(6),
+            lease_expires_at: None,
+            worker_id: None,
+            handler_version: None,
+            progress_percent: 0,
+            progress_message: None,
+            processing_time_ms: None,
+            parent_id: new.parent_id,
+            root_id: new.root_id,
+            next_steps: new.next_steps.clone(),
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            completed_at: None,
+        }
+    }
+}
+
+/// Finished jobs that ended before these times may be deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneCutoffs {
+    pub completed: DateTime<Utc>,
+    pub cancelled: DateTime<Utc>,
+    pub failed: DateTime<Utc>,
+}
+
+/// A job to insert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub user_id: String,
+    pub job_type: String,
+    pub input: Value,
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub next_steps: Vec<Step>,
+    pub parent_id: Option<Uuid>,
+    pub root_id: Option<Uuid>,
+}
+
+/// A running job's latest progress report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub job_id: Uuid,
+    pub percent: i16,
+    pub message: String,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was pending or processing and is now cancelled; a running instance
+    /// is interrupted by its worker.
+    Cancelled {
+        was_running: bool,
+    },
+    /// It had ended, but a later step of its pipeline had not: that step is
+    /// cancelled, and with it the steps still to come.
+    StepCancelled {
+        step: Uuid,
+        was_running: bool,
+    },
+    /// It had already ended, and nothing after it was left to run.
+    AlreadyFinished(JobStatus),
+    NotFound,
+}
+
+/// What a cancel does to a job and the rest of its pipeline, from the
+/// job's status and the unfinished jobs of its chain (`id`, `status`).
+pub(crate) fn cancel_outcome(id: Uuid, status: JobStatus, unfinished: &[(Uuid, JobStatus)]) -> CancelOutcome {
+    if !status.is_finished() {
+        return CancelOutcome::Cancelled { was_running: status == JobStatus::Processing };
+    }
+    match unfinished.iter().find(|(other, _)| *other != id) {
+        Some((step, status)) => {
+            CancelOutcome::StepCancelled { step: *step, was_running: *status == JobStatus::Processing }
+        }
+        None => CancelOutcome::AlreadyFinished(status),
+    }
+}
+
+/// Which jobs a listing returns, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Only this user's jobs; every user's when `None`.
+    pub user_id: Option<String>,
+    pub status: Option<JobStatus>,
+    pub job_type: Option<String>,
+    /// Keyset cursor: only jobs older than this `(created_at, id)`.
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: u32,
+}
+
+/// What a request to run a finished job again did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequeueOutcome {
+    /// Back to `pending` with fresh attempts.
+    Requeued(Box<Job>),
+    /// Not failed or cancelled (or a cancelled job whose instance is still
+    /// stopping): nothing changed.
+    NotRetryable(JobStatus),
+    NotFound,
+}
+
+/// Waits until jobs may be ready to claim: a NOTIFY on Postgres, an
+/// in-process signal on SQLite. Wake-ups may be spurious or missed; the worker
+/// also polls.
+#[async_trait]
+pub trait Wakeups: Send {
+    async fn wait(&mut self);
+}
+
+/// Jobs: enqueue, claim, the ends of attempts, leases, cancel and retry, pruning.
+#[async_trait]
+pub trait JobStore: Send + Sync {
+    /// Inserts a job. With `max_unfinished_per_user`, refuses atomically when
+    /// the user already has that many pending or processing jobs.
+    async fn enqueue(
+        &self,
+        job: &NewJob,
+        now: DateTime<Utc>,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<Job, StoreError>;
+
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
+
+    /// A user's jobs, newest first.
+    async fn jobs_of_user(&self, user_id: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
+        self.list_jobs(&JobFilter { user_id: Some(user_id.to_string()), limit, ..JobFilter::default() }).await
+    }
+
+    /// Jobs matching `filter`, newest first (by `created_at`, then id).
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError>;
+
+    /// Puts a failed or cancelled job back to `pending`, due now, with
+    /// `extra_attempts` more attempts. With `max_unfinished_per_user`, refuses
+    /// atomically when its user is at the limit, as enqueue does.
+    async fn requeue(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        extra_attempts: i32,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<RequeueOutcome, StoreError>;
+
+    /// Claims up to `limit` due pending jobs of `types` (the ones the worker
+    /// has handlers for), most urgent first, for `worker_id`: each becomes
+    /// `processing` with its attempt counted and a lease until `lease_until`.
+    /// No job is handed to two claimers. The cost follows the jobs claimed,
+    /// not the backlog: each type is read through its own part of the claim
+    /// index, so pending jobs of other types are never scanned.
+    async fn claim(
+        &self,
+        worker_id: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        types: &[String],
+    ) -> Result<Vec<Job>, StoreError>;
+
+    /// Inserts many jobs in one transaction, all or none, and wakes workers
+    /// once. No per-user limit: this is for trusted server-side producers.
+    async fn enqueue_batch(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Ends many attempts in one transaction (one commit for all: a worker's
+    /// group commit), answering for each, in order, what was written. Each
+    /// end is guarded on its own: it is written only while its worker still
+    /// holds that attempt. A job cancelled meanwhile keeps its cancellation
+    /// (the attempt is recorded as cancelled, the result dropped); a reclaimed
+    /// or reaped one is left alone. A completion's cache entry and pipeline
+    /// step are written with it, or not at all.
+    async fn finish_attempts(&self, ends: &[AttemptEnd], now: DateTime<Utc>) -> Result<Vec<EndWritten>, StoreError>;
+
+    /// Ends one attempt: `true` when it was written as asked (see
+    /// [`Store::finish_attempts`]).
+    async fn finish_attempt(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        Ok(self.finish_attempt_written(end, now).await? == EndWritten::Recorded)
+    }
+
+    /// Ends one attempt, answering what was written.
+    async fn finish_attempt_written(&self, end: &AttemptEnd, now: DateTime<Utc>) -> Result<EndWritten, StoreError> {
+        let written = self.finish_attempts(std::slice::from_ref(end), now).await?;
+        written.into_iter().next().ok_or_else(|| corrupt("quern_jobs", "no answer for an attempt's end"))
+    }
+
+    /// Extends the leases of `ids` that `worker_id` still holds; returns the
+    /// ids it no longer holds (cancelled, reaped), whose instances should stop.
+    async fn renew_leases(
+        &self,
+        worker_id: &str,
+        ids: &[Uuid],
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, StoreError>;
+
+    /// Of `ids`, those `worker_id` no longer holds. Read-only: checked often.
+    async fn released(&self, worker_id: &str, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError>;
+
+    /// Processing jobs whose lease lapsed before `now`.
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, StoreError>;
+
+    /// Cancels a pending or processing job, and every unfinished job of its
+    /// pipeline (the chain of steps from the same first job): cancelling any
+    /// step stops the steps not yet run.
+    async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError>;
+
+    /// Saves the latest progress of jobs `worker_id` holds, in one statement.
+    async fn set_progress(&self, worker_id: &str, progress: &[Progress]) -> Result<(), StoreError>;
+
+    async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>, StoreError>;
+
+    async fn prune_jobs(&self, cutoffs: &PruneCutoffs, limit: u32) -> Result<u64, StoreError>;
+
+    /// Pending and processing jobs: the queue's depth.
+    async fn count_unfinished(&self) -> Result<i64, StoreError>;
+
+    /// A source of wake-ups for workers.
+    async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError>;
+}

@@ -1,0 +1,333 @@
+//! Jobs: enqueue, claim, the ends of attempts, leases, cancel and retry, pruning, on PostgreSQL.
+
+use super::*;
+use crate::JobStore;
+
+#[async_trait]
+impl JobStore for PostgresStore {
+    async fn enqueue(
+        &self,
+        job: &NewJob,
+        now: DateTime<Utc>,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<Job, StoreError> {
+        let Some(limit) = max_unfinished_per_user else {
+            // One statement, one round trip: the insert and its NOTIFY.
+            insert_query(job, now)?.execute(&self.pool).await?;
+            return Ok(Job::pending(job, now));
+        };
+        let mut tx = self.pool.begin().await?;
+        lock_user(&mut tx, &job.user_id).await?;
+        if unfinished_of(&mut tx, &job.user_id).await? >= i64::from(limit) {
+            return Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit });
+        }
+        let inserted = insert_job(&mut tx, job, now).await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(Job::from_columns).transpose()
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        let mut query = sqlx::QueryBuilder::<Postgres>::new(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE true"));
+        if let Some(user_id) = &filter.user_id {
+            query.push(" AND user_id = ").push_bind(user_id.clone());
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(job_type) = &filter.job_type {
+            query.push(" AND type = ").push_bind(job_type.clone());
+        }
+        if let Some((created_at, id)) = filter.before {
+            query.push(" AND (created_at, id) < (").push_bind(created_at).push(", ").push_bind(id).push(")");
+        }
+        query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(filter.limit));
+        let rows = query.build().fetch_all(&self.pool).await?;
+        rows.iter().map(Job::from_columns).collect()
+    }
+
+    async fn requeue(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        extra_attempts: i32,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<RequeueOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT user_id, status, lease_expires_at FROM quern_jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(RequeueOutcome::NotFound) };
+        let status = parse_status(&row.try_get::<String, _>("status")?)?;
+        let lease: Option<DateTime<Utc>> = row.try_get("lease_expires_at")?;
+        if !requeueable(status, lease, now) {
+            return Ok(RequeueOutcome::NotRetryable(status));
+        }
+        let user_id: String = row.try_get("user_id")?;
+        if let Some(limit) = max_unfinished_per_user {
+            lock_user(&mut tx, &user_id).await?;
+            if unfinished_of(&mut tx, &user_id).await? >= i64::from(limit) {
+                return Err(StoreError::TooManyActiveJobs { user_id, limit });
+            }
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE quern_jobs SET status = 'pending', run_at = $2, updated_at = $2, max_attempts = attempts + $3, \
+             result = NULL, error = NULL, completed_at = NULL, worker_id = NULL, lease_expires_at = NULL, \
+             progress_percent = 0, progress_message = NULL WHERE id = $1 \
+             RETURNING {JOB_COLUMNS}, pg_notify('{CHANNEL}', '')::text AS notified"
+        )))
+        .bind(id)
+        .bind(now)
+        .bind(extra_attempts.max(1))
+        .fetch_one(&mut *tx)
+        .await?;
+        let job = Job::from_columns(&row)?;
+        tx.commit().await?;
+        Ok(RequeueOutcome::Requeued(Box::new(job)))
+    }
+
+    async fn claim(
+        &self,
+        worker_id: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        types: &[String],
+    ) -> Result<Vec<Job>, StoreError> {
+        let sql = match types.len() {
+            0 => return Ok(Vec::new()),
+            1 => &*CLAIM_ONE_TYPE,
+            _ => &*CLAIM_TYPES,
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            .bind(now)
+            .bind(i64::from(limit))
+            .bind(worker_id)
+            .bind(lease_until)
+            .bind(types)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut jobs = rows.iter().map(Job::from_columns).collect::<Result<Vec<_>, _>>()?;
+        jobs.sort_by_key(|job| (job.priority, job.run_at, job.created_at));
+        Ok(jobs)
+    }
+
+    async fn enqueue_batch(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<(), StoreError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut columns = JobColumns::default();
+        for job in jobs {
+            columns.push(job)?;
+        }
+        columns.bind(sqlx::query(INSERT_JOBS).bind(now)).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn finish_attempts(&self, ends: &[AttemptEnd], now: DateTime<Utc>) -> Result<Vec<EndWritten>, StoreError> {
+        if ends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query = sqlx::query(FINISH_ATTEMPTS)
+            .bind(now)
+            .bind(ends.iter().map(|end| end.job_id).collect::<Vec<_>>())
+            .bind(ends.iter().map(|end| end.worker_id.as_str()).collect::<Vec<_>>())
+            .bind(ends.iter().map(|end| end.attempt).collect::<Vec<_>>())
+            .bind(ends.iter().map(|end| end.handler_version.as_deref()).collect::<Vec<_>>())
+            .bind(ends.iter().map(|end| end.transition.kind()).collect::<Vec<_>>());
+        let (mut result, mut processing_time_ms, mut run_at) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut cache_job, mut cache_key, mut cache_type, mut cache_expires) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut next = JobColumns::default();
+        for end in ends {
+            let (done, took, due) = match &end.transition {
+                Transition::Complete { result, processing_time_ms, next: step, cache } => {
+                    if let Some(cache) = cache {
+                        cache_job.push(end.job_id);
+                        cache_key.push(cache.key.as_str());
+                        cache_type.push(cache.job_type.as_str());
+                        cache_expires.push(cache.expires_at);
+                    }
+                    if let Some(step) = step {
+                        next.push(step)?;
+                    }
+                    (Some(result.clone()), Some(*processing_time_ms), None)
+                }
+                Transition::Retry { run_at, .. } => (None, None, Some(*run_at)),
+                _ => (None, None, None),
+            };
+            result.push(done);
+            processing_time_ms.push(took);
+            run_at.push(due);
+        }
+        query = query
+            .bind(result)
+            .bind(processing_time_ms)
+            .bind(ends.iter().map(|end| end.transition.error()).collect::<Vec<_>>())
+            .bind(run_at)
+            .bind(ends.iter().map(|end| end.started_at).collect::<Vec<_>>())
+            .bind(ends.iter().map(|end| end.transition.outcome().as_str()).collect::<Vec<_>>())
+            .bind(cache_job)
+            .bind(cache_key)
+            .bind(cache_type)
+            .bind(cache_expires);
+        let rows = next.bind(query).fetch_all(&self.pool).await?;
+        let mut written = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let status: String = row.try_get("status")?;
+            written.insert(row.try_get::<Uuid, _>("id")?, status == "cancelled");
+        }
+        Ok(ends
+            .iter()
+            .map(|end| match written.get(&end.job_id) {
+                None => EndWritten::Stale,
+                Some(true) if !matches!(end.transition, Transition::Cancelled) => EndWritten::Cancelled,
+                Some(_) => EndWritten::Recorded,
+            })
+            .collect())
+    }
+
+    async fn renew_leases(
+        &self,
+        worker_id: &str,
+        ids: &[Uuid],
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let renewed: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE quern_jobs SET lease_expires_at = $3 \
+             WHERE id = ANY($1) AND status = 'processing' AND worker_id = $2 RETURNING id",
+        )
+        .bind(ids)
+        .bind(worker_id)
+        .bind(lease_until)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.iter().filter(|id| !renewed.contains(id)).copied().collect())
+    }
+
+    async fn released(&self, worker_id: &str, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM quern_jobs WHERE id = ANY($1) AND status = 'processing' AND worker_id = $2",
+        )
+        .bind(ids)
+        .bind(worker_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.iter().filter(|id| !held.contains(id)).copied().collect())
+    }
+
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE status = 'processing' AND lease_expires_at < $1 \
+             ORDER BY lease_expires_at LIMIT $2"
+        )))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Job::from_columns).collect()
+    }
+
+    async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT status, coalesce(root_id, id) AS root FROM quern_jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(CancelOutcome::NotFound) };
+        let status = parse_status(&row.try_get::<String, _>("status")?)?;
+        let root: Uuid = row.try_get("root")?;
+        let rows = sqlx::query(
+            "WITH chain AS (SELECT id, status FROM quern_jobs \
+                 WHERE (id = $1 OR root_id = $1) AND status IN ('pending', 'processing') FOR UPDATE) \
+             UPDATE quern_jobs AS j SET status = 'cancelled', completed_at = $2, updated_at = $2, error = 'cancelled' \
+             FROM chain WHERE j.id = chain.id RETURNING chain.id, chain.status",
+        )
+        .bind(root)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let unfinished = rows
+            .iter()
+            .map(|row| Ok((row.try_get("id")?, parse_status(&row.try_get::<String, _>("status")?)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        tx.commit().await?;
+        Ok(cancel_outcome(id, status, &unfinished))
+    }
+
+    async fn set_progress(&self, worker_id: &str, progress: &[Progress]) -> Result<(), StoreError> {
+        if progress.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE quern_jobs AS j SET progress_percent = p.percent, progress_message = p.message \
+             FROM unnest($2::uuid[], $3::int2[], $4::text[]) AS p(id, percent, message) \
+             WHERE j.id = p.id AND j.worker_id = $1 AND j.status = 'processing'",
+        )
+        .bind(worker_id)
+        .bind(progress.iter().map(|p| p.job_id).collect::<Vec<_>>())
+        .bind(progress.iter().map(|p| p.percent).collect::<Vec<_>>())
+        .bind(progress.iter().map(|p| p.message.as_str()).collect::<Vec<_>>())
+        .execute(&self.relaxed)
+        .await?;
+        Ok(())
+    }
+
+    async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT attempt, worker_id, handler_version, started_at, ended_at, outcome, error \
+             FROM quern_job_attempts WHERE job_id = $1 ORDER BY attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(AttemptRecord::from_columns).collect()
+    }
+
+    async fn prune_jobs(&self, cutoffs: &PruneCutoffs, limit: u32) -> Result<u64, StoreError> {
+        // SKIP LOCKED: a row a cancel or a retry is touching right now is
+        // left for the next pass rather than waited for.
+        let done = sqlx::query(
+            "DELETE FROM quern_jobs WHERE id IN ( \
+               SELECT id FROM quern_jobs \
+               WHERE lease_expires_at IS NULL AND completed_at IS NOT NULL \
+                 AND ((status = 'completed' AND completed_at < $1) \
+                   OR (status = 'cancelled' AND completed_at < $2) \
+                   OR (status = 'failed' AND completed_at < $3)) \
+               LIMIT $4 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(cutoffs.completed)
+        .bind(cutoffs.cancelled)
+        .bind(cutoffs.failed)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn count_unfinished(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM quern_jobs WHERE status IN ('pending', 'processing')")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(Box::new(PgWakeups { listener }))
+    }
+}

@@ -1,0 +1,373 @@
+//! [`Store`] on PostgreSQL (plain or Supabase): many workers on many machines
+//! coordinate through it alone, with `FOR UPDATE SKIP LOCKED` claims and
+//! LISTEN/NOTIFY wake-ups.
+
+mod cache;
+mod fleet;
+mod jobs;
+mod stats;
+mod versions;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::Value;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::nodelay;
+use super::rows::{FromColumns, JOB_COLUMNS};
+use super::{
+    AttemptEnd, AttemptRecord, CacheEntry, CacheStats, CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter,
+    JobStatus, NewJob, OutcomeCount, Progress, PruneCutoffs, RequeueOutcome, Rollout, Store, StoreError, StoredVersion,
+    Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_status, requeueable,
+};
+use super::{EndedInSlice, RunTimes};
+
+/// The maintenance lead: a session advisory lock on this connection.
+struct AdvisoryLock(PgConnection);
+
+#[async_trait::async_trait]
+impl super::LeaderLock for AdvisoryLock {
+    async fn check(&mut self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&mut self.0).await?;
+        Ok(())
+    }
+}
+
+/// The channel enqueues notify and workers listen on.
+/// (The static statements below spell it out: `pg_notify('quern_jobs', '')`.)
+const CHANNEL: &str = "quern_jobs";
+/// The channel rollout changes notify; workers and gateways listen on it.
+const ROLLOUTS_CHANNEL: &str = "quern_handlers";
+
+pub struct PostgresStore {
+    pool: PgPool,
+    /// Connections with `synchronous_commit = off`, for writes whose loss in
+    /// a database crash is harmless (cache-hit counts, progress, heartbeats):
+    /// they commit without waiting for the WAL to reach the disk. Every job
+    /// state change goes through `pool`, durably.
+    relaxed: PgPool,
+    /// The connection this process competes for the maintenance lead on,
+    /// kept between tries (one per process, not one per try).
+    candidate: tokio::sync::Mutex<Option<PgConnection>>,
+}
+
+impl PostgresStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse()?;
+        Self::connect_with(options).await
+    }
+
+    /// Connects with explicit options (tests set a private `search_path`).
+    pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
+        Self::connect_pooled(options, super::DEFAULT_POOL_SIZE).await
+    }
+
+    /// Connects with at most `pool_size` connections for jobs and requests
+    /// (and a few more for writes that need not wait for the disk).
+    pub async fn connect_pooled(options: PgConnectOptions, pool_size: u32) -> Result<Self, StoreError> {
+        let options = options.application_name("quern");
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
+            .connect_with(options.clone())
+            .await?;
+        let relaxed = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
+        Ok(Self { pool, relaxed, candidate: tokio::sync::Mutex::default() })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies `migrations/supabase/`: the seed's `analysis_jobs` view with
+    /// its row-level security. Refuses, naming what is missing, on a
+    /// database without Supabase's `auth.uid()` and roles.
+    pub async fn apply_supabase_compat(&self) -> Result<(), StoreError> {
+        let missing: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM (VALUES ('role authenticated', (SELECT count(*) FROM pg_roles WHERE rolname = 'authenticated')), \
+                                      ('role service_role', (SELECT count(*) FROM pg_roles WHERE rolname = 'service_role')), \
+                                      ('function auth.uid()', (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                                                               WHERE n.nspname = 'auth' AND p.proname = 'uid')), \
+                                      ('table auth.users', (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                                                            WHERE n.nspname = 'auth' AND c.relname = 'users'))) AS needs(name, found) \
+             WHERE found = 0",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        if !missing.is_empty() {
+            return Err(StoreError::NotSupabase(missing.join(", ")));
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::raw_sql(include_str!("../../../../migrations/supabase/analysis_jobs.sql")).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The insert of a job and the NOTIFY that wakes workers (delivered at commit).
+fn insert_query(
+    job: &NewJob,
+    now: DateTime<Utc>,
+) -> Result<sqlx::query::Query<'static, Postgres, PgArguments>, StoreError> {
+    let next_steps = serde_json::to_value(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?;
+    Ok(sqlx::query(
+        "INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id, \
+         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
+         RETURNING pg_notify('quern_jobs', '')::text AS notified",
+    )
+    .bind(job.id)
+    .bind(job.user_id.clone())
+    .bind(job.job_type.clone())
+    .bind(job.input.clone())
+    .bind(job.priority)
+    .bind(job.max_attempts)
+    .bind(job.run_at)
+    .bind(next_steps)
+    .bind(job.parent_id)
+    .bind(job.root_id)
+    .bind(now))
+}
+
+async fn insert_job(tx: &mut Transaction<'_, Postgres>, job: &NewJob, now: DateTime<Utc>) -> Result<Job, StoreError> {
+    insert_query(job, now)?.execute(&mut **tx).await?;
+    Ok(Job::pending(job, now))
+}
+
+/// Serialises the transactions that count a user's unfinished jobs (enqueue,
+/// requeue), so two cannot both slip under the limit; other users are not held up.
+async fn lock_user(tx: &mut Transaction<'_, Postgres>, user_id: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7919))").bind(user_id).execute(&mut **tx).await?;
+    Ok(())
+}
+
+async fn unfinished_of(tx: &mut Transaction<'_, Postgres>, user_id: &str) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM quern_jobs WHERE user_id = $1 AND status IN ('pending', 'processing')")
+        .bind(user_id)
+        .fetch_one(&mut **tx)
+        .await?)
+}
+
+/// Claims of one type read the claim index `(type, priority, run_at,
+/// created_at)` in order from the top, locking as they go; rows another
+/// claimer holds are skipped, so concurrent claimers never wait on each other.
+static CLAIM_ONE_TYPE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    claim_sql(
+        "SELECT id FROM quern_jobs WHERE status = 'pending' AND type = ($5::text[])[1] AND run_at <= $1 \
+         ORDER BY priority, run_at, created_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+});
+
+/// Claims of several types take the top of each type's part of the index
+/// (locking up to `limit` rows of each), then the most urgent of those; the
+/// rows not taken are unlocked when the statement commits.
+static CLAIM_TYPES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    claim_sql(
+        "SELECT c.id FROM unnest($5::text[]) AS t(type) CROSS JOIN LATERAL ( \
+             SELECT id, priority, run_at, created_at FROM quern_jobs \
+             WHERE status = 'pending' AND type = t.type AND run_at <= $1 \
+             ORDER BY priority, run_at, created_at LIMIT $2 FOR UPDATE SKIP LOCKED) AS c \
+         ORDER BY c.priority, c.run_at, c.created_at LIMIT $2",
+    )
+});
+
+/// The claim around a choice of job ids: `$1` now, `$2` the limit, `$3` the
+/// worker, `$4` the lease's end, `$5` the types.
+fn claim_sql(choose: &str) -> String {
+    let returned = JOB_COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ");
+    format!(
+        "WITH next AS ({choose}) \
+         UPDATE quern_jobs AS j \
+         SET status = 'processing', worker_id = $3, attempts = j.attempts + 1, started_at = $1, \
+             lease_expires_at = $4, updated_at = $1, progress_percent = 0, progress_message = NULL \
+         FROM next WHERE j.id = next.id \
+         RETURNING {returned}"
+    )
+}
+
+/// Ends a batch of attempts in one statement (so one commit): the jobs'
+/// transitions, each guarded by who holds it, then for the ends written the
+/// attempt records, the cache entries and the pipelines' next jobs. The ends
+/// arrive as parallel arrays (`unnest`), so the statement is the same for any
+/// batch and stays prepared. A job cancelled while its attempt ran keeps its
+/// status: only its lease is cleared and the attempt recorded as cancelled.
+const FINISH_ATTEMPTS: &str = "
+WITH ends AS (
+    SELECT * FROM unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::jsonb[], $8::int4[],
+                         $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[])
+        AS e(job_id, worker_id, attempt, handler_version, kind, result, processing_time_ms, error, run_at,
+             started_at, outcome)
+),
+done AS (
+    UPDATE quern_jobs AS j SET
+        status = CASE WHEN j.status = 'cancelled' THEN 'cancelled'
+                      WHEN e.kind = 'complete' THEN 'completed'
+                      WHEN e.kind = 'fail' THEN 'failed'
+                      ELSE 'pending' END,
+        result = CASE WHEN j.status = 'processing' AND e.kind = 'complete' THEN e.result ELSE j.result END,
+        error = CASE WHEN j.status = 'processing' AND e.kind IN ('complete', 'retry', 'fail') THEN e.error
+                     ELSE j.error END,
+        processing_time_ms = CASE WHEN j.status = 'processing' AND e.kind = 'complete' THEN e.processing_time_ms
+                                  ELSE j.processing_time_ms END,
+        handler_version = CASE WHEN j.status = 'processing' AND e.kind = 'release' THEN j.handler_version
+                               ELSE e.handler_version END,
+        progress_percent = CASE WHEN j.status = 'processing' AND e.kind = 'complete' THEN 100
+                                ELSE j.progress_percent END,
+        completed_at = CASE WHEN j.status = 'processing' AND e.kind IN ('complete', 'fail') THEN $1
+                            ELSE j.completed_at END,
+        run_at = CASE WHEN j.status = 'processing' AND e.kind = 'retry' THEN e.run_at
+                      WHEN j.status = 'processing' AND e.kind = 'release' THEN $1
+                      ELSE j.run_at END,
+        worker_id = CASE WHEN j.status = 'processing' AND e.kind IN ('retry', 'release') THEN NULL
+                         ELSE j.worker_id END,
+        attempts = CASE WHEN j.status = 'processing' AND e.kind = 'release' THEN j.attempts - 1
+                        ELSE j.attempts END,
+        lease_expires_at = NULL,
+        updated_at = $1
+    FROM ends AS e
+    WHERE j.id = e.job_id AND j.worker_id = e.worker_id AND j.attempts = e.attempt
+      AND ((j.status = 'processing' AND e.kind <> 'cancelled')
+           OR (j.status = 'cancelled' AND j.lease_expires_at IS NOT NULL))
+    RETURNING j.id, j.status, j.result, e.attempt, e.worker_id, e.handler_version, e.started_at, e.kind,
+              e.outcome, e.error
+),
+recorded AS (
+    INSERT INTO quern_job_attempts (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error)
+    SELECT id, attempt, worker_id, handler_version, started_at, $1,
+           CASE WHEN status = 'cancelled' THEN 'cancelled' ELSE outcome END,
+           CASE WHEN status = 'cancelled' THEN 'cancelled while running' ELSE error END
+    FROM done WHERE status = 'cancelled' OR kind <> 'release'
+    ON CONFLICT (job_id, attempt) DO NOTHING
+),
+cached AS (
+    INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at)
+    SELECT DISTINCT ON (c.cache_key) c.cache_key, c.type, d.result, c.expires_at, $1
+    FROM unnest($13::uuid[], $14::text[], $15::text[], $16::timestamptz[]) AS c(job_id, cache_key, type, expires_at)
+    JOIN done AS d ON d.id = c.job_id AND d.status = 'completed'
+    ORDER BY c.cache_key
+    ON CONFLICT (cache_key) DO UPDATE SET response = EXCLUDED.response, expires_at = EXCLUDED.expires_at
+),
+next_jobs AS (
+    INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id,
+                            created_at, updated_at)
+    SELECT n.id, n.user_id, n.type, n.input, n.priority, n.max_attempts, n.run_at, n.next_steps, n.parent_id,
+           n.root_id, $1, $1
+    FROM unnest($17::uuid[], $18::text[], $19::text[], $20::jsonb[], $21::int2[], $22::int4[], $23::timestamptz[],
+                $24::jsonb[], $25::uuid[], $26::uuid[])
+        AS n(id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id)
+    JOIN done AS d ON d.id = n.parent_id AND d.status = 'completed'
+    RETURNING pg_notify('quern_jobs', '')::text AS notified
+)
+SELECT id, status, (SELECT count(notified) FROM next_jobs) AS next_jobs FROM done";
+
+/// New jobs as parallel arrays, for `unnest`.
+#[derive(Default)]
+struct JobColumns {
+    id: Vec<Uuid>,
+    user_id: Vec<String>,
+    job_type: Vec<String>,
+    input: Vec<Value>,
+    priority: Vec<i16>,
+    max_attempts: Vec<i32>,
+    run_at: Vec<DateTime<Utc>>,
+    next_steps: Vec<Value>,
+    parent_id: Vec<Option<Uuid>>,
+    root_id: Vec<Option<Uuid>>,
+}
+
+impl JobColumns {
+    fn push(&mut self, job: &NewJob) -> Result<(), StoreError> {
+        self.id.push(job.id);
+        self.user_id.push(job.user_id.clone());
+        self.job_type.push(job.job_type.clone());
+        self.input.push(job.input.clone());
+        self.priority.push(job.priority);
+        self.max_attempts.push(job.max_attempts);
+        self.run_at.push(job.run_at);
+        self.next_steps.push(serde_json::to_value(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?);
+        self.parent_id.push(job.parent_id);
+        self.root_id.push(job.root_id);
+        Ok(())
+    }
+
+    fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, Postgres, PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+        query
+            .bind(self.id)
+            .bind(self.user_id)
+            .bind(self.job_type)
+            .bind(self.input)
+            .bind(self.priority)
+            .bind(self.max_attempts)
+            .bind(self.run_at)
+            .bind(self.next_steps)
+            .bind(self.parent_id)
+            .bind(self.root_id)
+    }
+}
+
+/// Many jobs inserted by one statement, waking workers once at commit.
+const INSERT_JOBS: &str = "
+WITH inserted AS (
+    INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id,
+                            created_at, updated_at)
+    SELECT n.id, n.user_id, n.type, n.input, n.priority, n.max_attempts, n.run_at, n.next_steps, n.parent_id,
+           n.root_id, $1, $1
+    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::int2[], $7::int4[], $8::timestamptz[],
+                $9::jsonb[], $10::uuid[], $11::uuid[])
+        AS n(id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted) AS inserted, pg_notify('quern_jobs', '')::text AS notified";
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../../migrations/postgres").run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn check_migrated(&self) -> Result<(), StoreError> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(&self.pool).await?;
+        let applied: Option<Vec<i64>> = if exists {
+            Some(sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(&self.pool).await?)
+        } else {
+            None
+        };
+        super::first_missing(&sqlx::migrate!("../../migrations/postgres"), applied.as_deref())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+struct PgWakeups {
+    listener: PgListener,
+}
+
+#[async_trait]
+impl Wakeups for PgWakeups {
+    async fn wait(&mut self) {
+        // `recv` reconnects by itself after a dropped connection; an error
+        // here means the database is away, and the worker's poll carries on.
+        if let Err(error) = self.listener.recv().await {
+            tracing::warn!(%error, "listening for new jobs failed; relying on polling until it recovers");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Jobs: enqueue, claim, the ends of attempts, leases, cancel and retry, pruning, on SQLite.
+
+use super::*;
+use crate::JobStore;
+
+#[async_trait]
+impl JobStore for SqliteStore {
+    async fn enqueue(
+        &self,
+        job: &NewJob,
+        now: DateTime<Utc>,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<Job, StoreError> {
+        let inserted = insert_job(&self.writer, job, now, max_unfinished_per_user).await?;
+        match (inserted, max_unfinished_per_user) {
+            (true, _) => {
+                self.wake_workers();
+                Ok(Job::pending(job, now))
+            }
+            (false, Some(limit)) => Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit }),
+            (false, None) => Err(corrupt("quern_jobs", "an unconditional insert inserted nothing")),
+        }
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id = ?1")))
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(Job::from_columns).transpose()
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        let mut query = sqlx::QueryBuilder::<Sqlite>::new(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE 1"));
+        if let Some(user_id) = &filter.user_id {
+            query.push(" AND user_id = ").push_bind(user_id.clone());
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(job_type) = &filter.job_type {
+            query.push(" AND type = ").push_bind(job_type.clone());
+        }
+        if let Some((created_at, id)) = filter.before {
+            query.push(" AND (created_at, id) < (").push_bind(micros(created_at)).push(", ");
+            query.push_bind(id.to_string()).push(")");
+        }
+        query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(filter.limit));
+        let rows = query.build().fetch_all(&self.reader).await?;
+        rows.iter().map(Job::from_columns).collect()
+    }
+
+    async fn requeue(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        extra_attempts: i32,
+        max_unfinished_per_user: Option<u32>,
+    ) -> Result<RequeueOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query("SELECT user_id, status, lease_expires_at FROM quern_jobs WHERE id = ?1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(RequeueOutcome::NotFound) };
+        let status = parse_status(&row.try_get::<String, _>("status")?)?;
+        if !requeueable(status, at_opt(row.try_get("lease_expires_at")?)?, now) {
+            return Ok(RequeueOutcome::NotRetryable(status));
+        }
+        let user_id: String = row.try_get("user_id")?;
+        if let Some(limit) = max_unfinished_per_user
+            && unfinished_of(&mut tx, &user_id).await? >= i64::from(limit)
+        {
+            return Err(StoreError::TooManyActiveJobs { user_id, limit });
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE quern_jobs SET status = 'pending', run_at = ?2, updated_at = ?2, max_attempts = attempts + ?3, \
+             result = NULL, error = NULL, completed_at = NULL, worker_id = NULL, lease_expires_at = NULL, \
+             progress_percent = 0, progress_message = NULL WHERE id = ?1 RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(id.to_string())
+        .bind(micros(now))
+        .bind(extra_attempts.max(1))
+        .fetch_one(&mut *tx)
+        .await?;
+        let job = Job::from_columns(&row)?;
+        tx.commit().await?;
+        self.wake_workers();
+        Ok(RequeueOutcome::Requeued(Box::new(job)))
+    }
+
+    async fn claim(
+        &self,
+        worker_id: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        types: &[String],
+    ) -> Result<Vec<Job>, StoreError> {
+        if types.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The top of each type's part of the claim index `(type, priority,
+        // run_at, created_at)`, then the most urgent of those: pending jobs
+        // of other types are never scanned. One statement, so one write
+        // lock: atomic against every other claimer.
+        let per_type: Vec<String> = (0..types.len())
+            .map(|i| {
+                format!(
+                    "SELECT * FROM (SELECT id, priority, run_at, created_at FROM quern_jobs \
+                     WHERE status = 'pending' AND type = ?{} AND run_at <= ?1 \
+                     ORDER BY priority, run_at, created_at LIMIT ?2)",
+                    i + 5
+                )
+            })
+            .collect();
+        let sql = format!(
+            "UPDATE quern_jobs
+             SET status = 'processing', worker_id = ?3, attempts = attempts + 1, started_at = ?1,
+                 lease_expires_at = ?4, updated_at = ?1, progress_percent = 0, progress_message = NULL
+             WHERE id IN (SELECT id FROM ({}) ORDER BY priority, run_at, created_at LIMIT ?2)
+             RETURNING {JOB_COLUMNS}",
+            per_type.join(" UNION ALL ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(micros(now))
+            .bind(i64::from(limit))
+            .bind(worker_id)
+            .bind(micros(lease_until));
+        for job_type in types {
+            query = query.bind(job_type);
+        }
+        let rows = query.fetch_all(&self.writer).await?;
+        let mut jobs = rows.iter().map(Job::from_columns).collect::<Result<Vec<_>, _>>()?;
+        jobs.sort_by_key(|job| (job.priority, job.run_at, job.created_at));
+        Ok(jobs)
+    }
+
+    async fn enqueue_batch(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<(), StoreError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<JobRow> = jobs.iter().map(JobRow::of).collect();
+        let mut tx = self.begin().await?;
+        insert_jobs(&mut tx, &rows, now).await?;
+        tx.commit().await?;
+        self.wake_workers();
+        Ok(())
+    }
+
+    async fn finish_attempts(&self, ends: &[AttemptEnd], now: DateTime<Utc>) -> Result<Vec<EndWritten>, StoreError> {
+        if ends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch: Vec<EndRow> = ends.iter().map(EndRow::of).collect();
+        let mut tx = self.begin().await?;
+        // SQLite's RETURNING sees only the updated table: which ends were
+        // written is matched back by job id.
+        let rows = sqlx::query(FINISH_ATTEMPTS).bind(micros(now)).bind(to_json(&batch)?).fetch_all(&mut *tx).await?;
+        let mut written = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let status: String = row.try_get("status")?;
+            written.insert(row.try_get::<String, _>("id")?, status == "cancelled");
+        }
+        let mut results = Vec::with_capacity(ends.len());
+        let (mut attempts, mut cache, mut next) = (Vec::new(), Vec::new(), Vec::new());
+        for (end, row) in ends.iter().zip(&batch) {
+            let Some(&cancelled) = written.get(&row.job_id) else {
+                results.push(EndWritten::Stale);
+                continue;
+            };
+            let cut_short = cancelled && !matches!(end.transition, Transition::Cancelled);
+            results.push(if cut_short { EndWritten::Cancelled } else { EndWritten::Recorded });
+            if cancelled || !matches!(end.transition, Transition::Release) {
+                attempts.push(AttemptRow {
+                    job_id: &row.job_id,
+                    attempt: end.attempt,
+                    worker_id: &end.worker_id,
+                    handler_version: end.handler_version.as_deref(),
+                    started_at: micros(end.started_at),
+                    outcome: if cancelled {
+                        AttemptOutcome::Cancelled.as_str()
+                    } else {
+                        end.transition.outcome().as_str()
+                    },
+                    error: if cancelled { Some(CANCELLED_WHILE_RUNNING) } else { end.transition.error() },
+                });
+            }
+            if let (false, Transition::Complete { result, next: step, cache: entry, .. }) = (cancelled, &end.transition)
+            {
+                if let Some(entry) = entry {
+                    cache.push(CacheRow {
+                        key: &entry.key,
+                        job_type: &entry.job_type,
+                        response: result,
+                        expires_at: micros(entry.expires_at),
+                    });
+                }
+                if let Some(step) = step {
+                    next.push(JobRow::of(step));
+                }
+            }
+        }
+        if !attempts.is_empty() {
+            sqlx::query(INSERT_ATTEMPTS).bind(to_json(&attempts)?).bind(micros(now)).execute(&mut *tx).await?;
+        }
+        if !cache.is_empty() {
+            sqlx::query(UPSERT_CACHE).bind(to_json(&cache)?).bind(micros(now)).execute(&mut *tx).await?;
+        }
+        if !next.is_empty() {
+            insert_jobs(&mut tx, &next, now).await?;
+        }
+        tx.commit().await?;
+        // Jobs back to pending (retries, releases) and pipelines' next steps
+        // are work for the workers.
+        if !next.is_empty()
+            || ends.iter().any(|end| matches!(end.transition, Transition::Retry { .. } | Transition::Release))
+        {
+            self.wake_workers();
+        }
+        Ok(results)
+    }
+
+    async fn renew_leases(
+        &self,
+        worker_id: &str,
+        ids: &[Uuid],
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "UPDATE quern_jobs SET lease_expires_at = ?1 \
+             WHERE status = 'processing' AND worker_id = ?2 AND id IN ({}) RETURNING id",
+            placeholders(ids.len(), 3)
+        );
+        let mut query =
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(micros(lease_until)).bind(worker_id);
+        for id in ids {
+            query = query.bind(id.to_string());
+        }
+        let renewed = query.fetch_all(&self.writer).await?;
+        Ok(ids.iter().filter(|id| !renewed.contains(&id.to_string())).copied().collect())
+    }
+
+    async fn released(&self, worker_id: &str, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT id FROM quern_jobs WHERE status = 'processing' AND worker_id = ?1 AND id IN ({})",
+            placeholders(ids.len(), 2)
+        );
+        let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(worker_id);
+        for id in ids {
+            query = query.bind(id.to_string());
+        }
+        let held = query.fetch_all(&self.reader).await?;
+        Ok(ids.iter().filter(|id| !held.contains(&id.to_string())).copied().collect())
+    }
+
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE status = 'processing' AND lease_expires_at < ?1 \
+             ORDER BY lease_expires_at LIMIT ?2"
+        )))
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(Job::from_columns).collect()
+    }
+
+    async fn cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query("SELECT status, coalesce(root_id, id) AS root FROM quern_jobs WHERE id = ?1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(CancelOutcome::NotFound) };
+        let status = parse_status(&row.try_get::<String, _>("status")?)?;
+        let root: String = row.try_get("root")?;
+        let rows = sqlx::query(
+            "SELECT id, status FROM quern_jobs WHERE (id = ?1 OR root_id = ?1) AND status IN ('pending', 'processing')",
+        )
+        .bind(&root)
+        .fetch_all(&mut *tx)
+        .await?;
+        let unfinished = rows
+            .iter()
+            .map(|row| {
+                Ok((uuid(&row.try_get::<String, _>("id")?)?, parse_status(&row.try_get::<String, _>("status")?)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        sqlx::query(
+            "UPDATE quern_jobs SET status = 'cancelled', completed_at = ?2, updated_at = ?2, error = 'cancelled' \
+             WHERE (id = ?1 OR root_id = ?1) AND status IN ('pending', 'processing')",
+        )
+        .bind(&root)
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(cancel_outcome(id, status, &unfinished))
+    }
+
+    async fn set_progress(&self, worker_id: &str, progress: &[Progress]) -> Result<(), StoreError> {
+        if progress.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE quern_jobs SET progress_percent = p.percent, progress_message = p.message \
+             FROM (SELECT value ->> 'job_id' AS job, value ->> 'percent' AS percent, value ->> 'message' AS message \
+                   FROM json_each(?2)) AS p \
+             WHERE id = p.job AND worker_id = ?1 AND status = 'processing'",
+        )
+        .bind(worker_id)
+        .bind(to_json(progress)?)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT attempt, worker_id, handler_version, started_at, ended_at, outcome, error \
+             FROM quern_job_attempts WHERE job_id = ?1 ORDER BY attempt",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(AttemptRecord::from_columns).collect()
+    }
+
+    async fn prune_jobs(&self, cutoffs: &PruneCutoffs, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM quern_jobs WHERE id IN ( \
+               SELECT id FROM quern_jobs \
+               WHERE lease_expires_at IS NULL AND completed_at IS NOT NULL \
+                 AND ((status = 'completed' AND completed_at < ?1) \
+                   OR (status = 'cancelled' AND completed_at < ?2) \
+                   OR (status = 'failed' AND completed_at < ?3)) \
+               LIMIT ?4)",
+        )
+        .bind(micros(cutoffs.completed))
+        .bind(micros(cutoffs.cancelled))
+        .bind(micros(cutoffs.failed))
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn count_unfinished(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM quern_jobs WHERE status IN ('pending', 'processing')")
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
+    async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError> {
+        Ok(Box::new(SqliteWakeups { receiver: self.enqueued.subscribe() }))
+    }
+}
