@@ -5,6 +5,7 @@
 //! went in. No per-user limit and no cache lookup: a producer's backlog is
 //! work it means to run.
 
+use crate::error::ErrorCode;
 use std::net::SocketAddr;
 
 use axum::extract::rejection::ExtensionRejection;
@@ -21,6 +22,7 @@ use super::body::JsonBody;
 use super::error::{ApiError, ErrorBody, ItemError};
 use super::jobs::{StepBody, check_steps, ensure_allowed, ensure_enabled, events_url, known_type, poll_url};
 use super::limits::check_rate;
+use super::types::JobTypeName;
 use quern_queue::telemetry::JOBS_ENQUEUED;
 use quern_queue::{BatchError, EnqueueRequest, MAX_BATCH};
 use quern_store::{JobStatus, Step};
@@ -32,7 +34,7 @@ pub const MAX_BATCH_BODY_BYTES: usize = 16 << 20;
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
     /// 1 to 1,000 jobs, each as `POST /v1/jobs` takes one, plus an optional `user_id`.
-    #[schema(value_type = Vec<BatchJob>)]
+    #[schema(value_type = Vec<BatchJob>, min_items = 1, max_items = 1000)]
     pub jobs: Vec<Value>,
 }
 
@@ -41,15 +43,19 @@ pub struct BatchBody {
 #[serde(deny_unknown_fields)]
 pub struct BatchJob {
     #[serde(rename = "type")]
+    #[schema(inline, value_type = JobTypeName)]
     pub job_type: String,
     #[schema(value_type = Object)]
     pub input: Value,
     /// 1 (most urgent) to 10; 5 by default.
+    #[schema(minimum = 1, maximum = 10)]
+    #[serde(default, deserialize_with = "crate::body::whole_number")]
     pub priority: Option<i64>,
     #[serde(default)]
     pub next: Vec<StepBody>,
     /// Whose job it is (who may read and cancel it); the caller's own
     /// subject by default.
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     pub user_id: Option<String>,
 }
 
@@ -80,6 +86,7 @@ pub struct BatchJobView {
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Not a service_role token", body = ErrorBody),
         (status = 413, description = "Body over 16 MiB", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "A type is switched off, or the database is away", body = ErrorBody),
     ))]
@@ -100,7 +107,7 @@ pub async fn enqueue_batch(
     check_rate(&state, &caller, &headers, peer.as_ref().ok(), u32::try_from(body.jobs.len()).unwrap_or(u32::MAX))?;
     if body.jobs.is_empty() || body.jobs.len() > MAX_BATCH {
         return Err(ApiError::bad_request(
-            "invalid_batch_size",
+            ErrorCode::InvalidBatchSize,
             format!("a batch takes 1 to {MAX_BATCH} jobs, got {}; split larger ones", body.jobs.len()),
         ));
     }
@@ -116,7 +123,7 @@ pub async fn enqueue_batch(
                 requests.push(request);
                 indexes.push(index);
             }
-            Err(error) if error.code == "type_disabled" => disabled.push(item_error(index, error)),
+            Err(error) if error.code == ErrorCode::TypeDisabled => disabled.push(item_error(index, error)),
             Err(error) => problems.push(item_error(index, error)),
         }
     }
@@ -131,10 +138,10 @@ pub async fn enqueue_batch(
     if !problems.is_empty() {
         problems.extend(disabled);
         problems.sort_by_key(|problem| problem.index);
-        return Err(refused(StatusCode::BAD_REQUEST, "invalid_batch", problems));
+        return Err(refused(StatusCode::BAD_REQUEST, ErrorCode::InvalidBatch, problems));
     }
     if !disabled.is_empty() {
-        return Err(refused(StatusCode::SERVICE_UNAVAILABLE, "type_disabled", disabled));
+        return Err(refused(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::TypeDisabled, disabled));
     }
     state.queue.insert_batch(&jobs).await?;
     for job in &jobs {
@@ -157,7 +164,7 @@ pub async fn enqueue_batch(
 /// One item as a request to the queue, or what is wrong with it.
 fn request_of(state: &AppState, caller: &Caller, item: Value) -> Result<EnqueueRequest, ApiError> {
     let job: BatchJob = serde_json::from_value(item)
-        .map_err(|error| ApiError::bad_request("invalid_request", format!("invalid job: {error}")))?;
+        .map_err(|error| ApiError::bad_request(ErrorCode::InvalidRequest, format!("invalid job: {error}")))?;
     let handler = known_type(state, &job.job_type)?;
     ensure_allowed(caller, &handler)?;
     check_steps(state, caller, &job.next)?;
@@ -165,7 +172,10 @@ fn request_of(state: &AppState, caller: &Caller, item: Value) -> Result<EnqueueR
         None => caller.user_id.clone(),
         Some(user) if !user.trim().is_empty() && user.len() <= 256 => user,
         Some(_) => {
-            return Err(ApiError::bad_request("invalid_user_id", "user_id must be 1 to 256 characters, not blank"));
+            return Err(ApiError::bad_request(
+                ErrorCode::InvalidUserId,
+                "user_id must be 1 to 256 characters, not blank",
+            ));
         }
     };
     ensure_enabled(state, &job.job_type)?;
@@ -183,11 +193,11 @@ fn batch_error(error: BatchError) -> ApiError {
     match error {
         BatchError::Invalid(invalid) => refused(
             StatusCode::BAD_REQUEST,
-            "invalid_batch",
+            ErrorCode::InvalidBatch,
             invalid.into_iter().map(|(index, error)| item_error(index, ApiError::from(error))).collect(),
         ),
         BatchError::TooMany { count } => ApiError::bad_request(
-            "invalid_batch_size",
+            ErrorCode::InvalidBatchSize,
             format!("a batch takes 1 to {MAX_BATCH} jobs, got {count}; split larger ones"),
         ),
         BatchError::Store(error) => error.into(),
@@ -195,10 +205,10 @@ fn batch_error(error: BatchError) -> ApiError {
 }
 
 fn item_error(index: usize, error: ApiError) -> ItemError {
-    ItemError { index, error: error.message, code: error.code.to_string() }
+    ItemError { index, error: error.message, code: error.code }
 }
 
-fn refused(status: StatusCode, code: &'static str, items: Vec<ItemError>) -> ApiError {
+fn refused(status: StatusCode, code: ErrorCode, items: Vec<ItemError>) -> ApiError {
     let first = items.first().map(|item| format!(" (first: job {}: {})", item.index, item.error)).unwrap_or_default();
     let message = format!("{} of the jobs cannot be enqueued, so none was{first}", items.len());
     ApiError::new(status, code, message).with_items(items)

@@ -2,6 +2,7 @@
 //! 415 naming the content type to send, 413 naming the limit, 400 naming
 //! the line and column of malformed JSON or the field that does not fit.
 
+use crate::error::ErrorCode;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
@@ -23,7 +24,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             let got = if content_type.is_empty() { "none".to_string() } else { format!("`{content_type}`") };
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                ErrorCode::UnsupportedMediaType,
                 format!("send the body as JSON with `Content-Type: application/json` (got {got})"),
             ));
         }
@@ -31,7 +32,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
+                    ErrorCode::BodyTooLarge,
                     format!(
                         "the body exceeds this route's limit ({} KiB for a job, {} MiB for a batch); \
                          send references (URLs) instead of large data",
@@ -40,7 +41,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     ),
                 )
             } else {
-                ApiError::bad_request("unreadable_body", format!("could not read the body: {rejection}"))
+                ApiError::bad_request(ErrorCode::UnreadableBody, format!("could not read the body: {rejection}"))
             }
         })?;
         parse(&bytes).map(JsonBody)
@@ -50,8 +51,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 /// Parses a body, naming where and why it does not fit `T`.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|error| match error.classify() {
-        serde_json::error::Category::Data => ApiError::bad_request("invalid_request", format!("invalid body: {error}")),
-        _ => ApiError::bad_request("invalid_json", format!("malformed JSON: {error}")),
+        serde_json::error::Category::Data => {
+            ApiError::bad_request(ErrorCode::InvalidRequest, format!("invalid body: {error}"))
+        }
+        _ => ApiError::bad_request(ErrorCode::InvalidJson, format!("malformed JSON: {error}")),
     })
 }
 
@@ -61,6 +64,20 @@ fn is_json(content_type: &str) -> bool {
 }
 
 /// Query parameters, with a JSON error naming the parameter that does not parse.
+/// An optional integer that may arrive as `2` or `2.0`: JSON Schema (and
+/// JavaScript) call both integers, serde's `i64` only the first.
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    use serde::Deserialize;
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else { return Ok(None) };
+    if let Some(whole) = number.as_i64() {
+        return Ok(Some(whole));
+    }
+    match number.as_f64() {
+        Some(float) if float.fract() == 0.0 && float.abs() < 9.0e15 => Ok(Some(float as i64)),
+        _ => Err(serde::de::Error::custom(format!("{number} is not a whole number"))),
+    }
+}
+
 pub struct ApiQuery<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for ApiQuery<T> {
@@ -70,7 +87,7 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Query(value)| ApiQuery(value))
-            .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))
+            .map_err(|rejection| ApiError::bad_request(ErrorCode::InvalidQuery, rejection.body_text()))
     }
 }
 
@@ -91,7 +108,7 @@ mod tests {
     #[test]
     fn malformed_json_names_line_and_column() {
         let error = parse::<serde_json::Value>(b"{\"type\": \"echo\",\n \"input\": }").unwrap_err();
-        assert_eq!(error.code, "invalid_json");
+        assert_eq!(error.code, ErrorCode::InvalidJson);
         assert!(error.message.contains("line 2 column"), "{}", error.message);
     }
 }

@@ -10,6 +10,7 @@
 //! One file over 400 lines on purpose: the page, its sign-in and its sessions
 //! are one feature; the figures it shows come from `stats`.
 
+use crate::error::ErrorCode;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -208,7 +209,9 @@ pub struct SignIn {
         (status = 303, description = "Signed in: the session cookie is set"),
         (status = 401, description = "Neither the ops password nor a valid token", content_type = "text/html"),
         (status = 403, description = "A valid token that is not service_role", content_type = "text/html"),
+        (status = 400, description = "A form without `secret`", body = ErrorBody),
         (status = 415, description = "Not a form", body = ErrorBody),
+        (status = 429, description = "Too many failed sign-ins from this address", body = ErrorBody),
     ))]
 pub async fn login(
     State(state): State<AppState>,
@@ -222,7 +225,7 @@ pub async fn login(
         return guarded(
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too_many_sign_ins",
+                ErrorCode::TooManySignIns,
                 "too many failed sign-ins from your address; wait for the Retry-After seconds",
             )
             .with_retry_after(wait)
@@ -232,9 +235,16 @@ pub async fn login(
     let secret = match form {
         Ok(axum::Form(form)) => form.secret,
         Err(rejection) => {
+            // A form that is not one is 415; one that lacks `secret` is a
+            // bad request (axum says 422, which clients rarely expect).
+            let status = match rejection.status() {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
             return ApiError::new(
-                rejection.status(),
-                "invalid_form",
+                status,
+                ErrorCode::InvalidForm,
                 format!("{}: send secret=<token or password> as a form", rejection.body_text()),
             )
             .into_response();

@@ -11,13 +11,73 @@ use serde::Serialize;
 use quern_queue::QueueError;
 use quern_store::StoreError;
 
+/// Every `code` an error body can carry. Clients match on these, so they
+/// are listed in the OpenAPI document and never renamed; a new failure gets
+/// a new code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    AlreadyActive,
+    AlreadyFinished,
+    BodyTooLarge,
+    DatabaseUnavailable,
+    DoesNotLoad,
+    Forbidden,
+    FunctionTimeout,
+    FunctionUnreachable,
+    FunctionUnreadable,
+    Internal,
+    InvalidBatch,
+    InvalidBatchSize,
+    InvalidCursor,
+    InvalidForm,
+    InvalidFunction,
+    InvalidInput,
+    InvalidJson,
+    InvalidLimit,
+    InvalidManifest,
+    InvalidMethod,
+    InvalidMultipart,
+    InvalidNext,
+    InvalidPercent,
+    InvalidPriority,
+    InvalidQuery,
+    InvalidRequest,
+    InvalidStatus,
+    InvalidType,
+    InvalidUserId,
+    InvalidWait,
+    InvalidWindow,
+    JobNotFound,
+    MethodNotAllowed,
+    NoActiveVersion,
+    NoFunction,
+    NoRoute,
+    NotAComponent,
+    NotRetryable,
+    NothingToRollBack,
+    RateLimited,
+    RequestTimeout,
+    RolloutContended,
+    TooManyActiveJobs,
+    TooManySignIns,
+    TypeDisabled,
+    TypeForbidden,
+    Unauthorized,
+    UnknownType,
+    UnreadableBody,
+    UnsupportedMediaType,
+    VersionNotFound,
+    WrongWorld,
+}
+
 /// The body of every error response.
 #[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// What is wrong, and how to fix it.
     pub error: String,
     /// A stable machine-readable code, e.g. `unknown_type`.
-    pub code: String,
+    pub code: ErrorCode,
     /// For a request of many items (`POST /v1/jobs/batch`): what is wrong
     /// with each item, by its index.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -30,13 +90,13 @@ pub struct ItemError {
     /// The item's position in the request, from 0.
     pub index: usize,
     pub error: String,
-    pub code: String,
+    pub code: ErrorCode,
 }
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     /// Seconds a client should wait before trying again (429, 503).
     pub retry_after: Option<Duration>,
@@ -44,7 +104,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into(), retry_after: None, items: Vec::new() }
     }
 
@@ -53,22 +113,22 @@ impl ApiError {
         self
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        Self::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+        Self::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, message)
     }
 
     /// The one answer for a job that does not exist or is not the caller's:
     /// another user's job is indistinguishable from a missing one.
     pub fn job_not_found(id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "job_not_found", format!("job {id} not found"))
+        Self::new(StatusCode::NOT_FOUND, ErrorCode::JobNotFound, format!("job {id} not found"))
     }
 
     pub fn with_retry_after(mut self, wait: Duration) -> Self {
@@ -79,7 +139,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: self.message, code: self.code.to_string(), errors: self.items };
+        let body = ErrorBody { error: self.message, code: self.code, errors: self.items };
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(wait) = self.retry_after {
             // Whole seconds, rounded up: a client that waits this long succeeds.
@@ -104,7 +164,7 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %other, "database error");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "database_unavailable",
+                    ErrorCode::DatabaseUnavailable,
                     "the database did not answer; try again shortly",
                 )
                 .with_retry_after(Duration::from_secs(1))
@@ -117,16 +177,18 @@ impl From<QueueError> for ApiError {
     fn from(error: QueueError) -> Self {
         let message = error.to_string();
         match error {
-            QueueError::InputNotObject(_) | QueueError::NulCharacter(_) => Self::bad_request("invalid_input", message),
-            QueueError::PriorityOutOfRange(_) => Self::bad_request("invalid_priority", message),
-            QueueError::InvalidType(_) => Self::bad_request("unknown_type", message),
+            QueueError::InputNotObject(_) | QueueError::NulCharacter(_) => {
+                Self::bad_request(ErrorCode::InvalidInput, message)
+            }
+            QueueError::PriorityOutOfRange(_) => Self::bad_request(ErrorCode::InvalidPriority, message),
+            QueueError::InvalidType(_) => Self::bad_request(ErrorCode::UnknownType, message),
             QueueError::InvalidStep { .. } | QueueError::TooManySteps { .. } => {
-                Self::bad_request("invalid_next", message)
+                Self::bad_request(ErrorCode::InvalidNext, message)
             }
             QueueError::TooManyActiveJobs { limit } => too_many_active_jobs(limit),
             QueueError::NotFound(id) => Self::job_not_found(&id.to_string()),
-            QueueError::AlreadyFinished { .. } => Self::new(StatusCode::CONFLICT, "already_finished", message),
-            QueueError::NotRetryable { .. } => Self::new(StatusCode::CONFLICT, "not_retryable", message),
+            QueueError::AlreadyFinished { .. } => Self::new(StatusCode::CONFLICT, ErrorCode::AlreadyFinished, message),
+            QueueError::NotRetryable { .. } => Self::new(StatusCode::CONFLICT, ErrorCode::NotRetryable, message),
             QueueError::Store(error) => error.into(),
         }
     }
@@ -135,7 +197,7 @@ impl From<QueueError> for ApiError {
 fn too_many_active_jobs(limit: u32) -> ApiError {
     ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
-        "too_many_active_jobs",
+        ErrorCode::TooManyActiveJobs,
         format!("you already have {limit} unfinished jobs, the most allowed; wait for one to finish or cancel one"),
     )
     .with_retry_after(Duration::from_secs(5))

@@ -9,6 +9,7 @@
 //!   That configured upstream is the only host ever contacted (redirects are
 //!   not followed).
 
+use crate::error::ErrorCode;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -82,7 +83,7 @@ fn check_path(path: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::bad_request(
-            "invalid_function",
+            ErrorCode::InvalidFunction,
             "a function's path is names of letters, digits, `-`, `_` and `.`, separated by `/`",
         ))
     }
@@ -102,13 +103,17 @@ async fn run_sync(
     if request.method() != Method::POST {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            ErrorCode::MethodNotAllowed,
             format!("{} runs a job: send POST with the input as the JSON body", request.uri().path()),
         ));
     }
     let headers = request.headers().clone();
     let bytes = axum::body::to_bytes(request.into_body(), super::body::MAX_BODY_BYTES).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the body exceeds 256 KiB: send URLs, not data")
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::BodyTooLarge,
+            "the body exceeds 256 KiB: send URLs, not data",
+        )
     })?;
     let input: Value = parse(&bytes)?;
     let body = EnqueueBody { job_type, input, priority: None, user_id: None, next: Vec::new() };
@@ -140,7 +145,7 @@ async fn forward(state: &AppState, path: &str, request: Request) -> Result<Respo
     let Some(upstream) = &state.settings.functions_upstream else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "no_function",
+            ErrorCode::NoFunction,
             format!(
                 "quern does not serve /functions/v1/{path}: set SUPABASE_URL to pass the functions it does not \
                  serve through to your Supabase project"
@@ -151,7 +156,7 @@ async fn forward(state: &AppState, path: &str, request: Request) -> Result<Respo
     url.set_path(&format!("{}/functions/v1/{path}", upstream.path().trim_end_matches('/')));
     url.set_query(request.uri().query());
     let method = reqwest::Method::from_bytes(request.method().as_str().as_bytes())
-        .map_err(|_| ApiError::bad_request("invalid_method", "an unknown HTTP method"))?;
+        .map_err(|_| ApiError::bad_request(ErrorCode::InvalidMethod, "an unknown HTTP method"))?;
     let mut outgoing = state.functions.request(method, url.clone());
     for name in PASSED_ON {
         if let Some(value) = request.headers().get(name) {
@@ -161,16 +166,16 @@ async fn forward(state: &AppState, path: &str, request: Request) -> Result<Respo
     let body = reqwest::Body::wrap_stream(request.into_body().into_data_stream());
     let host = url.host_str().unwrap_or_default().to_string();
     let answer = outgoing.body(body).send().await.map_err(|error| {
-        let (status, code) = if error.is_timeout() {
-            (StatusCode::GATEWAY_TIMEOUT, "function_timeout")
+        let (status, code, what) = if error.is_timeout() {
+            (StatusCode::GATEWAY_TIMEOUT, ErrorCode::FunctionTimeout, "timed out")
         } else {
-            (StatusCode::BAD_GATEWAY, "function_unreachable")
+            (StatusCode::BAD_GATEWAY, ErrorCode::FunctionUnreachable, "could not be reached")
         };
         tracing::warn!(%host, function = %path, error = %error, "a passed-through function did not answer");
         ApiError::new(
             status,
             code,
-            format!("the Supabase function {path} at {host} did not answer ({code}); try again"),
+            format!("the Supabase function {path} at {host} did not answer ({what}); try again"),
         )
     })?;
     let mut response = Response::builder().status(answer.status().as_u16());
@@ -179,7 +184,7 @@ async fn forward(state: &AppState, path: &str, request: Request) -> Result<Respo
     }
     response
         .body(Body::from_stream(answer.bytes_stream()))
-        .map_err(|error| ApiError::new(StatusCode::BAD_GATEWAY, "function_unreadable", error.to_string()))
+        .map_err(|error| ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::FunctionUnreadable, error.to_string()))
 }
 
 /// The upstream's answer headers minus hop-by-hop ones and its CORS headers

@@ -11,6 +11,7 @@
 //! resume are one resource's routes with one set of checks; the rollout rules
 //! themselves are pure code in `quern_queue::rollout`.
 
+use crate::error::ErrorCode;
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::extract::multipart::{Multipart, MultipartRejection};
@@ -46,7 +47,7 @@ fn require_ops(caller: &Caller) -> Result<(), ApiError> {
 }
 
 fn checked_type(job_type: &str) -> Result<(), ApiError> {
-    validate_job_type(job_type).map_err(|error| ApiError::bad_request("invalid_type", error.to_string()))
+    validate_job_type(job_type).map_err(|error| ApiError::bad_request(ErrorCode::InvalidType, error.to_string()))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -84,6 +85,7 @@ pub struct UploadForm {
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
         (status = 413, description = "Over QUERN_MAX_UPLOAD_MB", body = ErrorBody),
+        (status = 415, description = "Not `multipart/form-data`", body = ErrorBody),
         (status = 422, description = "A component of another world, or one that does not compile", body = ErrorBody),
     ))]
 pub async fn upload(
@@ -97,7 +99,7 @@ pub async fn upload(
     let mut multipart = multipart.map_err(|rejection| {
         ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             format!("{}: send multipart/form-data with parts `component` and `manifest`", rejection.body_text()),
         )
     })?;
@@ -106,12 +108,12 @@ pub async fn upload(
         if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
+                ErrorCode::BodyTooLarge,
                 format!("the upload is over the {limit_mb} MiB limit (QUERN_MAX_UPLOAD_MB)"),
             )
         } else {
             ApiError::bad_request(
-                "invalid_multipart",
+                ErrorCode::InvalidMultipart,
                 format!("the upload does not read as multipart: {}", error.body_text()),
             )
         }
@@ -123,7 +125,7 @@ pub async fn upload(
             Some("manifest") => manifest_text = Some(field.text().await.map_err(too_large)?),
             other => {
                 return Err(ApiError::bad_request(
-                    "invalid_multipart",
+                    ErrorCode::InvalidMultipart,
                     format!("unexpected part `{}`: send only `component` and `manifest`", other.unwrap_or("")),
                 ));
             }
@@ -131,17 +133,18 @@ pub async fn upload(
     }
     let missing = |part: &str| {
         ApiError::bad_request(
-            "invalid_multipart",
+            ErrorCode::InvalidMultipart,
             format!("missing part `{part}`: send the .wasm as `component` and handler.toml as `manifest`"),
         )
     };
     let component = component.ok_or_else(|| missing("component"))?;
     let manifest_text = manifest_text.ok_or_else(|| missing("manifest"))?;
-    let manifest = Manifest::parse(&manifest_text)
-        .map_err(|error| ApiError::bad_request("invalid_manifest", format!("the manifest does not parse: {error}")))?;
+    let manifest = Manifest::parse(&manifest_text).map_err(|error| {
+        ApiError::bad_request(ErrorCode::InvalidManifest, format!("the manifest does not parse: {error}"))
+    })?;
     if manifest.job_type != job_type {
         return Err(ApiError::bad_request(
-            "invalid_manifest",
+            ErrorCode::InvalidManifest,
             format!("the manifest declares type `{}` but was uploaded for `{job_type}`", manifest.job_type),
         ));
     }
@@ -149,13 +152,13 @@ pub async fn upload(
     let bytes = component.clone();
     let loaded = tokio::task::spawn_blocking(move || runtime.load(&bytes, manifest))
         .await
-        .map_err(|error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string()))?;
+        .map_err(|error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, error.to_string()))?;
     let handler = loaded.map_err(|error| match error {
-        LoadError::NotAComponent(_) => ApiError::bad_request("not_a_component", error.to_string()),
+        LoadError::NotAComponent(_) => ApiError::bad_request(ErrorCode::NotAComponent, error.to_string()),
         LoadError::WorldMismatch(_) => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "wrong_world", error.to_string())
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::WrongWorld, error.to_string())
         }
-        other => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "does_not_load", other.to_string()),
+        other => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::DoesNotLoad, other.to_string()),
     })?;
     let stored = StoredVersion {
         job_type: job_type.clone(),
@@ -190,7 +193,9 @@ pub struct RolloutBody {
     /// 100 (default): the version serves every new job. 1–99: a canary
     /// taking that share of new jobs (by a stable hash of the job id).
     /// 0: no canary.
-    pub percent: Option<u8>,
+    #[schema(minimum = 0, maximum = 100)]
+    #[serde(default, deserialize_with = "crate::body::whole_number")]
+    pub percent: Option<i64>,
 }
 
 /// Roll a stored version out to every worker: all new jobs, or a canary share.
@@ -203,6 +208,7 @@ pub struct RolloutBody {
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
         (status = 404, description = "No such stored version", body = ErrorBody),
+        (status = 415, description = "Not `application/json`", body = ErrorBody),
         (status = 409, description = "A canary with no active version to measure it against", body = ErrorBody),
     ))]
 pub async fn rollout(
@@ -215,14 +221,17 @@ pub async fn rollout(
     checked_type(&job_type)?;
     let JsonBody(body) = body?;
     let percent = body.percent.unwrap_or(100);
-    if percent > 100 {
-        return Err(ApiError::bad_request("invalid_percent", format!("percent {percent} is out of range: 0 to 100")));
-    }
+    let Ok(percent @ 0..=100) = u8::try_from(percent) else {
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidPercent,
+            format!("percent {percent} is out of range: 0 to 100"),
+        ));
+    };
     let store = state.queue.store();
     if store.version(&job_type, &body.version).await?.is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "version_not_found",
+            ErrorCode::VersionNotFound,
             format!(
                 "`{job_type}` has no stored version {}: upload it first (GET /v1/handlers lists them)",
                 body.version
@@ -240,6 +249,7 @@ pub async fn rollout(
     params(("type" = inline(JobTypeName), Path, description = "The job type")),
     responses(
         (status = 200, body = Rollout),
+        (status = 400, description = "Not a job type name", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
         (status = 409, description = "Nothing to roll back to", body = ErrorBody),
@@ -259,7 +269,7 @@ pub async fn rollback(
 /// Pause a type on every gateway and worker: enqueues get 503 `type_disabled`, queued jobs wait.
 #[utoipa::path(post, path = "/v1/handlers/{type}/pause", tag = "handlers", security(("bearer" = [])),
     params(("type" = inline(JobTypeName), Path, description = "The job type")),
-    responses((status = 200, body = Rollout), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Rollout), (status = 400, description = "Not a job type name", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn pause(
     State(state): State<AppState>,
     caller: Caller,
@@ -271,7 +281,7 @@ pub async fn pause(
 /// Resume a paused type everywhere.
 #[utoipa::path(post, path = "/v1/handlers/{type}/resume", tag = "handlers", security(("bearer" = [])),
     params(("type" = inline(JobTypeName), Path, description = "The job type")),
-    responses((status = 200, body = Rollout), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Rollout), (status = 400, description = "Not a job type name", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn resume(
     State(state): State<AppState>,
     caller: Caller,
@@ -293,7 +303,7 @@ async fn set_paused(
     if !known && state.registry.get(job_type).is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "unknown_type",
+            ErrorCode::UnknownType,
             format!("no handler serves `{job_type}` here or in the database"),
         ));
     }
@@ -331,14 +341,14 @@ async fn change(state: &AppState, job_type: &str, step: &Step) -> Result<Rollout
         ChangeError::Store(error) => error.into(),
         ChangeError::Refused(refused) => {
             let (status, code) = match &refused {
-                Refused::NoActiveVersion { .. } => (StatusCode::CONFLICT, "no_active_version"),
-                Refused::AlreadyActive { .. } => (StatusCode::BAD_REQUEST, "already_active"),
-                Refused::NothingToRollBack { .. } => (StatusCode::CONFLICT, "nothing_to_roll_back"),
+                Refused::NoActiveVersion { .. } => (StatusCode::CONFLICT, ErrorCode::NoActiveVersion),
+                Refused::AlreadyActive { .. } => (StatusCode::BAD_REQUEST, ErrorCode::AlreadyActive),
+                Refused::NothingToRollBack { .. } => (StatusCode::CONFLICT, ErrorCode::NothingToRollBack),
             };
             ApiError::new(status, code, refused.to_string())
         }
         contended @ ChangeError::Contended(_) => {
-            ApiError::new(StatusCode::CONFLICT, "rollout_contended", contended.to_string())
+            ApiError::new(StatusCode::CONFLICT, ErrorCode::RolloutContended, contended.to_string())
         }
     })
 }

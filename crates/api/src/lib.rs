@@ -9,6 +9,7 @@
 //! One file over 400 lines on purpose: the route table and the state every
 //! route shares are read at a glance here, in one place.
 
+use crate::error::ErrorCode;
 pub mod admin;
 pub mod auth;
 mod batch;
@@ -31,7 +32,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderName, HeaderValue, Method, Request, header};
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -206,48 +207,53 @@ impl Gateway {
     }
 }
 
-/// Every route, and the OpenAPI document describing exactly those routes.
-pub fn router(state: AppState) -> (Router, OpenApi) {
-    let (api, openapi) = OpenApiRouter::with_openapi(openapi_base())
-        .routes(routes!(jobs::submit::enqueue, jobs::list))
-        .routes(routes!(jobs::get))
-        .routes(routes!(jobs::cancel))
-        .routes(routes!(jobs::retry))
-        .routes(routes!(jobs::events::events))
-        .routes(routes!(types::list))
-        .routes(routes!(types::enable))
-        .routes(routes!(types::disable))
-        .routes(routes!(supabase::enqueue_analysis))
-        .routes(routes!(supabase::get_analysis_status, supabase::post_analysis_status))
-        .routes(routes!(health::health))
-        .routes(routes!(health::live))
-        .routes(routes!(health::ready))
-        .routes(routes!(health::detailed))
-        .routes(routes!(metrics::render))
-        .routes(routes!(stats::stats))
-        .routes(routes!(dashboard::page))
-        .routes(routes!(dashboard::login))
-        .routes(routes!(dashboard::logout))
-        .routes(routes!(dashboard::job))
-        .routes(routes!(handlers::list))
-        .routes(routes!(handlers::rollout))
-        .routes(routes!(handlers::rollback))
-        .routes(routes!(handlers::pause))
-        .routes(routes!(handlers::resume))
-        .routes(routes!(openapi_json))
-        // Components are larger than job requests: this route alone takes
-        // up to QUERN_MAX_UPLOAD_MB (the innermost body limit wins).
+/// Every documented route, one a line, with its methods and path beside it
+/// (a unit test holds those comments to the document). Components are larger
+/// than job requests, so their upload alone takes up to `max_upload_bytes`.
+fn route_table(max_upload_bytes: usize) -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi_base())
+        .routes(routes!(jobs::submit::enqueue, jobs::list)) // POST, GET /v1/jobs
+        .routes(routes!(jobs::get)) // GET /v1/jobs/{id}
+        .routes(routes!(jobs::cancel)) // POST /v1/jobs/{id}/cancel
+        .routes(routes!(jobs::retry)) // POST /v1/jobs/{id}/retry
+        .routes(routes!(jobs::events::events)) // GET /v1/jobs/{id}/events
+        .routes(routes!(types::list)) // GET /v1/types
+        .routes(routes!(types::enable)) // POST /v1/types/{type}/enable
+        .routes(routes!(types::disable)) // POST /v1/types/{type}/disable
+        .routes(routes!(supabase::enqueue_analysis)) // POST /functions/v1/enqueue-analysis
+        .routes(routes!(supabase::get_analysis_status, supabase::post_analysis_status)) // GET, POST /functions/v1/get-analysis-status
+        .routes(routes!(health::health)) // GET /health
+        .routes(routes!(health::live)) // GET /health/live
+        .routes(routes!(health::ready)) // GET /health/ready
+        .routes(routes!(health::detailed)) // GET /health/detailed
+        .routes(routes!(metrics::render)) // GET /metrics
+        .routes(routes!(stats::stats)) // GET /v1/stats
+        .routes(routes!(dashboard::page)) // GET /dashboard
+        .routes(routes!(dashboard::login)) // POST /dashboard/login
+        .routes(routes!(dashboard::logout)) // POST /dashboard/logout
+        .routes(routes!(dashboard::job)) // GET /dashboard/jobs/{id}
+        .routes(routes!(handlers::list)) // GET /v1/handlers
+        .routes(routes!(handlers::rollout)) // POST /v1/handlers/{type}/rollout
+        .routes(routes!(handlers::rollback)) // POST /v1/handlers/{type}/rollback
+        .routes(routes!(handlers::pause)) // POST /v1/handlers/{type}/pause
+        .routes(routes!(handlers::resume)) // POST /v1/handlers/{type}/resume
+        .routes(routes!(openapi_json)) // GET /openapi.json
+        // The innermost body limit wins: these two take more than the rest.
         .merge(
             OpenApiRouter::new()
-                .routes(routes!(handlers::upload))
-                .layer(DefaultBodyLimit::max(state.settings.max_upload_bytes)),
+                .routes(routes!(handlers::upload)) // POST /v1/handlers/{type}/versions
+                .layer(DefaultBodyLimit::max(max_upload_bytes)),
         )
         .merge(
             OpenApiRouter::new()
-                .routes(routes!(batch::enqueue_batch))
+                .routes(routes!(batch::enqueue_batch)) // POST /v1/jobs/batch
                 .layer(DefaultBodyLimit::max(batch::MAX_BATCH_BODY_BYTES)),
         )
-        .split_for_parts();
+}
+
+/// Every route, and the OpenAPI document describing exactly those routes.
+pub fn router(state: AppState) -> (Router, OpenApi) {
+    let (api, openapi) = route_table(state.settings.max_upload_bytes).split_for_parts();
     let document = Arc::new(openapi.clone());
     let request_id = HeaderName::from_static("x-request-id");
     let cors_layer = cors(&state.settings.cors_origins);
@@ -316,7 +322,7 @@ async fn limit_time(
         Ok(response) => response,
         Err(_) => axum::response::IntoResponse::into_response(error::ApiError::new(
             axum::http::StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
+            ErrorCode::RequestTimeout,
             format!("the request took longer than {} s (QUERN_HTTP_REQUEST_TIMEOUT_S); try again", limit.as_secs()),
         )),
     }
@@ -327,7 +333,7 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Respo
     tracing::error!("a request handler panicked");
     axum::response::IntoResponse::into_response(error::ApiError::new(
         axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
+        ErrorCode::Internal,
         "the server failed while handling this request; it has been logged",
     ))
 }
@@ -370,16 +376,35 @@ fn openapi_base() -> OpenApi {
     openapi
 }
 
-/// The OpenAPI document of this server.
+/// The OpenAPI document of this server, with what only the running server
+/// knows filled in: the job types it serves (so a request the document calls
+/// valid names one) and how many steps a pipeline may have.
 #[utoipa::path(get, path = "/openapi.json", tag = "meta", responses((status = 200, description = "This document")))]
-async fn openapi_json(axum::Extension(document): axum::Extension<Arc<OpenApi>>) -> axum::Json<OpenApi> {
-    axum::Json(OpenApi::clone(&document))
+async fn openapi_json(
+    State(state): State<AppState>,
+    axum::Extension(document): axum::Extension<Arc<OpenApi>>,
+) -> axum::Json<serde_json::Value> {
+    let mut document = serde_json::to_value(&*document).unwrap_or_default();
+    let types: Vec<serde_json::Value> = state.registry.job_types().into_iter().map(serde_json::Value::from).collect();
+    if !types.is_empty() {
+        for schema in ["EnqueueBody", "BatchJob", "StepBody", "AnalysisRequest"] {
+            if let Some(name) = document.pointer_mut(&format!("/components/schemas/{schema}/properties/type")) {
+                name["enum"] = serde_json::Value::Array(types.clone());
+            }
+        }
+    }
+    for schema in ["EnqueueBody", "BatchJob"] {
+        if let Some(next) = document.pointer_mut(&format!("/components/schemas/{schema}/properties/next")) {
+            next["maxItems"] = state.queue.settings().max_steps.into();
+        }
+    }
+    axum::Json(document)
 }
 
 async fn no_route(method: Method, uri: axum::http::Uri) -> error::ApiError {
     error::ApiError::new(
         axum::http::StatusCode::NOT_FOUND,
-        "no_route",
+        ErrorCode::NoRoute,
         format!("no route {method} {}: see /openapi.json for the routes", uri.path()),
     )
 }
@@ -441,5 +466,26 @@ mod tests {
         let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["code"], "internal", "{body}");
+    }
+
+    #[test]
+    fn the_route_table_names_each_documented_route_beside_it() {
+        let mut listed = std::collections::BTreeSet::new();
+        for line in include_str!("lib.rs").lines().filter(|line| line.trim_start().starts_with(".routes(routes!(")) {
+            let (_, said) = line.split_once("// ").expect("each route line names its methods and path");
+            let (methods, path) = said.trim().rsplit_once(' ').expect("methods, then the path");
+            for method in methods.split(',') {
+                listed.insert((method.trim().to_lowercase(), path.to_string()));
+            }
+        }
+        let (_, document) = route_table(1).split_for_parts();
+        let document = serde_json::to_value(&document).unwrap();
+        let mut documented = std::collections::BTreeSet::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys().filter(|key| *key != "parameters") {
+                documented.insert((method.clone(), path.clone()));
+            }
+        }
+        assert_eq!(listed, documented);
     }
 }

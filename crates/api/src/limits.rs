@@ -4,6 +4,7 @@
 //! `QUERN_TRUST_PROXY`, the rightmost `X-Forwarded-For` entry that no trusted
 //! proxy added: entries further left are the client's to write.
 
+use crate::error::ErrorCode;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -138,7 +139,7 @@ pub fn check_rate(
     limiter.check(ip, jobs).map_err(|wait| match wait {
         Some(wait) => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            ErrorCode::RateLimited,
             format!(
                 "too many jobs from your address: at most {per_minute} a minute, pipeline steps and retries included; \
                  retry after the Retry-After seconds"
@@ -147,7 +148,7 @@ pub fn check_rate(
         .with_retry_after(wait),
         None => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            ErrorCode::RateLimited,
             format!(
                 "this request would create {jobs} jobs, more than the {per_minute} a minute your address may create"
             ),

@@ -1,6 +1,7 @@
 //! `/v1/stats`: the figures behind the dashboard, for scripts too. Ids,
 //! types, timings and errors only: never a job's input or result.
 
+use crate::error::ErrorCode;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -25,8 +26,9 @@ const MAX_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct StatsQuery {
-    /// How far back the rates, times and throughput look: `15m`, `1h`
-    /// (default), `1d`; from 1 minute to 7 days.
+    /// How far back the rates, times and throughput look: whole minutes,
+    /// hours or days (`15m`, `1h` (default), `1d`), from 1 minute to 7 days.
+    #[param(pattern = r"^(([1-9][0-9]{0,3}|100[0-7][0-9]|10080)m|([1-9][0-9]?|1[0-5][0-9]|16[0-8])h|[1-7]d)$")]
     pub window: Option<String>,
 }
 
@@ -99,14 +101,29 @@ pub async fn stats(
 
 fn parse_window(text: Option<&str>) -> Result<Duration, ApiError> {
     let Some(text) = text else { return Ok(Duration::from_secs(3600)) };
-    let window = humantime::parse_duration(text).map_err(|error| {
+    let unparsed = || {
         ApiError::bad_request(
-            "invalid_window",
-            format!("window `{text}` does not parse ({error}): write e.g. 15m, 1h, 1d"),
+            ErrorCode::InvalidWindow,
+            format!("window `{text}` is not a whole number of minutes, hours or days: write e.g. 15m, 1h, 1d"),
         )
-    })?;
+    };
+    let (count, unit) = text.split_at(text.char_indices().last().map_or(0, |(at, _)| at));
+    let unit_s = match unit {
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(unparsed()),
+    };
+    if count.is_empty() || count.starts_with('0') || !count.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(unparsed());
+    }
+    let window = count.parse::<u64>().ok().and_then(|n| n.checked_mul(unit_s)).map(Duration::from_secs);
+    let window = window.ok_or_else(unparsed)?;
     if !(MIN_WINDOW..=MAX_WINDOW).contains(&window) {
-        return Err(ApiError::bad_request("invalid_window", format!("window `{text}` is out of range: 1m to 7d")));
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidWindow,
+            format!("window `{text}` is out of range: 1m to 7d"),
+        ));
     }
     Ok(window)
 }

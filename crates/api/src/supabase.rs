@@ -6,6 +6,7 @@
 //! server side) may name the user with `user_id`, or `input.userId` as the
 //! seed's function read it.
 
+use crate::error::ErrorCode;
 use std::net::SocketAddr;
 
 use axum::extract::rejection::ExtensionRejection;
@@ -24,6 +25,7 @@ use super::body::{ApiQuery, JsonBody};
 use super::error::{ApiError, ErrorBody};
 use super::jobs::{EnqueueBody, Enqueued, NOTICE_HEADER, submit};
 use super::limits::check_rate;
+use super::types::JobTypeName;
 use quern_store::JobStatus;
 
 /// The seed's enqueue body. `type` and `input` are required (JavaScript
@@ -32,20 +34,40 @@ use quern_store::JobStatus;
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AnalysisRequest {
     #[serde(rename = "type")]
-    #[schema(value_type = Option<String>)]
+    #[schema(required = true, inline, value_type = JobTypeName)]
     pub job_type: Option<Value>,
-    #[schema(value_type = Option<Object>)]
+    #[schema(required = true, value_type = Object)]
     pub input: Option<Value>,
+    /// 1 (most urgent) to 10; 5 by default.
+    #[schema(minimum = 1, maximum = 10)]
+    #[serde(default, deserialize_with = "crate::body::whole_number")]
     pub priority: Option<i64>,
     /// `false` skips the cache lookup.
     #[serde(rename = "useCache")]
     pub use_cache: Option<bool>,
     /// Service callers: the user the job is for.
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     pub user_id: Option<String>,
 }
 
 /// The seed's answer when `type` or `input` is missing or falsy.
 pub const MISSING_FIELDS: &str = "Missing required fields: type, input";
+
+/// The seed's own 400 body, to the letter: `{"error": "Missing required fields: type, input"}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MissingFields {
+    pub error: String,
+}
+
+/// A 400 from `enqueue-analysis`: the seed's body when `type` or `input` is
+/// missing, quern's error body for anything else wrong.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum AnalysisRefused {
+    Missing(MissingFields),
+    Invalid(ErrorBody),
+}
 
 /// JavaScript's truthiness: what the seed's `!type || !input` refuses.
 fn truthy(value: &Value) -> bool {
@@ -82,7 +104,7 @@ pub struct AnalysisEnqueued {
     responses(
         (status = 202, body = AnalysisEnqueued),
         (status = 200, description = "A cached result", body = AnalysisEnqueued),
-        (status = 400, description = "`{\"error\": \"Missing required fields: type, input\"}`, or an invalid request", body = ErrorBody),
+        (status = 400, description = "`{\"error\": \"Missing required fields: type, input\"}`, or an invalid request", body = AnalysisRefused),
         (status = 401, body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody),
@@ -99,14 +121,14 @@ pub async fn enqueue_analysis(
     let caller = caller?;
     let JsonBody(body) = body?;
     let request: AnalysisRequest = serde_json::from_value(body)
-        .map_err(|error| ApiError::bad_request("invalid_request", format!("invalid body: {error}")))?;
+        .map_err(|error| ApiError::bad_request(ErrorCode::InvalidRequest, format!("invalid body: {error}")))?;
     let (Some(job_type), Some(input)) = (request.job_type.filter(truthy), request.input.filter(truthy)) else {
         // The seed's exact answer.
         return Ok((StatusCode::BAD_REQUEST, axum::Json(json!({ "error": MISSING_FIELDS }))).into_response());
     };
     let Value::String(job_type) = job_type else {
         return Err(ApiError::bad_request(
-            "invalid_type",
+            ErrorCode::InvalidType,
             "type must be a string naming a job type (see GET /v1/types)",
         ));
     };
@@ -205,7 +227,14 @@ pub async fn get_analysis_status(
 /// A job's status by `{"jobId": …}` (how `supabase.functions.invoke` sends it).
 #[utoipa::path(post, path = "/functions/v1/get-analysis-status", tag = "supabase", security(("bearer" = [])),
     request_body = StatusRequest,
-    responses((status = 200, body = AnalysisStatus), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, body = AnalysisStatus),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 415, description = "A body that is not JSON, and no `?jobId=`", body = ErrorBody),
+    ))]
 pub async fn post_analysis_status(
     State(state): State<AppState>,
     caller: Caller,
@@ -227,7 +256,7 @@ async fn status_of(
     caller: &Caller,
     job_id: Option<String>,
 ) -> Result<axum::Json<AnalysisStatus>, ApiError> {
-    let job_id = job_id.ok_or_else(|| ApiError::bad_request("invalid_request", "jobId is required"))?;
+    let job_id = job_id.ok_or_else(|| ApiError::bad_request(ErrorCode::InvalidRequest, "jobId is required"))?;
     let id = Uuid::parse_str(&job_id).map_err(|_| ApiError::job_not_found(&job_id))?;
     let job = match state.queue.store().get(id).await? {
         Some(job) if caller.owns(&job.user_id) => job,

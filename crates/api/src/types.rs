@@ -1,5 +1,6 @@
 //! `/v1/types`: the job types this gateway knows, and their feature flags.
 
+use crate::error::ErrorCode;
 use std::borrow::Cow;
 
 use axum::extract::{Path, State};
@@ -106,7 +107,7 @@ fn toggle(
     if state.registry.get(job_type).is_none() {
         return Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
-            "unknown_type",
+            ErrorCode::UnknownType,
             format!("unknown job type `{job_type}`"),
         ));
     }

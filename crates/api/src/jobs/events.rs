@@ -9,6 +9,8 @@ use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use uuid::Uuid;
 
 use super::owned_job;
@@ -22,7 +24,7 @@ use quern_store::JobStatus;
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "`event: status` on each status change, `event: progress` on progress; \
-            data is a JobEvent; the stream ends after the final status", content_type = "text/event-stream", body = JobEvent),
+            data is a JobEvent; the stream ends after the final status", content_type = "text/event-stream", body = JobEventFrame),
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
     ))]
@@ -44,6 +46,34 @@ pub async fn events(
         follow_step,
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// One event as it travels: `event: status` (or `progress`) and a `data:`
+/// line holding a [`JobEvent`] as JSON.
+pub struct JobEventFrame;
+
+impl utoipa::PartialSchema for JobEventFrame {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .property("event", ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["status", "progress"])))
+            .required("event")
+            .property(
+                "data",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .content_media_type("application/json")
+                    .description(Some("A JobEvent (see its schema), as JSON")),
+            )
+            .required("data")
+            .into()
+    }
+}
+
+impl ToSchema for JobEventFrame {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((JobEvent::name().into(), <JobEvent as utoipa::PartialSchema>::schema()));
+        <JobEvent as ToSchema>::schemas(schemas);
+    }
 }
 
 /// One SSE event's data.

@@ -1,6 +1,7 @@
 //! `/v1/jobs`: enqueue (`submit`), read, list, cancel, retry, and follow a job
 //! by SSE (`events`). The request and response shapes are in `views`.
 
+use crate::error::ErrorCode;
 pub mod events;
 pub mod submit;
 mod views;
@@ -27,6 +28,7 @@ use super::body::ApiQuery;
 use super::error::{ApiError, ErrorBody};
 use super::limits::check_rate;
 use quern_queue::telemetry::JOBS_CANCELLED;
+use quern_runtime::manifest::validate_job_type;
 use quern_store::{Job, JobFilter, JobStatus};
 
 /// The caller's job, or 404 for a missing job and another user's alike.
@@ -69,13 +71,16 @@ pub async fn list(
     let ApiQuery(query) = query?;
     let limit = query.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_limit", format!("limit={limit} is out of range: use 1 to 100")));
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidLimit,
+            format!("limit={limit} is out of range: use 1 to 100"),
+        ));
     }
     let status = match query.status.as_deref() {
         None => None,
         Some(text) => Some(JobStatus::parse(text).ok_or_else(|| {
             ApiError::bad_request(
-                "invalid_status",
+                ErrorCode::InvalidStatus,
                 format!("status `{text}` is not one of pending, processing, completed, failed, cancelled"),
             )
         })?),
@@ -86,7 +91,12 @@ pub async fn list(
         (Some(_), false) => return Err(ApiError::forbidden("listing another user's jobs needs a service_role token")),
         (None, false) => Some(caller.user_id.clone()),
     };
-    let before = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    if let Some(job_type) = &query.job_type {
+        validate_job_type(job_type)
+            .map_err(|error| ApiError::bad_request(ErrorCode::InvalidType, error.to_string()))?;
+    }
+    // An empty cursor is the first page, as an absent one.
+    let before = query.cursor.as_deref().filter(|cursor| !cursor.is_empty()).map(decode_cursor).transpose()?;
     let filter = JobFilter { user_id, status, job_type: query.job_type, before, limit: limit + 1 };
     let mut jobs = state.queue.store().list_jobs(&filter).await?;
     let next_cursor = if jobs.len() > limit as usize {
@@ -104,7 +114,10 @@ fn encode_cursor(created_at: DateTime<Utc>, id: Uuid) -> String {
 
 fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     let invalid = || {
-        ApiError::bad_request("invalid_cursor", "cursor is not one this server gave out: pass `next_cursor` as it came")
+        ApiError::bad_request(
+            ErrorCode::InvalidCursor,
+            "cursor is not one this server gave out: pass `next_cursor` as it came",
+        )
     };
     let text =
         URL_SAFE_NO_PAD.decode(cursor).ok().and_then(|bytes| String::from_utf8(bytes).ok()).ok_or_else(invalid)?;

@@ -2,6 +2,7 @@
 //! role, its pipeline), whose job it becomes, the cache lookup, and
 //! `POST /v1/jobs` with its optional `?wait=`.
 
+use crate::error::ErrorCode;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -46,7 +47,7 @@ pub async fn submit(
     ensure_allowed(caller, &handler)?;
     if !body.input.is_object() {
         return Err(ApiError::bad_request(
-            "invalid_input",
+            ErrorCode::InvalidInput,
             format!("input must be a JSON object, got {}", quern_queue::json_kind(&body.input)),
         ));
     }
@@ -94,7 +95,7 @@ fn owner_of(state: &AppState, caller: &Caller, named: Option<&str>) -> Result<(S
             let plain = (1..=128).contains(&user.len()) && !user.chars().any(char::is_control);
             if !plain {
                 return Err(ApiError::bad_request(
-                    "invalid_user_id",
+                    ErrorCode::InvalidUserId,
                     "user_id must be 1 to 128 characters without control characters (the user's id, e.g. their Supabase auth uid)",
                 ));
             }
@@ -125,7 +126,7 @@ pub(crate) fn ensure_allowed(caller: &Caller, handler: &quern_runtime::HandlerVe
     let names: Vec<&str> = roles.iter().map(|role| role.as_str()).collect();
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
-        "type_forbidden",
+        ErrorCode::TypeForbidden,
         format!(
             "job type `{}` may be enqueued only by {} callers (`[access] roles` of its handler.toml)",
             handler.manifest.job_type,
@@ -139,7 +140,7 @@ pub(crate) fn ensure_enabled(state: &AppState, job_type: &str) -> Result<(), Api
     if state.is_disabled(job_type) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "type_disabled",
+            ErrorCode::TypeDisabled,
             format!("job type `{job_type}` is switched off by its feature flag; try again later"),
         ));
     }
@@ -165,7 +166,7 @@ pub(crate) fn known_type(
     state.registry.get(job_type).ok_or_else(|| {
         let known = state.registry.job_types();
         let known = if known.is_empty() { "none are loaded".to_string() } else { known.join(", ") };
-        ApiError::bad_request("unknown_type", format!("unknown job type `{job_type}`; known types: {known}"))
+        ApiError::bad_request(ErrorCode::UnknownType, format!("unknown job type `{job_type}`; known types: {known}"))
     })
 }
 
@@ -240,16 +241,19 @@ pub async fn enqueue(
     }
 }
 
+/// The longest `?wait=` a request may ask for; the server holds it at most
+/// its own `max_wait`, which is never longer.
+pub const MAX_WAIT_S: f64 = 30.0;
+
 fn wait_duration(state: &AppState, wait: Option<f64>) -> Result<Option<Duration>, ApiError> {
-    let max = state.settings.max_wait.as_secs_f64();
     match wait {
         None => Ok(None),
-        Some(seconds) if seconds.is_finite() && (0.0..=max).contains(&seconds) => {
-            Ok(Some(Duration::from_secs_f64(seconds)))
+        Some(seconds) if (0.0..=MAX_WAIT_S).contains(&seconds) => {
+            Ok(Some(Duration::from_secs_f64(seconds).min(state.settings.max_wait)))
         }
         Some(seconds) => Err(ApiError::bad_request(
-            "invalid_wait",
-            format!("wait={seconds} is out of range: use 0 to {max} seconds"),
+            ErrorCode::InvalidWait,
+            format!("wait={seconds} is out of range: use 0 to {MAX_WAIT_S} seconds"),
         )),
     }
 }

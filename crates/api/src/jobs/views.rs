@@ -25,9 +25,12 @@ pub struct EnqueueBody {
     pub input: Value,
     /// 1 (most urgent) to 10; 5 by default (premium callers: the premium
     /// default, 2 unless set). 1–4 need a premium plan.
+    #[schema(minimum = 1, maximum = 10)]
+    #[serde(default, deserialize_with = "crate::body::whole_number")]
     pub priority: Option<i64>,
     /// Service callers: the user the job is for (it is theirs, counts
     /// against their limit and is visible to them). Ignored from a user's token.
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     pub user_id: Option<String>,
     /// Jobs to run after this one completes, each getting the previous result
     /// under `previous` in its input.
@@ -39,6 +42,7 @@ pub struct EnqueueBody {
 #[serde(deny_unknown_fields)]
 pub struct StepBody {
     #[serde(rename = "type")]
+    #[schema(inline, value_type = JobTypeName)]
     pub job_type: String,
     #[schema(value_type = Object)]
     pub input: Value,
@@ -47,9 +51,9 @@ pub struct StepBody {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct WaitQuery {
-    /// Hold the request until the job ends, at most this many seconds
-    /// (`QUERN_MAX_WAIT_S`, 10 by default, 30 at most).
-    #[param(minimum = 0.0)]
+    /// Hold the request until the job ends, at most this many seconds; the
+    /// server holds it at most its `QUERN_MAX_WAIT_S` (30 by default).
+    #[param(minimum = 0.0, maximum = 30.0)]
     pub wait: Option<f64>,
 }
 
