@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The OpenAPI document against the server it describes: schemathesis runs
-# every check but one as a service caller against `quern serve` on SQLite and
-# on a fresh PostgreSQL database. Any undocumented status, any response off
-# its schema, any schema-violating request accepted, any 5xx but the
-# documented 503 (`.ci/schemathesis.toml`), fails. Needs the handlers built
-# and target/debug/quern (both there after `cargo xtask test`).
+# every check (`--checks all`) as a service caller against `quern serve` on
+# SQLite and on a fresh PostgreSQL database. Any undocumented status, any
+# response off its schema, any schema-valid request refused or schema-violating
+# one accepted, any 5xx but the documented 503 (`.ci/schemathesis.toml`),
+# fails. Needs the handlers built and target/debug/quern (both there after
+# `cargo xtask test`).
 #
-# Left out: `positive_data_acceptance` (no schema-valid request refused). Two
-# values no schema can state are rightly refused when made up: a handler
-# component (it must be WebAssembly of the handler world that compiles) and a
-# page `cursor` (it must be one this server gave out), and schemathesis 4.x
-# does not apply a check's settings to one operation alone.
+# One exception: two values no schema can state are rightly refused when made
+# up, a handler component (it must be WebAssembly of the handler world that
+# compiles) and a page `cursor` (it must be one this server gave out). Their
+# two operations run every check but `positive_data_acceptance`, in a second
+# pass (schemathesis 4.x did not honour that check's settings per operation
+# in its config file).
 #
 # Strings with NUL are not generated: PostgreSQL's text and jsonb cannot hold
 # them, and quern refuses them with 400 `invalid_input` on both databases.
@@ -33,6 +35,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# schemathesis_run <name> <port> <schemathesis options…>
+schemathesis_run() {
+    local name=$1 port=$2
+    shift 2
+    "$st" --config-file .ci/schemathesis.toml run "http://127.0.0.1:$port/openapi.json" --wait-for-schema 60 \
+        -H "Authorization: Bearer $(cat "$work/$name/token")" --generation-allow-x00 false \
+        --max-examples 25 --workers 1 --seed 20261204 "$@" \
+        || { echo "schemathesis failed on $name; quern's log:"; tail -n 50 "$work/$name/quern.log"; exit 1; }
+}
+
 # fuzz <name> <DATABASE_URL or empty for SQLite> <port>
 fuzz() {
     local name=$1 url=$2 port=$3
@@ -48,11 +60,12 @@ fuzz() {
         ./target/debug/quern token --user schemathesis --role service_role >"$work/$name/token"
     )
     pid=$(cat "$work/$name/pid")
-    "$st" --config-file .ci/schemathesis.toml run "http://127.0.0.1:$port/openapi.json" --wait-for-schema 60 \
-        -H "Authorization: Bearer $(cat "$work/$name/token")" \
-        --checks all --exclude-checks positive_data_acceptance --generation-allow-x00 false \
-        --max-examples 25 --workers 1 --seed 20261204 \
-        || { echo "schemathesis failed on $name; quern's log:"; tail -n 50 "$work/$name/quern.log"; exit 1; }
+    # Every check on every operation but the two with values no schema can
+    # state; on those two, every check but positive acceptance.
+    local opaque=(--include-name "GET /v1/jobs" --include-name "POST /v1/handlers/{type}/versions")
+    local rest=(--exclude-name "GET /v1/jobs" --exclude-name "POST /v1/handlers/{type}/versions")
+    schemathesis_run "$name" "$port" --checks all "${rest[@]}"
+    schemathesis_run "$name" "$port" --checks all --exclude-checks positive_data_acceptance "${opaque[@]}"
     kill "$pid" 2>/dev/null || true
     pid=
 }
