@@ -70,6 +70,7 @@ pub struct BatchResponse {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct BatchJobView {
     pub id: Uuid,
+    #[schema(value_type = crate::records::JobStatusName)]
     pub status: JobStatus,
     pub user_id: String,
     pub priority: i16,

@@ -27,6 +27,7 @@ use super::auth::Caller;
 use super::body::JsonBody;
 use super::error::{ApiError, ErrorBody};
 use super::types::JobTypeName;
+use crate::records::RolloutView;
 use quern_queue::rollout::{self, ChangeError, Refused, Step};
 use quern_queue::stats;
 use quern_runtime::LoadError;
@@ -203,7 +204,7 @@ pub struct RolloutBody {
     params(("type" = inline(JobTypeName), Path, description = "The job type")),
     request_body = RolloutBody,
     responses(
-        (status = 200, body = Rollout),
+        (status = 200, body = RolloutView),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
@@ -216,7 +217,7 @@ pub async fn rollout(
     caller: Caller,
     Path(job_type): Path<String>,
     body: Result<JsonBody<RolloutBody>, ApiError>,
-) -> Result<axum::Json<Rollout>, ApiError> {
+) -> Result<axum::Json<RolloutView>, ApiError> {
     require_ops(&caller)?;
     checked_type(&job_type)?;
     let JsonBody(body) = body?;
@@ -241,14 +242,14 @@ pub async fn rollout(
     let step = Step::Push { version: body.version, percent };
     let rollout = change(&state, &job_type, &step).await?;
     applied(&state, &rollout).await?;
-    Ok(axum::Json(rollout))
+    Ok(axum::Json(rollout.into()))
 }
 
 /// Undo the last step: drop the canary if there is one, else return to the previous active version.
 #[utoipa::path(post, path = "/v1/handlers/{type}/rollback", tag = "handlers", security(("bearer" = [])),
     params(("type" = inline(JobTypeName), Path, description = "The job type")),
     responses(
-        (status = 200, body = Rollout),
+        (status = 200, body = RolloutView),
         (status = 400, description = "Not a job type name", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
@@ -258,35 +259,35 @@ pub async fn rollback(
     State(state): State<AppState>,
     caller: Caller,
     Path(job_type): Path<String>,
-) -> Result<axum::Json<Rollout>, ApiError> {
+) -> Result<axum::Json<RolloutView>, ApiError> {
     require_ops(&caller)?;
     checked_type(&job_type)?;
     let rollout = change(&state, &job_type, &Step::Rollback).await?;
     applied(&state, &rollout).await?;
-    Ok(axum::Json(rollout))
+    Ok(axum::Json(rollout.into()))
 }
 
 /// Pause a type on every gateway and worker: enqueues get 503 `type_disabled`, queued jobs wait.
 #[utoipa::path(post, path = "/v1/handlers/{type}/pause", tag = "handlers", security(("bearer" = [])),
     params(("type" = inline(JobTypeName), Path, description = "The job type")),
-    responses((status = 200, body = Rollout), (status = 400, description = "Not a job type name", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = RolloutView), (status = 400, description = "Not a job type name", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn pause(
     State(state): State<AppState>,
     caller: Caller,
     Path(job_type): Path<String>,
-) -> Result<axum::Json<Rollout>, ApiError> {
+) -> Result<axum::Json<RolloutView>, ApiError> {
     set_paused(&state, &caller, &job_type, true).await
 }
 
 /// Resume a paused type everywhere.
 #[utoipa::path(post, path = "/v1/handlers/{type}/resume", tag = "handlers", security(("bearer" = [])),
     params(("type" = inline(JobTypeName), Path, description = "The job type")),
-    responses((status = 200, body = Rollout), (status = 400, description = "Not a job type name", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = RolloutView), (status = 400, description = "Not a job type name", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn resume(
     State(state): State<AppState>,
     caller: Caller,
     Path(job_type): Path<String>,
-) -> Result<axum::Json<Rollout>, ApiError> {
+) -> Result<axum::Json<RolloutView>, ApiError> {
     set_paused(&state, &caller, &job_type, false).await
 }
 
@@ -295,7 +296,7 @@ async fn set_paused(
     caller: &Caller,
     job_type: &str,
     paused: bool,
-) -> Result<axum::Json<Rollout>, ApiError> {
+) -> Result<axum::Json<RolloutView>, ApiError> {
     require_ops(caller)?;
     checked_type(job_type)?;
     let known =
@@ -309,7 +310,7 @@ async fn set_paused(
     }
     let rollout = change(state, job_type, if paused { &Step::Pause } else { &Step::Resume }).await?;
     applied(state, &rollout).await?;
-    Ok(axum::Json(rollout))
+    Ok(axum::Json(rollout.into()))
 }
 
 /// Applies `step` to the type's rollout atomically (see [`rollout`]). A

@@ -15,7 +15,7 @@ use super::AppState;
 use super::admin::{Liveness, Readiness};
 use super::auth::{Caller, require_service};
 use super::error::{ApiError, ErrorBody};
-use quern_store::{DepthRow, WorkerRow};
+use crate::records::{DepthView, WorkerRowView};
 
 const DB_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -83,8 +83,8 @@ pub struct DetailedHealth {
     pub worker: SeedWorker,
     pub database: DatabaseHealth,
     /// Unfinished jobs by type and status.
-    pub queue: Vec<DepthRow>,
-    pub workers: Vec<WorkerRow>,
+    pub queue: Vec<DepthView>,
+    pub workers: Vec<WorkerRowView>,
     pub handlers: Vec<HandlerView>,
     pub cache: CacheView,
 }
@@ -177,8 +177,8 @@ pub async fn detailed(State(state): State<AppState>, caller: Caller) -> Result<a
             queue_size: pending,
         },
         database: DatabaseHealth { backend: store.backend().to_string(), latency_ms },
-        queue,
-        workers,
+        queue: queue.into_iter().map(Into::into).collect(),
+        workers: workers.into_iter().map(Into::into).collect(),
         handlers: HandlerView::all(&state.registry),
         cache: CacheView {
             enabled: state.queue.settings().cache_enabled,

@@ -22,6 +22,7 @@ mod health;
 mod jobs;
 pub mod limits;
 pub mod metrics;
+mod records;
 pub mod server;
 mod stats;
 mod supabase;

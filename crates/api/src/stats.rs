@@ -15,9 +15,9 @@ use super::body::ApiQuery;
 use super::dashboard::Operator;
 use super::error::{ApiError, ErrorBody};
 use super::health::HandlerView;
+use crate::records::FailedJobView;
 use quern_queue::alerts::Alert;
 use quern_queue::stats::{self, Bucket, TypeStats};
-use quern_store::FailedJob;
 
 const FAILURES_SHOWN: u32 = 10;
 const MIN_WINDOW: Duration = Duration::from_secs(60);
@@ -45,7 +45,7 @@ pub struct Stats {
     /// Handler versions loaded by this gateway.
     pub handlers: Vec<HandlerView>,
     /// The latest jobs that failed for good.
-    pub failures: Vec<FailedJob>,
+    pub failures: Vec<FailedJobView>,
     pub cache: CacheStatsView,
     pub alerts: Vec<Alert>,
 }
@@ -173,7 +173,7 @@ pub async fn collect(state: &AppState, window: Duration) -> Result<Stats, ApiErr
         types: stats::by_type(&counts, &run_times),
         workers,
         handlers: HandlerView::all(&state.registry),
-        failures: store.recent_failures(FAILURES_SHOWN).await?,
+        failures: store.recent_failures(FAILURES_SHOWN).await?.into_iter().map(Into::into).collect(),
         cache: CacheStatsView {
             enabled: state.queue.settings().cache_enabled,
             entries: cache.entries,

@@ -86,6 +86,7 @@ fn truthy(value: &Value) -> bool {
 pub struct AnalysisEnqueued {
     #[serde(rename = "jobId")]
     pub job_id: Option<Uuid>,
+    #[schema(value_type = crate::records::JobStatusName)]
     pub status: JobStatus,
     #[serde(rename = "estimatedTime", skip_serializing_if = "Option::is_none")]
     pub estimated_time: Option<u32>,
@@ -190,6 +191,7 @@ pub struct AnalysisStatus {
     pub job_id: Uuid,
     #[serde(rename = "type")]
     pub job_type: String,
+    #[schema(value_type = crate::records::JobStatusName)]
     pub status: JobStatus,
     #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::StoreError;
 
 /// A worker's row in `quern_workers`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerRow {
     pub id: String,
     pub host: String,

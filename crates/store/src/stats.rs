@@ -38,7 +38,7 @@ pub struct EndedInSlice {
 }
 
 /// A job that failed for good: what operators look at first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FailedJob {
     pub id: Uuid,
     #[serde(rename = "type")]
@@ -49,7 +49,7 @@ pub struct FailedJob {
 }
 
 /// Counts of jobs by type and status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DepthRow {
     #[serde(rename = "type")]
     pub job_type: String,

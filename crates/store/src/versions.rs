@@ -20,7 +20,7 @@ pub struct StoredVersion {
 }
 
 /// A stored version without its bytes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VersionInfo {
     #[serde(rename = "type")]
     pub job_type: String,
@@ -34,7 +34,7 @@ pub struct VersionInfo {
 
 /// A type's rollout: the version serving it, the one before (for a
 /// rollback), a canary taking `canary_percent` of jobs, and the pause flag.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     #[serde(rename = "type")]
     pub job_type: String,

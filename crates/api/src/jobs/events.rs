@@ -80,6 +80,7 @@ impl ToSchema for JobEventFrame {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobEvent {
     pub id: Uuid,
+    #[schema(value_type = crate::records::JobStatusName)]
     pub status: JobStatus,
     pub progress: ProgressView,
     #[serde(skip_serializing_if = "Option::is_none")]

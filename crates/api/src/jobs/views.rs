@@ -62,6 +62,7 @@ pub struct WaitQuery {
 pub struct EnqueueResponse {
     /// The job's id; `null` when the result came from the cache.
     pub id: Option<Uuid>,
+    #[schema(value_type = crate::records::JobStatusName)]
     pub status: JobStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_url: Option<String>,
@@ -122,6 +123,7 @@ pub struct JobView {
     #[serde(rename = "type")]
     pub job_type: String,
     pub user_id: String,
+    #[schema(value_type = crate::records::JobStatusName)]
     pub status: JobStatus,
     pub priority: i16,
     pub progress: ProgressView,
