@@ -255,7 +255,8 @@ fn route_table(max_upload_bytes: usize) -> OpenApiRouter<AppState> {
 /// Every route, and the OpenAPI document describing exactly those routes.
 pub fn router(state: AppState) -> (Router, OpenApi) {
     let (api, openapi) = route_table(state.settings.max_upload_bytes).split_for_parts();
-    let document = Arc::new(openapi.clone());
+    // Serialized once; each request patches a copy with what only the running server knows.
+    let document = Arc::new(serde_json::to_value(&openapi).expect("the OpenAPI document is plain JSON"));
     let request_id = HeaderName::from_static("x-request-id");
     let cors_layer = cors(&state.settings.cors_origins);
     let router = api
@@ -383,9 +384,9 @@ fn openapi_base() -> OpenApi {
 #[utoipa::path(get, path = "/openapi.json", tag = "meta", responses((status = 200, description = "This document")))]
 async fn openapi_json(
     State(state): State<AppState>,
-    axum::Extension(document): axum::Extension<Arc<OpenApi>>,
+    axum::Extension(document): axum::Extension<Arc<serde_json::Value>>,
 ) -> axum::Json<serde_json::Value> {
-    let mut document = serde_json::to_value(&*document).unwrap_or_default();
+    let mut document = serde_json::Value::clone(&document);
     let types: Vec<serde_json::Value> = state.registry.job_types().into_iter().map(serde_json::Value::from).collect();
     if !types.is_empty() {
         for schema in ["EnqueueBody", "BatchJob", "StepBody", "AnalysisRequest"] {
