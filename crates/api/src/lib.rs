@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderName, HeaderValue, Method, Request, header};
+use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use tokio_util::sync::CancellationToken;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -283,12 +284,29 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
                     tracing::info_span!("request", request_id = %id, method = %request.method(), route)
                 })
                 .on_request(())
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+                .on_failure(log_failure),
         )
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(axum::middleware::map_request(keep_safe_request_id))
         .with_state(state);
     (router, openapi)
+}
+
+/// Logs a request that failed. A 503 is the service saying "not now" (a
+/// type switched off, the database away): a warning, not an error page for
+/// the operator; every other 5xx, and a failure to answer at all, is an error.
+fn log_failure(class: ServerErrorsFailureClass, latency: std::time::Duration, _span: &tracing::Span) {
+    let latency_ms = latency.as_millis();
+    match class {
+        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => {
+            tracing::warn!(status = 503, latency_ms, "request refused: service unavailable");
+        }
+        ServerErrorsFailureClass::StatusCode(status) => {
+            tracing::error!(status = status.as_u16(), latency_ms, "request failed");
+        }
+        ServerErrorsFailureClass::Error(error) => tracing::error!(%error, latency_ms, "request failed"),
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` (see [`server`]), with

@@ -49,10 +49,6 @@ pub trait FleetStore: Send + Sync {
     /// killed, never stopped); returns how many.
     async fn forget_workers(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 
-    /// Deletes at most `limit` finished jobs (their attempts with them) that
-    /// ended before their status's cutoff and that no instance still holds;
-    /// returns how many. One short statement: callers loop while it deletes
-    /// a full batch, so enqueues and claims are never held up for long.
     /// Takes the maintenance lead if no other process holds it.
     async fn try_lead(&self) -> Result<Option<Box<dyn LeaderLock>>, StoreError>;
 }

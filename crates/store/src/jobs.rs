@@ -312,6 +312,10 @@ pub trait JobStore: Send + Sync {
 
     async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>, StoreError>;
 
+    /// Deletes at most `limit` finished jobs (their attempts with them) that
+    /// ended before their status's cutoff and that no instance still holds;
+    /// returns how many. One short statement: callers loop while it deletes
+    /// a full batch, so enqueues and claims are never held up for long.
     async fn prune_jobs(&self, cutoffs: &PruneCutoffs, limit: u32) -> Result<u64, StoreError>;
 
     /// Pending and processing jobs: the queue's depth.

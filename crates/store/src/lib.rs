@@ -3,10 +3,11 @@
 //! [`JobStore`] (jobs and their attempts), [`CacheStore`], [`FleetStore`]
 //! (workers, the leader lock), [`VersionStore`] (handler builds and
 //! rollouts) and [`StatsStore`]; `use quern_store::prelude::*` brings them
-//! all into scope. `sqlite/` and `postgres/` implement them, one file per
-//! concern; rows are mapped once for both (`rows.rs`), and one conformance
-//! suite (the `quern-conformance` crate, run by `tests/queue_conformance.rs`)
-//! runs against both.
+//! all into scope. What both backends run alike is written once (`shared/`:
+//! cache, fleet, stats, versions); jobs are each backend's own
+//! (`sqlite/jobs.rs`, `postgres/jobs.rs`); rows are mapped once for both
+//! (`rows.rs`), and one conformance suite (the `quern-conformance` crate, run
+//! by `tests/queue_conformance.rs`) runs against both.
 //!
 //! A store performs state transitions atomically and checks who holds a job;
 //! it does not decide anything (when to retry, what a lapsed lease means):
@@ -19,6 +20,7 @@ mod jobs;
 mod nodelay;
 mod postgres;
 mod rows;
+mod shared;
 mod sqlite;
 mod stats;
 mod versions;

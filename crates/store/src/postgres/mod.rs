@@ -2,14 +2,11 @@
 //! coordinate through it alone, with `FOR UPDATE SKIP LOCKED` claims and
 //! LISTEN/NOTIFY wake-ups.
 
-mod cache;
-mod fleet;
+mod backend;
 mod jobs;
-mod stats;
-mod versions;
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
@@ -18,11 +15,9 @@ use uuid::Uuid;
 use super::nodelay;
 use super::rows::{FromColumns, JOB_COLUMNS};
 use super::{
-    AttemptEnd, AttemptRecord, CacheEntry, CacheStats, CancelOutcome, DepthRow, EndWritten, FailedJob, Job, JobFilter,
-    JobStatus, NewJob, OutcomeCount, Progress, PruneCutoffs, RequeueOutcome, Rollout, Store, StoreError, StoredVersion,
-    Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_status, requeueable,
+    AttemptEnd, AttemptRecord, CancelOutcome, EndWritten, Job, JobFilter, NewJob, Progress, PruneCutoffs,
+    RequeueOutcome, Store, StoreError, Transition, Wakeups, cancel_outcome, corrupt, parse_status, requeueable,
 };
-use super::{EndedInSlice, RunTimes};
 
 /// The maintenance lead: a session advisory lock on this connection.
 struct AdvisoryLock(PgConnection);

@@ -7,18 +7,15 @@
 //! writer and its wake-ups are one concern; the queries by concern live in the
 //! sibling modules.
 
-mod cache;
-mod fleet;
+mod backend;
 mod jobs;
-mod stats;
-mod versions;
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, Transaction};
@@ -28,12 +25,10 @@ use super::rows::{FromColumns, JOB_COLUMNS};
 use uuid::Uuid;
 
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, CANCELLED_WHILE_RUNNING, CacheEntry, CacheStats, CancelOutcome,
-    DepthRow, EndWritten, FailedJob, Job, JobFilter, JobStatus, NewJob, Progress, RequeueOutcome, Rollout, Store,
-    StoreError, StoredVersion, Transition, VersionInfo, Wakeups, WorkerRow, cancel_outcome, corrupt, parse_status,
-    requeueable,
+    AttemptEnd, AttemptOutcome, AttemptRecord, CANCELLED_WHILE_RUNNING, CancelOutcome, EndWritten, Job, JobFilter,
+    NewJob, Progress, PruneCutoffs, RequeueOutcome, Store, StoreError, Transition, Wakeups, cancel_outcome, corrupt,
+    parse_status, requeueable,
 };
-use super::{EndedInSlice, OutcomeCount, PruneCutoffs, RunTimes};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -130,10 +125,6 @@ fn at_opt(micros: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
 
 fn uuid(text: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(text).map_err(|e| corrupt("quern_jobs", e))
-}
-
-fn json(text: &str) -> Result<Value, StoreError> {
-    serde_json::from_str(text).map_err(|e| corrupt("quern_jobs", e))
 }
 
 /// Inserts a job in one statement that also checks its user's unfinished
