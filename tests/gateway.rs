@@ -19,6 +19,7 @@ on_both_databases!(
     a_cached_result_answers_200_without_a_job,
     wait_holds_the_request_until_the_job_ends,
     events_stream_status_and_progress_to_the_end_state,
+    a_browser_follows_a_job_by_sse_with_the_token_in_the_url,
     a_running_job_is_cancelled,
     a_failed_job_is_retried,
     the_list_pages_newest_first_with_a_cursor,
@@ -103,8 +104,14 @@ async fn wait_holds_the_request_until_the_job_ends(db: &Db) {
 
 /// Reads an SSE stream to its end: `(event, data)` pairs.
 async fn read_events(server: &Server, token: &str, id: &str) -> Vec<(String, Value)> {
-    let response =
-        server.client.get(format!("{}/v1/jobs/{id}/events", server.base)).bearer_auth(token).send().await.unwrap();
+    let request = server.client.get(format!("{}/v1/jobs/{id}/events", server.base)).bearer_auth(token);
+    read_stream(request).await.into_iter().map(|(event, _, data)| (event, data)).collect()
+}
+
+/// Sends `request` and reads the SSE stream it opens to its end:
+/// `(event, id, data)` triples.
+async fn read_stream(request: reqwest::RequestBuilder) -> Vec<(String, String, Value)> {
+    let response = request.send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut stream = response.bytes_stream();
@@ -119,10 +126,45 @@ async fn read_events(server: &Server, token: &str, id: &str) -> Vec<(String, Val
     text.split("\n\n")
         .filter_map(|block| {
             let event = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let id = block.lines().find_map(|l| l.strip_prefix("id: ")).unwrap_or_default();
             let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
-            Some((event.to_string(), serde_json::from_str(data).unwrap()))
+            Some((event.to_string(), id.to_string(), serde_json::from_str(data).unwrap()))
         })
         .collect()
+}
+
+async fn a_browser_follows_a_job_by_sse_with_the_token_in_the_url(db: &Db) {
+    let server = Server::start(db).await;
+    let token = server.token("alice");
+    let answer = server.enqueue(&token, "hostile", json!({"mode": "sleep", "ms": 500, "tag": "browser"})).await;
+    let id = answer.body["id"].as_str().unwrap().to_string();
+    let url = format!("{}/v1/jobs/{id}/events", server.base);
+    // A JWT is URL-safe as it is (base64url and dots).
+    let with_token = |token: &str| format!("{url}?access_token={token}");
+
+    // As `EventSource` does: no Authorization header, the token in the URL.
+    let events = read_stream(server.client.get(with_token(&token))).await;
+    let (_, last_id, last) = events.last().expect("at least the final event");
+    assert_eq!((last["status"].as_str(), last["result"]["tag"].as_str()), (Some("completed"), Some("browser")));
+    assert!(events.iter().all(|(_, id, _)| !id.is_empty()), "every event has an id: {events:?}");
+
+    // Reconnecting after the final event (as `EventSource` does when the
+    // stream closes): 204, which stops it retrying.
+    let again = server.client.get(with_token(&token)).header("last-event-id", last_id).send().await;
+    assert_eq!(again.unwrap().status(), 204);
+
+    // A token good for hours does not belong in a URL; nor does no token.
+    let long_lived = server.remember(
+        quern_api::auth::mint(support::server::SECRET.as_bytes(), "alice", false, None, Duration::from_secs(6 * 3600))
+            .unwrap(),
+    );
+    let refused = server.client.get(with_token(&long_lived)).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(refused.text().await.unwrap().contains("must expire within"), "the refusal says why");
+    let anonymous = server.client.get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert!(anonymous.text().await.unwrap().contains("access_token"), "the refusal names both ways in");
+    server.finish().await;
 }
 
 async fn events_stream_status_and_progress_to_the_end_state(db: &Db) {
@@ -438,4 +480,51 @@ async fn priority_1_to_4_needs_a_premium_plan(db: &Db) {
         server.post("/v1/jobs", &server.token("alice"), json!({"type": "echo", "input": {}, "priority": 9})).await;
     assert_eq!(low.body["priority"], 9);
     server.finish().await;
+}
+
+/// The gateway's one listener for job changes loses its connection while a
+/// followed job runs: the listener reconnects and re-reads, and the stream
+/// still ends with the job's final state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_event_arrives_after_the_event_listener_is_cut_on_postgres() {
+    let db = Db::postgres().await;
+    let server = Server::start(&db).await;
+    let token = server.token("alice");
+    let answer = server.enqueue(&token, "hostile", json!({"mode": "sleep", "ms": 2000, "tag": "cut"})).await;
+    let id = answer.body["id"].as_str().unwrap().to_string();
+    let response =
+        server.client.get(format!("{}/v1/jobs/{id}/events", server.base)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("a first event");
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("the stream is open").unwrap()));
+    }
+    assert!(!text.contains("\"completed\""), "the job is still running when the listener is cut: {text}");
+
+    // Every listener for job changes on this database is cut (other tests'
+    // gateways re-read and carry on, as this one must).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE query LIKE 'LISTEN%quern_job_events%' AND pid <> pg_backend_pid()",
+        )
+        .await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the gateway's listener was never seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("events in time")
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    let last = text.split("\n\n").filter_map(|block| block.lines().find_map(|l| l.strip_prefix("data: "))).last();
+    let last: Value = serde_json::from_str(last.expect("events were sent")).unwrap();
+    assert_eq!((last["status"].as_str(), last["result"]["tag"].as_str()), (Some("completed"), Some("cut")), "{text}");
+    server.finish().await;
+    db.cleanup().await;
 }

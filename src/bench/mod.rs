@@ -3,6 +3,7 @@
 
 pub mod backlog;
 pub mod e2e;
+pub mod events;
 pub mod fleet;
 pub mod http;
 pub mod isolation;
@@ -27,6 +28,8 @@ pub enum BenchCommand {
     Backlog(backlog::BacklogBenchArgs),
     /// The gateway's latency while every worker slot spins.
     Isolation(isolation::IsolationBenchArgs),
+    /// Open event streams: database load with and without them, memory, push latency.
+    Events(events::EventsBenchArgs),
     /// The HTTP gateway: enqueue, cache hit and status requests per second, latency.
     Http(http::HttpBenchArgs),
     /// Simulated users enqueueing and following jobs end to end (the seed's load test).
@@ -49,6 +52,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Fleet(args) => block_on(fleet::run(&args)),
         BenchCommand::Backlog(args) => block_on(backlog::run(&args)),
         BenchCommand::Isolation(args) => block_on(isolation::run(&args)),
+        BenchCommand::Events(args) => block_on(events::run(&args)),
         BenchCommand::Http(args) => block_on(http::run(&args)),
         BenchCommand::E2e(args) => block_on(e2e::run(&args)),
         BenchCommand::Retention(args) => block_on(retention::run(&args)),

@@ -120,6 +120,16 @@ impl Auth {
     }
 
     pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        self.verify_within(token, None).await
+    }
+
+    /// [`Auth::verify`], and the token must expire within `lifetime` of now:
+    /// for a token sent in a URL, which proxies and histories may keep.
+    pub async fn verify_short_lived(&self, token: &str, lifetime: Duration) -> Result<Caller, AuthError> {
+        self.verify_within(token, Some(lifetime)).await
+    }
+
+    async fn verify_within(&self, token: &str, lifetime: Option<Duration>) -> Result<Caller, AuthError> {
         let header = decode_header(token).map_err(|e| AuthError(format!("malformed token: {}", describe(&e))))?;
         let key = match header.alg {
             Algorithm::HS256 => self.secret.clone().ok_or_else(|| {
@@ -145,6 +155,17 @@ impl Auth {
         let claims = decode::<Map<String, Value>>(token, &key, &validation)
             .map_err(|e| AuthError(format!("invalid token: {}", describe(&e))))?
             .claims;
+        if let Some(lifetime) = lifetime {
+            let expires = claims.get("exp").and_then(Value::as_i64).unwrap_or(i64::MAX);
+            let latest = jsonwebtoken::get_current_timestamp().saturating_add(lifetime.as_secs()) as i64;
+            if expires > latest {
+                return Err(AuthError(format!(
+                    "a token in the URL must expire within {} s (it may be kept in logs and histories); \
+                     use a fresh session token, or send it in the Authorization header",
+                    lifetime.as_secs()
+                )));
+            }
+        }
         let service = claims.get("role").and_then(Value::as_str) == Some(SERVICE_ROLE);
         let user_id = match claims.get("sub").and_then(Value::as_str) {
             // The owner of a service caller's own jobs: no user may be it.
@@ -304,6 +325,42 @@ impl FromRequestParts<AppState> for Caller {
             )
         })?;
         state.auth.verify(token).await.map_err(|error| ApiError::unauthorized(error.to_string()))
+    }
+}
+
+/// The caller of an event stream: the `Authorization` header as anywhere
+/// else, or, for a browser's `EventSource` (which cannot send headers), a
+/// short-lived token in `?access_token=`.
+pub struct StreamCaller(pub Caller);
+
+/// The longest a token sent in `?access_token=` may still be valid for:
+/// Supabase's session tokens last an hour.
+pub const URL_TOKEN_LIFETIME: Duration = Duration::from_secs(3600 + 60);
+
+#[derive(serde::Deserialize)]
+struct UrlToken {
+    access_token: Option<String>,
+}
+
+impl FromRequestParts<AppState> for StreamCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if token_of(parts).is_some() {
+            return Caller::from_request_parts(parts, state).await.map(StreamCaller);
+        }
+        let token = axum::extract::Query::<UrlToken>::try_from_uri(&parts.uri)
+            .ok()
+            .and_then(|query| query.0.access_token)
+            .filter(|token| !token.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "missing credentials: send `Authorization: Bearer <JWT>`, or from a browser's EventSource \
+                     `?access_token=<session JWT>`",
+                )
+            })?;
+        let caller = state.auth.verify_short_lived(&token, URL_TOKEN_LIFETIME).await;
+        caller.map(StreamCaller).map_err(|error| ApiError::unauthorized(error.to_string()))
     }
 }
 

@@ -49,6 +49,7 @@ use self::dashboard::Sessions;
 use self::limits::IpLimiter;
 use quern_queue::Queue;
 use quern_queue::alerts::{AlertSettings, Alerts};
+use quern_queue::events::JobEvents;
 use quern_queue::leader::Leader;
 use quern_queue::versions::VersionSync;
 use quern_queue::worker::WorkerProbe;
@@ -141,6 +142,8 @@ pub struct Gateway {
     pub alerts: Arc<Alerts>,
     /// Applies rollouts this gateway writes before it answers.
     pub versions: Arc<VersionSync>,
+    /// Job changes pushed to SSE streams and `?wait=` callers.
+    pub events: JobEvents,
     /// Reaches the customer's Supabase functions (the pass-through).
     pub functions: reqwest::Client,
     sessions: Sessions,
@@ -169,6 +172,7 @@ impl Gateway {
         let limiter = settings.rate_limit_per_min.and_then(IpLimiter::per_minute);
         let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), leader, shutdown.clone());
         let versions = VersionSync::new(queue.store().clone(), registry.clone());
+        let events = JobEvents::start(queue.store().clone(), shutdown.clone());
         let functions = functions::client(settings.functions_timeout);
         Arc::new(Self {
             functions,
@@ -181,6 +185,7 @@ impl Gateway {
             shutdown,
             alerts,
             versions,
+            events,
             sessions: Sessions::default(),
             sign_ins: dashboard::SignInThrottle::default(),
             disabled: RwLock::new(disabled),

@@ -33,6 +33,7 @@ use uuid::Uuid;
 mod attempts;
 mod claims;
 mod enqueue;
+mod events;
 mod fleet;
 mod worker;
 
@@ -51,6 +52,7 @@ pub use enqueue::{
     expired_cache_entries_miss_and_are_purged, per_user_limit_holds_under_concurrent_enqueues,
     pipeline_runs_the_next_step_with_the_previous_result, pipeline_stops_when_a_step_fails,
 };
+pub use events::{a_follower_sees_each_status_until_the_end, every_change_of_a_job_is_heard_by_the_changes_listener};
 pub use fleet::{
     handler_versions_and_rollouts_are_stored_and_announced, recent_attempts_and_failures_are_read_for_stats,
     workers_that_stop_leave_and_long_silent_ones_are_forgotten,
@@ -114,6 +116,8 @@ macro_rules! suite {
             recent_attempts_and_failures_are_read_for_stats,
             workers_that_stop_leave_and_long_silent_ones_are_forgotten,
             handler_versions_and_rollouts_are_stored_and_announced,
+            every_change_of_a_job_is_heard_by_the_changes_listener,
+            a_follower_sees_each_status_until_the_end,
         );
     };
 }

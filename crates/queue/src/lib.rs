@@ -9,6 +9,7 @@
 pub mod alerts;
 pub mod cache_key;
 pub mod completer;
+pub mod events;
 pub mod leader;
 pub mod maintenance;
 pub mod rollout;

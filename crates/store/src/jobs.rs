@@ -214,6 +214,30 @@ pub trait Wakeups: Send {
     async fn wait(&mut self);
 }
 
+/// What a process's one listener for job changes hears next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobChange {
+    /// These jobs' status or progress changed (committed): read them to know
+    /// how. A job may be named more than once.
+    Jobs(Vec<Uuid>),
+    /// Changes may have gone unheard (the listener's connection was lost
+    /// and is back, or it fell behind): re-read every job you follow.
+    Missed,
+}
+
+/// The changes of every job, as they commit: a NOTIFY on PostgreSQL, sent by
+/// the statement that changes the jobs; an in-process channel on SQLite.
+#[async_trait]
+pub trait JobChanges: Send {
+    async fn next(&mut self) -> JobChange;
+
+    /// How often to re-read followed jobs even when nothing was heard:
+    /// SQLite hears only its own process's changes, so a job another
+    /// process changes is seen at the next re-read. `None`: every change is
+    /// heard (or reported [`JobChange::Missed`]).
+    fn reread_every(&self) -> Option<std::time::Duration>;
+}
+
 /// Jobs: enqueue, claim, the ends of attempts, leases, cancel and retry, pruning.
 #[async_trait]
 pub trait JobStore: Send + Sync {
@@ -227,6 +251,9 @@ pub trait JobStore: Send + Sync {
     ) -> Result<Job, StoreError>;
 
     async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
+
+    /// The jobs among `ids` that exist, in no particular order.
+    async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<Job>, StoreError>;
 
     /// A user's jobs, newest first.
     async fn jobs_of_user(&self, user_id: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
@@ -323,4 +350,8 @@ pub trait JobStore: Send + Sync {
 
     /// A source of wake-ups for workers.
     async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError>;
+
+    /// A listener for every job's changes (one per process: see
+    /// `quern_queue::events`).
+    async fn job_changes(&self) -> Result<Box<dyn JobChanges>, StoreError>;
 }

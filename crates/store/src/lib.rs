@@ -36,7 +36,8 @@ pub use self::cache::{CacheEntry, CacheStats, CacheStore};
 pub use self::fleet::{FleetStore, LeaderLock, SoleProcess, WorkerRow};
 pub(crate) use self::jobs::cancel_outcome;
 pub use self::jobs::{
-    CancelOutcome, Job, JobFilter, JobStatus, JobStore, NewJob, Progress, PruneCutoffs, RequeueOutcome, Step, Wakeups,
+    CancelOutcome, Job, JobChange, JobChanges, JobFilter, JobStatus, JobStore, NewJob, Progress, PruneCutoffs,
+    RequeueOutcome, Step, Wakeups,
 };
 pub use self::postgres::PostgresStore;
 pub use self::sqlite::SqliteStore;

@@ -1,11 +1,13 @@
 //! `GET /v1/jobs/{id}/events`: a job followed by Server-Sent Events until it ends.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures_util::Stream;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -16,36 +18,54 @@ use uuid::Uuid;
 use super::owned_job;
 use super::views::*;
 use crate::AppState;
-use crate::auth::Caller;
+use crate::auth::StreamCaller;
 use crate::error::{ApiError, ErrorBody};
-use quern_store::JobStatus;
+use quern_queue::events::Following;
+use quern_store::{Job, JobStatus};
+use tokio_util::sync::CancellationToken;
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "The job id")),
+    params(
+        ("id" = String, Path, description = "The job id"),
+        ("access_token" = Option<String>, Query, description = "For a browser's `EventSource`, which cannot send \
+            headers: the user's session JWT, which must expire within an hour. Ignored when an `Authorization` \
+            header is sent."),
+        ("Last-Event-ID" = Option<String>, Header, description = "The `id` of the last event received (browsers \
+            send it when they reconnect): that state is not sent again."),
+    ),
     responses(
         (status = 200, description = "`event: status` on each status change, `event: progress` on progress; \
-            data is a JobEvent; the stream ends after the final status", content_type = "text/event-stream", body = JobEventFrame),
+            data is a JobEvent and `id` names the state; the stream ends after the final status",
+            content_type = "text/event-stream", body = JobEventFrame),
+        (status = 204, description = "The job has ended and `Last-Event-ID` names its final state: nothing more \
+            will come (a browser's `EventSource` stops reconnecting)"),
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
     ))]
 pub async fn events(
     State(state): State<AppState>,
-    caller: Caller,
+    StreamCaller(caller): StreamCaller,
     Path(id): Path<String>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let job = owned_job(&state, &caller, &id).await?;
-    let stream = futures_util::stream::unfold(
-        Follow {
-            state,
-            id: job.id,
-            last: None,
-            polled: false,
-            done: false,
-            until: tokio::time::Instant::now() + FOLLOW_AT_MOST,
-        },
-        follow_step,
-    );
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    let mut following = state.events.follow(job.id).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
+    let seen = headers.get("last-event-id").and_then(|value| value.to_str().ok()).map(str::to_owned);
+    let now = following.latest();
+    let last = seen.filter(|seen| *seen == event_id(&now)).map(|_| snapshot(&now));
+    if last.is_some() && now.status.is_finished() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let follow = Follow {
+        following,
+        first: Some(now),
+        last,
+        done: false,
+        shutdown: state.shutdown.clone(),
+        until: tokio::time::Instant::now() + FOLLOW_AT_MOST,
+    };
+    let stream = futures_util::stream::unfold(follow, follow_step);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
 /// One event as it travels: `event: status` (or `progress`) and a `data:`
@@ -90,20 +110,30 @@ pub struct JobEvent {
     pub error: Option<String>,
 }
 
+type Snapshot = (JobStatus, i16, Option<String>);
+
+fn snapshot(job: &Job) -> Snapshot {
+    (job.status, job.progress_percent, job.progress_message.clone())
+}
+
+/// An event's `id`: the state it reports (a browser hands it back as
+/// `Last-Event-ID` when it reconnects).
+fn event_id(job: &Job) -> String {
+    format!("{}.{}", job.status.as_str(), job.progress_percent)
+}
+
 struct Follow {
-    state: AppState,
-    id: Uuid,
-    last: Option<(JobStatus, i16, Option<String>)>,
-    /// The first look is immediate (a job that already ended yields its
-    /// final event at once); later ones wait an interval.
-    polled: bool,
+    following: Following,
+    /// The job as read when the stream opened, reported first.
+    first: Option<Arc<Job>>,
+    last: Option<Snapshot>,
     done: bool,
+    shutdown: CancellationToken,
     /// The stream ends here, job ended or not; a browser's `EventSource`
     /// reconnects by itself.
     until: tokio::time::Instant,
 }
 
-const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
 /// The longest one event stream stays open (a job can wait longer than that
 /// in a backlog: the client follows it again).
 const FOLLOW_AT_MOST: Duration = Duration::from_secs(15 * 60);
@@ -112,40 +142,49 @@ async fn follow_step(mut follow: Follow) -> Option<(Result<Event, Infallible>, F
     if follow.done {
         return None;
     }
+    let mut job = match follow.first.take() {
+        Some(job) => job,
+        None => follow.next_change().await?,
+    };
+    // One event per change of state; a change back to a state already
+    // reported is not one.
     loop {
-        if std::mem::replace(&mut follow.polled, true) {
-            tokio::select! {
-                () = follow.state.shutdown.cancelled() => return None,
-                () = tokio::time::sleep_until(follow.until) => return None,
-                () = tokio::time::sleep(FOLLOW_INTERVAL) => {}
-            }
+        let now = snapshot(&job);
+        if follow.last.as_ref() != Some(&now) {
+            let kind = match &follow.last {
+                Some((status, ..)) if *status == job.status => "progress",
+                _ => "status",
+            };
+            follow.last = Some(now);
+            follow.done = job.status.is_finished();
+            return Some((Ok(event(kind, &job)), follow));
         }
-        let job = match follow.state.queue.store().get(follow.id).await {
-            Ok(Some(job)) => job,
-            Ok(None) => return None,
-            Err(error) => {
-                tracing::warn!(job_id = %follow.id, %error, "following a job: the database did not answer; retrying");
-                continue;
-            }
-        };
-        let snapshot = (job.status, job.progress_percent, job.progress_message.clone());
-        if follow.last.as_ref() == Some(&snapshot) {
-            continue;
+        if job.status.is_finished() {
+            return None;
         }
-        let kind = match &follow.last {
-            Some((status, ..)) if *status == job.status => "progress",
-            _ => "status",
-        };
-        follow.last = Some(snapshot);
-        follow.done = job.status.is_finished();
-        let data = JobEvent {
-            id: job.id,
-            status: job.status,
-            progress: ProgressView { percent: job.progress_percent, message: job.progress_message },
-            result: job.result,
-            error: job.error,
-        };
-        let event = Event::default().event(kind).json_data(&data).unwrap_or_else(|_| Event::default().event(kind));
-        return Some((Ok(event), follow));
+        job = follow.next_change().await?;
     }
+}
+
+impl Follow {
+    /// The job's next snapshot; `None` when the stream should end.
+    async fn next_change(&mut self) -> Option<Arc<Job>> {
+        tokio::select! {
+            () = self.shutdown.cancelled() => None,
+            () = tokio::time::sleep_until(self.until) => None,
+            changed = self.following.changed() => changed,
+        }
+    }
+}
+
+fn event(kind: &'static str, job: &Job) -> Event {
+    let data = JobEvent {
+        id: job.id,
+        status: job.status,
+        progress: ProgressView { percent: job.progress_percent, message: job.progress_message.clone() },
+        result: job.result.clone(),
+        error: job.error.clone(),
+    };
+    let event = Event::default().event(kind).id(event_id(job));
+    event.json_data(&data).unwrap_or_else(|_| Event::default().event(kind).id(event_id(job)))
 }

@@ -4,6 +4,7 @@
 
 use crate::error::ErrorCode;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::ExtensionRejection;
@@ -258,18 +259,24 @@ fn wait_duration(state: &AppState, wait: Option<f64>) -> Result<Option<Duration>
     }
 }
 
-/// Polls the job until it ends, the wait runs out or the server shuts down.
+/// Follows the job until it ends, the wait runs out or the server shuts
+/// down: woken by the process's job events, not by polling.
 pub(crate) async fn wait_for_end(state: &AppState, job: Job, wait: Duration) -> Result<Job, ApiError> {
+    if job.status.is_finished() || wait.is_zero() {
+        return Ok(job);
+    }
     let deadline = tokio::time::Instant::now() + wait;
-    let mut pause = Duration::from_millis(10);
-    let mut latest = job;
-    while !latest.status.is_finished() && tokio::time::Instant::now() < deadline && !state.shutdown.is_cancelled() {
-        tokio::time::sleep(pause.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
-        match state.queue.store().get(latest.id).await? {
-            Some(job) => latest = job,
-            None => break,
+    let Some(mut following) = state.events.follow(job.id).await? else { return Ok(job) };
+    let mut latest = following.latest();
+    while !latest.status.is_finished() {
+        tokio::select! {
+            () = state.shutdown.cancelled() => break,
+            () = tokio::time::sleep_until(deadline) => break,
+            changed = following.changed() => match changed {
+                Some(job) => latest = job,
+                None => break,
+            },
         }
     }
-    Ok(latest)
+    Ok(Arc::unwrap_or_clone(latest))
 }

@@ -34,6 +34,17 @@ impl JobStore for PostgresStore {
         row.as_ref().map(Job::from_columns).transpose()
     }
 
+    async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<Job>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id = ANY($1)")))
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(Job::from_columns).collect()
+    }
+
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
         let mut query = sqlx::QueryBuilder::<Postgres>::new(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE true"));
         if let Some(user_id) = &filter.user_id {
@@ -82,7 +93,8 @@ impl JobStore for PostgresStore {
             "UPDATE quern_jobs SET status = 'pending', run_at = $2, updated_at = $2, max_attempts = attempts + $3, \
              result = NULL, error = NULL, completed_at = NULL, worker_id = NULL, lease_expires_at = NULL, \
              progress_percent = 0, progress_message = NULL WHERE id = $1 \
-             RETURNING {JOB_COLUMNS}, pg_notify('{CHANNEL}', '')::text AS notified"
+             RETURNING {JOB_COLUMNS}, pg_notify('{CHANNEL}', '')::text AS notified, \
+             pg_notify('{EVENTS_CHANNEL}', id::text)::text AS announced"
         )))
         .bind(id)
         .bind(now)
@@ -264,7 +276,12 @@ impl JobStore for PostgresStore {
         let unfinished = rows
             .iter()
             .map(|row| Ok((row.try_get("id")?, parse_status(&row.try_get::<String, _>("status")?)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
+            .collect::<Result<Vec<(Uuid, JobStatus)>, StoreError>>()?;
+        if !unfinished.is_empty() {
+            // A pipeline's steps are few: one notice names them all.
+            let ids = unfinished.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(",");
+            sqlx::query("SELECT pg_notify($1, $2)").bind(EVENTS_CHANNEL).bind(ids).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(cancel_outcome(id, status, &unfinished))
     }
@@ -273,17 +290,13 @@ impl JobStore for PostgresStore {
         if progress.is_empty() {
             return Ok(());
         }
-        sqlx::query(
-            "UPDATE quern_jobs AS j SET progress_percent = p.percent, progress_message = p.message \
-             FROM unnest($2::uuid[], $3::int2[], $4::text[]) AS p(id, percent, message) \
-             WHERE j.id = p.id AND j.worker_id = $1 AND j.status = 'processing'",
-        )
-        .bind(worker_id)
-        .bind(progress.iter().map(|p| p.job_id).collect::<Vec<_>>())
-        .bind(progress.iter().map(|p| p.percent).collect::<Vec<_>>())
-        .bind(progress.iter().map(|p| p.message.as_str()).collect::<Vec<_>>())
-        .execute(&self.relaxed)
-        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(&**SET_PROGRESS))
+            .bind(worker_id)
+            .bind(progress.iter().map(|p| p.job_id).collect::<Vec<_>>())
+            .bind(progress.iter().map(|p| p.percent).collect::<Vec<_>>())
+            .bind(progress.iter().map(|p| p.message.as_str()).collect::<Vec<_>>())
+            .execute(&self.relaxed)
+            .await?;
         Ok(())
     }
 
@@ -329,5 +342,62 @@ impl JobStore for PostgresStore {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
         Ok(Box::new(PgWakeups { listener }))
+    }
+
+    async fn job_changes(&self) -> Result<Box<dyn JobChanges>, StoreError> {
+        Ok(Box::new(PgJobChanges { listener: listen_for_changes(&self.pool).await?, pool: self.pool.clone() }))
+    }
+}
+
+/// The latest progress of held jobs, saved in one statement that announces
+/// the jobs it moved.
+static SET_PROGRESS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH moved AS (UPDATE quern_jobs AS j SET progress_percent = p.percent, progress_message = p.message \
+             FROM unnest($2::uuid[], $3::int2[], $4::text[]) AS p(id, percent, message) \
+             WHERE j.id = p.id AND j.worker_id = $1 AND j.status = 'processing' RETURNING j.id) \
+         SELECT {} AS notified",
+        notify_changed("moved")
+    )
+});
+
+async fn listen_for_changes(pool: &PgPool) -> Result<PgListener, StoreError> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(EVENTS_CHANNEL).await?;
+    Ok(listener)
+}
+
+struct PgJobChanges {
+    listener: PgListener,
+    pool: PgPool,
+}
+
+#[async_trait]
+impl JobChanges for PgJobChanges {
+    async fn next(&mut self) -> JobChange {
+        loop {
+            match self.listener.try_recv().await {
+                Ok(Some(notice)) => {
+                    let ids = notice.payload().split(',').filter_map(|id| Uuid::parse_str(id).ok()).collect();
+                    return JobChange::Jobs(ids);
+                }
+                // The connection dropped and is back (sqlx reconnects before
+                // answering `None`): what was sent meanwhile is lost.
+                Ok(None) => return JobChange::Missed,
+                Err(error) => {
+                    tracing::warn!(%error, "listening for job changes failed; reconnecting");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    // A fresh listener, listening before anything is re-read.
+                    if let Ok(listener) = listen_for_changes(&self.pool).await {
+                        self.listener = listener;
+                        return JobChange::Missed;
+                    }
+                }
+            }
+        }
+    }
+
+    fn reread_every(&self) -> Option<std::time::Duration> {
+        None
     }
 }

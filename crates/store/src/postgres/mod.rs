@@ -15,8 +15,9 @@ use uuid::Uuid;
 use super::nodelay;
 use super::rows::{FromColumns, JOB_COLUMNS};
 use super::{
-    AttemptEnd, AttemptRecord, CancelOutcome, EndWritten, Job, JobFilter, NewJob, Progress, PruneCutoffs,
-    RequeueOutcome, Store, StoreError, Transition, Wakeups, cancel_outcome, corrupt, parse_status, requeueable,
+    AttemptEnd, AttemptRecord, CancelOutcome, EndWritten, Job, JobChange, JobChanges, JobFilter, JobStatus, NewJob,
+    Progress, PruneCutoffs, RequeueOutcome, Store, StoreError, Transition, Wakeups, cancel_outcome, corrupt,
+    parse_status, requeueable,
 };
 
 /// The maintenance lead: a session advisory lock on this connection.
@@ -33,6 +34,22 @@ impl super::LeaderLock for AdvisoryLock {
 /// The channel enqueues notify and workers listen on.
 /// (The static statements below spell it out: `pg_notify('quern_jobs', '')`.)
 const CHANNEL: &str = "quern_jobs";
+/// The channel job changes notify (status and progress), sent by the
+/// statement that makes them: the payload is the changed jobs' ids, comma
+/// separated, at most [`IDS_PER_NOTICE`] per notice (a payload holds 8000
+/// bytes). Each process's one listener fans them out (`quern_queue::events`).
+const EVENTS_CHANNEL: &str = "quern_job_events";
+const IDS_PER_NOTICE: usize = 200;
+
+/// A scalar subquery that notifies [`EVENTS_CHANNEL`] of the ids in `rows`
+/// (a CTE with an `id` column), [`IDS_PER_NOTICE`] per notice; its value is
+/// the number of notices. Uncorrelated, so it runs once per statement.
+fn notify_changed(rows: &str) -> String {
+    format!(
+        "(SELECT count(pg_notify('{EVENTS_CHANNEL}', ids)) FROM (SELECT string_agg(id::text, ',') AS ids          FROM (SELECT id, (row_number() OVER () - 1) / {IDS_PER_NOTICE} AS chunk FROM {rows}) AS numbered          GROUP BY chunk) AS notices)"
+    )
+}
+
 /// The channel rollout changes notify; workers and gateways listen on it.
 const ROLLOUTS_CHANNEL: &str = "quern_handlers";
 
@@ -176,13 +193,15 @@ static CLAIM_TYPES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// worker, `$4` the lease's end, `$5` the types.
 fn claim_sql(choose: &str) -> String {
     let returned = JOB_COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ");
+    let notify = notify_changed("claimed");
     format!(
-        "WITH next AS ({choose}) \
-         UPDATE quern_jobs AS j \
-         SET status = 'processing', worker_id = $3, attempts = j.attempts + 1, started_at = $1, \
-             lease_expires_at = $4, updated_at = $1, progress_percent = 0, progress_message = NULL \
-         FROM next WHERE j.id = next.id \
-         RETURNING {returned}"
+        "WITH next AS ({choose}), \
+         claimed AS (UPDATE quern_jobs AS j \
+             SET status = 'processing', worker_id = $3, attempts = j.attempts + 1, started_at = $1, \
+                 lease_expires_at = $4, updated_at = $1, progress_percent = 0, progress_message = NULL \
+             FROM next WHERE j.id = next.id \
+             RETURNING {returned}) \
+         SELECT *, {notify} AS notified FROM claimed"
     )
 }
 
@@ -192,6 +211,8 @@ fn claim_sql(choose: &str) -> String {
 /// arrive as parallel arrays (`unnest`), so the statement is the same for any
 /// batch and stays prepared. A job cancelled while its attempt ran keeps its
 /// status: only its lease is cleared and the attempt recorded as cancelled.
+/// The jobs changed are announced on `quern_job_events` as by
+/// [`notify_changed`] (spelt out: this statement is a constant).
 const FINISH_ATTEMPTS: &str = "
 WITH ends AS (
     SELECT * FROM unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::jsonb[], $8::int4[],
@@ -259,7 +280,11 @@ next_jobs AS (
     JOIN done AS d ON d.id = n.parent_id AND d.status = 'completed'
     RETURNING pg_notify('quern_jobs', '')::text AS notified
 )
-SELECT id, status, (SELECT count(notified) FROM next_jobs) AS next_jobs FROM done";
+SELECT id, status, (SELECT count(notified) FROM next_jobs) AS next_jobs,
+       (SELECT count(pg_notify('quern_job_events', ids)) FROM (SELECT string_agg(id::text, ',') AS ids
+        FROM (SELECT id, (row_number() OVER () - 1) / 200 AS chunk FROM done) AS numbered
+        GROUP BY chunk) AS notices) AS notified
+FROM done";
 
 /// New jobs as parallel arrays, for `unnest`.
 #[derive(Default)]

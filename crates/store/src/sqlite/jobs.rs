@@ -30,6 +30,20 @@ impl JobStore for SqliteStore {
         row.as_ref().map(Job::from_columns).transpose()
     }
 
+    async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<Job>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id IN (SELECT value FROM json_each(?1))"
+        )))
+        .bind(to_json(&ids)?)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(Job::from_columns).collect()
+    }
+
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
         let mut query = sqlx::QueryBuilder::<Sqlite>::new(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE 1"));
         if let Some(user_id) = &filter.user_id {
@@ -86,6 +100,7 @@ impl JobStore for SqliteStore {
         let job = Job::from_columns(&row)?;
         tx.commit().await?;
         self.wake_workers();
+        self.announce([job.id]);
         Ok(RequeueOutcome::Requeued(Box::new(job)))
     }
 
@@ -132,6 +147,7 @@ impl JobStore for SqliteStore {
         }
         let rows = query.fetch_all(&self.writer).await?;
         let mut jobs = rows.iter().map(Job::from_columns).collect::<Result<Vec<_>, _>>()?;
+        self.announce(jobs.iter().map(|job| job.id));
         jobs.sort_by_key(|job| (job.priority, job.run_at, job.created_at));
         Ok(jobs)
     }
@@ -211,6 +227,9 @@ impl JobStore for SqliteStore {
             insert_jobs(&mut tx, &next, now).await?;
         }
         tx.commit().await?;
+        self.announce(
+            ends.iter().zip(&results).filter(|(_, written)| **written != EndWritten::Stale).map(|(end, _)| end.job_id),
+        );
         // Jobs back to pending (retries, releases) and pipelines' next steps
         // are work for the workers.
         if !next.is_empty()
@@ -302,6 +321,7 @@ impl JobStore for SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.announce(unfinished.iter().map(|(id, _)| *id));
         Ok(cancel_outcome(id, status, &unfinished))
     }
 
@@ -309,16 +329,17 @@ impl JobStore for SqliteStore {
         if progress.is_empty() {
             return Ok(());
         }
-        sqlx::query(
+        let moved: Vec<String> = sqlx::query_scalar(
             "UPDATE quern_jobs SET progress_percent = p.percent, progress_message = p.message \
              FROM (SELECT value ->> 'job_id' AS job, value ->> 'percent' AS percent, value ->> 'message' AS message \
                    FROM json_each(?2)) AS p \
-             WHERE id = p.job AND worker_id = ?1 AND status = 'processing'",
+             WHERE id = p.job AND worker_id = ?1 AND status = 'processing' RETURNING id",
         )
         .bind(worker_id)
         .bind(to_json(progress)?)
-        .execute(&self.writer)
+        .fetch_all(&self.writer)
         .await?;
+        self.announce(moved.iter().filter_map(|id| Uuid::parse_str(id).ok()));
         Ok(())
     }
 
@@ -360,5 +381,9 @@ impl JobStore for SqliteStore {
 
     async fn wakeups(&self) -> Result<Box<dyn Wakeups>, StoreError> {
         Ok(Box::new(SqliteWakeups { receiver: self.enqueued.subscribe() }))
+    }
+
+    async fn job_changes(&self) -> Result<Box<dyn JobChanges>, StoreError> {
+        Ok(Box::new(SqliteJobChanges { receiver: self.jobs_changed.subscribe() }))
     }
 }

@@ -12,6 +12,7 @@ mod jobs;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,15 +20,16 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, Transaction};
-use tokio::sync::watch;
+
+use tokio::sync::{broadcast, watch};
 
 use super::rows::{FromColumns, JOB_COLUMNS};
 use uuid::Uuid;
 
 use super::{
-    AttemptEnd, AttemptOutcome, AttemptRecord, CANCELLED_WHILE_RUNNING, CancelOutcome, EndWritten, Job, JobFilter,
-    NewJob, Progress, PruneCutoffs, RequeueOutcome, Store, StoreError, Transition, Wakeups, cancel_outcome, corrupt,
-    parse_status, requeueable,
+    AttemptEnd, AttemptOutcome, AttemptRecord, CANCELLED_WHILE_RUNNING, CancelOutcome, EndWritten, Job, JobChange,
+    JobChanges, JobFilter, NewJob, Progress, PruneCutoffs, RequeueOutcome, Store, StoreError, Transition, Wakeups,
+    cancel_outcome, corrupt, parse_status, requeueable,
 };
 
 pub struct SqliteStore {
@@ -36,6 +38,8 @@ pub struct SqliteStore {
     enqueued: watch::Sender<u64>,
     /// Rollout changes, for this process (SQLite has one).
     rollouts_changed: watch::Sender<u64>,
+    /// Jobs whose status or progress changed, announced after each commit.
+    jobs_changed: broadcast::Sender<Arc<[Uuid]>>,
 }
 
 impl SqliteStore {
@@ -63,11 +67,21 @@ impl SqliteStore {
             .await?;
         let (enqueued, _) = watch::channel(0);
         let (rollouts_changed, _) = watch::channel(0);
-        Ok(Self { writer, reader, enqueued, rollouts_changed })
+        let (jobs_changed, _) = broadcast::channel(JOB_CHANGES_BUFFERED);
+        Ok(Self { writer, reader, enqueued, rollouts_changed, jobs_changed })
     }
 
     fn wake_workers(&self) {
         self.enqueued.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Tells this process's listener that `ids` changed (after their commit).
+    fn announce(&self, ids: impl IntoIterator<Item = Uuid>) {
+        let ids: Arc<[Uuid]> = ids.into_iter().collect();
+        if !ids.is_empty() {
+            // No receiver is not an error: nobody follows a job yet.
+            let _ = self.jobs_changed.send(ids);
+        }
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
@@ -364,6 +378,34 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
+    }
+}
+
+/// Batches of changes a slow listener may fall behind by before it is told
+/// it missed some (and re-reads what it follows).
+const JOB_CHANGES_BUFFERED: usize = 1024;
+
+/// How often a listener re-reads followed jobs regardless: another process
+/// writing the same file is not heard.
+const REREAD_EVERY: Duration = Duration::from_secs(1);
+
+struct SqliteJobChanges {
+    receiver: broadcast::Receiver<Arc<[Uuid]>>,
+}
+
+#[async_trait]
+impl JobChanges for SqliteJobChanges {
+    async fn next(&mut self) -> JobChange {
+        match self.receiver.recv().await {
+            Ok(ids) => JobChange::Jobs(ids.to_vec()),
+            Err(broadcast::error::RecvError::Lagged(_)) => JobChange::Missed,
+            // The store is gone: nothing more will change.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+
+    fn reread_every(&self) -> Option<Duration> {
+        Some(REREAD_EVERY)
     }
 }
 
