@@ -13,14 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::http::InProcessGateway;
 use super::queue::{Backend, load_handler, open};
 use super::{Latencies, millis, thousands};
-use quern_api::auth::{Auth, AuthSettings, PremiumRule, mint};
 use quern_api::server::ServerSettings;
-use quern_api::{self as api, Gateway, GatewaySettings};
 use quern_queue::{EnqueueRequest, Queue, QueueSettings};
 use quern_store::prelude::*;
 use quern_store::{AttemptEnd, PostgresStore, Transition};
@@ -52,20 +50,10 @@ pub async fn run(args: &EventsBenchArgs) -> anyhow::Result<()> {
         store.clone(),
         QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() },
     ));
-    let secret = rand::random::<[u8; 32]>().to_vec();
-    let premium = PremiumRule::parse("app_metadata.plan=premium").map_err(anyhow::Error::msg)?;
-    let auth = Auth::new(AuthSettings { hs256_secret: Some(secret.clone()), jwks_url: None, audience: None, premium })?;
-    let token = format!("Bearer {}", mint(&secret, "bench-user", false, None, Duration::from_secs(3600))?);
-    let shutdown = CancellationToken::new();
-    let settings = GatewaySettings { rate_limit_per_min: None, ..GatewaySettings::default() };
-    let gateway =
-        Gateway::new(queue.clone(), registry, auth, settings, quern_api::InProcess::alone(), shutdown.clone());
-    let (router, _) = api::router(gateway);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
     // Room for every stream, the health checks and the followed jobs.
-    let server_settings = ServerSettings { max_connections: args.streams + 64, ..ServerSettings::default() };
-    let server = tokio::spawn(api::serve(listener, router, server_settings, shutdown.clone()));
+    let server = ServerSettings { max_connections: args.streams + 64, ..ServerSettings::default() };
+    let gateway = InProcessGateway::start(queue.clone(), registry, server).await?;
+    let (base, token) = (gateway.base.clone(), gateway.token("bench-user")?);
     let counter = sqlx::PgPool::connect(&args.postgres_url).await?;
     println!(
         "quern bench events: {} streams on PostgreSQL, {} s windows",
@@ -168,8 +156,7 @@ pub async fn run(args: &EventsBenchArgs) -> anyhow::Result<()> {
     }
 
     drop(streams);
-    shutdown.cancel();
-    let _ = server.await;
+    gateway.stop().await;
     cleanup.run().await;
     Ok(())
 }

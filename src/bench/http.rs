@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::queue::{Backend, open, progress};
 use super::{Latencies, millis, thousands};
 use quern_api::auth::{Auth, AuthSettings, PremiumRule, mint};
+use quern_api::server::ServerSettings;
 use quern_api::{self as api, Gateway, GatewaySettings};
 use quern_queue::cache_key::cache_key;
 use quern_queue::{Queue, QueueSettings};
@@ -56,23 +57,9 @@ pub async fn run(args: &HttpBenchArgs) -> anyhow::Result<()> {
         QueueSettings { max_unfinished_per_user: None, ..QueueSettings::default() },
     ));
 
-    let secret = rand::random::<[u8; 32]>().to_vec();
-    let premium = PremiumRule::parse("app_metadata.plan=premium").map_err(anyhow::Error::msg)?;
-    let auth = Auth::new(AuthSettings { hs256_secret: Some(secret.clone()), jwks_url: None, audience: None, premium })?;
-    let tokens = (0..USERS)
-        .map(|n| {
-            mint(&secret, &format!("bench-user-{n}"), false, None, Duration::from_secs(3600))
-                .map(|t| format!("Bearer {t}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let shutdown = CancellationToken::new();
-    let settings = GatewaySettings { rate_limit_per_min: None, ..GatewaySettings::default() };
-    let gateway =
-        Gateway::new(queue.clone(), registry, auth, settings, quern_api::InProcess::alone(), shutdown.clone());
-    let (router, _) = api::router(gateway);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(api::serve(listener, router, Default::default(), shutdown.clone()));
+    let gateway = InProcessGateway::start(queue.clone(), registry, ServerSettings::default()).await?;
+    let tokens = (0..USERS).map(|n| gateway.token(&format!("bench-user-{n}"))).collect::<Result<Vec<_>, _>>()?;
+    let base = gateway.base.clone();
 
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
     println!(
@@ -132,8 +119,7 @@ pub async fn run(args: &HttpBenchArgs) -> anyhow::Result<()> {
     })
     .await;
 
-    shutdown.cancel();
-    let _ = server.await;
+    gateway.stop().await;
     cleanup.run().await;
     for (name, result) in [("enqueue", enqueue), ("cache hit", cache), ("GET status", status)] {
         match result.latencies {
@@ -149,6 +135,46 @@ pub async fn run(args: &HttpBenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A gateway serving loopback HTTP in this process (no worker, no per-IP
+/// limit), its tokens signed with a key made for the run.
+pub(super) struct InProcessGateway {
+    pub base: String,
+    secret: Vec<u8>,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl InProcessGateway {
+    pub(super) async fn start(
+        queue: Arc<Queue>,
+        registry: Arc<Registry>,
+        server: ServerSettings,
+    ) -> anyhow::Result<Self> {
+        let secret = rand::random::<[u8; 32]>().to_vec();
+        let premium = PremiumRule::parse("app_metadata.plan=premium").map_err(anyhow::Error::msg)?;
+        let hs256_secret = Some(secret.clone());
+        let auth = Auth::new(AuthSettings { hs256_secret, jwks_url: None, audience: None, premium })?;
+        let shutdown = CancellationToken::new();
+        let settings = GatewaySettings { rate_limit_per_min: None, ..GatewaySettings::default() };
+        let gateway = Gateway::new(queue, registry, auth, settings, quern_api::InProcess::alone(), shutdown.clone());
+        let (router, _) = api::router(gateway);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(api::serve(listener, router, server, shutdown.clone()));
+        Ok(Self { base, secret, shutdown, server })
+    }
+
+    /// An `Authorization` value for `user`, good for an hour.
+    pub(super) fn token(&self, user: &str) -> anyhow::Result<String> {
+        Ok(format!("Bearer {}", mint(&self.secret, user, false, None, Duration::from_secs(3600))?))
+    }
+
+    pub(super) async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.server.await;
+    }
 }
 
 struct PhaseResult {
