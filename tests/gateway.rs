@@ -161,6 +161,9 @@ async fn a_browser_follows_a_job_by_sse_with_the_token_in_the_url(db: &Db) {
     let refused = server.client.get(with_token(&long_lived)).send().await.unwrap();
     assert_eq!(refused.status(), 401);
     assert!(refused.text().await.unwrap().contains("must expire within"), "the refusal says why");
+    // Another user's token opens nothing: the job is not theirs.
+    let bob = server.token("bob");
+    assert_eq!(server.client.get(with_token(&bob)).send().await.unwrap().status(), 404);
     let anonymous = server.client.get(&url).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
     assert!(anonymous.text().await.unwrap().contains("access_token"), "the refusal names both ways in");

@@ -6,15 +6,15 @@ use quern_store::{JobChange, JobChanges, Progress};
 
 use super::*;
 
-/// Waits (up to 5 s) until the listener names `id`; a lost-notices report
-/// counts as hearing it (the follower re-reads).
+/// Waits (up to 5 s) until the listener names `id`. Nothing here cuts the
+/// listener, so a lost-notices report is not hearing it.
 async fn hears(changes: &mut Box<dyn JobChanges>, id: Uuid, what: &str) {
     let heard = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            match changes.next().await {
-                JobChange::Jobs(ids) if ids.contains(&id) => return,
-                JobChange::Jobs(_) => {}
-                JobChange::Missed => return,
+            if let JobChange::Jobs(ids) = changes.next().await
+                && ids.contains(&id)
+            {
+                return;
             }
         }
     })

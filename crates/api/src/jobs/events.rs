@@ -15,7 +15,6 @@ use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use uuid::Uuid;
 
-use super::owned_job;
 use super::views::*;
 use crate::AppState;
 use crate::auth::StreamCaller;
@@ -48,10 +47,15 @@ pub async fn events(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let job = owned_job(&state, &caller, &id).await?;
-    let mut following = state.events.follow(job.id).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
-    let seen = headers.get("last-event-id").and_then(|value| value.to_str().ok()).map(str::to_owned);
+    let job_id = Uuid::parse_str(&id).map_err(|_| ApiError::job_not_found(&id))?;
+    // Following reads the job once (after registering, so no change is
+    // missed): that read both checks the owner and is the stream's first event.
+    let mut following = state.events.follow(job_id).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
     let now = following.latest();
+    if !caller.owns(&now.user_id) {
+        return Err(ApiError::job_not_found(&id));
+    }
+    let seen = headers.get("last-event-id").and_then(|value| value.to_str().ok()).map(str::to_owned);
     let last = seen.filter(|seen| *seen == event_id(&now)).map(|_| snapshot(&now));
     if last.is_some() && now.status.is_finished() {
         return Ok(StatusCode::NO_CONTENT.into_response());
