@@ -122,7 +122,11 @@ async fn start_host(
 
 /// `quern serve` (`with_worker`) or `quern gateway`.
 pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+    // Handlers run on threads of their own: a guest that spins until its
+    // deadline takes a job thread, never one that answers HTTP. (Kept
+    // until the server has stopped: connections opened on it serve both.)
+    let jobs = job_runtime()?;
+    let served = tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
         let host = start_host(&args.runtime, &args.database, &args.worker, &args.maintenance, &shutdown).await?;
@@ -169,10 +173,6 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
             Some(port) => Some(serve_admin(args.gateway.bind, port, gateway_probes, &shutdown).await?),
             None => None,
         };
-        // Handlers run on threads of their own: a guest that spins until its
-        // deadline takes a job thread, never one that answers HTTP. (Kept
-        // until the server has stopped: connections opened on it serve both.)
-        let jobs = job_runtime()?;
         if let Some(worker) = worker {
             jobs.spawn(worker.run(shutdown.clone())).await??;
         } else {
@@ -182,9 +182,12 @@ pub fn serve(args: ServeArgs, with_worker: bool) -> anyhow::Result<ExitCode> {
         if let Some(admin) = admin {
             admin.await??;
         }
-        jobs.shutdown_background();
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // The worker has drained; wait for the job threads to end too, so that
+    // nothing logs after the log writer has flushed and closed at exit.
+    jobs.shutdown_timeout(Duration::from_secs(5));
+    served
 }
 
 /// The runtime jobs run on, apart from the one serving HTTP: as many threads

@@ -50,6 +50,56 @@ pub async fn per_user_limit_holds_under_concurrent_enqueues<S: Subject>(db: &S) 
     assert!(queue.enqueue(request("someone-else", "echo", json!({}))).await.is_ok(), "the limit is per user");
 }
 
+pub async fn concurrent_enqueues_share_commits_and_each_answer_is_what_was_stored<S: Subject>(db: &S) {
+    let queue = queue(db, QueueSettings { max_unfinished_per_user: Some(100), ..QueueSettings::default() });
+    let mut enqueues = tokio::task::JoinSet::new();
+    for n in 0..200 {
+        let queue = queue.clone();
+        enqueues.spawn(async move { queue.enqueue(request(&format!("u{}", n % 20), "echo", json!({"n": n}))).await });
+    }
+    let mut ids = HashSet::new();
+    while let Some(answer) = enqueues.join_next().await {
+        let job = answer.unwrap().expect("every user is under the limit");
+        let stored = db.store().get(job.id).await.unwrap().expect("an answered enqueue is stored");
+        assert_eq!(stored, job, "the answer is the job as stored");
+        ids.insert(job.id);
+    }
+    assert_eq!(ids.len(), 200);
+}
+
+pub async fn enqueue_each_checks_each_owner_limit_in_order<S: Subject>(db: &S) {
+    let queue = queue(db, QueueSettings::default());
+    queue.enqueue(request("a", "echo", json!({"before": true}))).await.unwrap();
+    let requests = ["a", "a", "b", "a", "c", "c"].map(|user| request(user, "echo", json!({"user": user})));
+    let jobs = queue.validate_batch(requests.to_vec()).unwrap();
+    let limits = [Some(2), Some(2), None, Some(2), Some(1), Some(1)];
+    let limited: Vec<LimitedJob> = jobs
+        .iter()
+        .zip(limits)
+        .map(|(job, limit)| LimitedJob { job: job.clone(), max_unfinished_per_user: limit })
+        .collect();
+    let answers = db.store().enqueue_each(&limited, Utc::now()).await.unwrap();
+    let admitted: Vec<bool> = answers.iter().map(Result::is_ok).collect();
+    // `a` had one: its first fits under 2, the later two do not; `c`'s second is over 1.
+    assert_eq!(admitted, [true, false, true, false, true, false]);
+    assert!(matches!(&answers[1], Err(StoreError::TooManyActiveJobs { user_id, limit: 2 }) if user_id == "a"));
+    for (job, admitted) in jobs.iter().zip(admitted) {
+        assert_eq!(db.store().get(job.id).await.unwrap().is_some(), admitted, "only admitted jobs are stored");
+    }
+}
+
+pub async fn enqueue_each_that_fails_inserts_none<S: Subject>(db: &S) {
+    let queue = queue(db, QueueSettings::default());
+    let existing = queue.enqueue(request("a", "echo", json!({}))).await.unwrap();
+    let mut jobs =
+        queue.validate_batch(vec![request("b", "echo", json!({})), request("c", "echo", json!({}))]).unwrap();
+    jobs[1].id = existing.id;
+    let limited: Vec<LimitedJob> =
+        jobs.iter().map(|job| LimitedJob { job: job.clone(), max_unfinished_per_user: None }).collect();
+    assert!(db.store().enqueue_each(&limited, Utc::now()).await.is_err(), "a duplicate id fails the transaction");
+    assert!(db.store().get(jobs[0].id).await.unwrap().is_none(), "nothing of a failed batch is stored");
+}
+
 pub async fn pipeline_runs_the_next_step_with_the_previous_result<S: Subject>(db: &S) {
     let running = start_worker(db, QueueSettings::default()).await;
     let next = vec![

@@ -25,7 +25,9 @@ use quern_queue::{EnqueueRequest, Queue, QueueError, QueueSettings};
 use quern_runtime::manifest::{CacheScope, Manifest};
 use quern_runtime::registry::{Registry, read_component};
 use quern_runtime::{Outcome, Runtime};
-use quern_store::{AttemptEnd, AttemptOutcome, CancelOutcome, JobStatus, Step, Store, Transition};
+use quern_store::{
+    AttemptEnd, AttemptOutcome, CancelOutcome, JobStatus, LimitedJob, Step, Store, StoreError, Transition,
+};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -48,9 +50,11 @@ pub use claims::{
     concurrent_claimers_never_share_a_job,
 };
 pub use enqueue::{
-    cache_hits_are_counted_atomically, enqueue_refuses_bad_requests_with_clear_errors,
-    expired_cache_entries_miss_and_are_purged, per_user_limit_holds_under_concurrent_enqueues,
-    pipeline_runs_the_next_step_with_the_previous_result, pipeline_stops_when_a_step_fails,
+    cache_hits_are_counted_atomically, concurrent_enqueues_share_commits_and_each_answer_is_what_was_stored,
+    enqueue_each_checks_each_owner_limit_in_order, enqueue_each_that_fails_inserts_none,
+    enqueue_refuses_bad_requests_with_clear_errors, expired_cache_entries_miss_and_are_purged,
+    per_user_limit_holds_under_concurrent_enqueues, pipeline_runs_the_next_step_with_the_previous_result,
+    pipeline_stops_when_a_step_fails,
 };
 pub use events::{a_follower_sees_each_status_until_the_end, every_change_of_a_job_is_heard_by_the_changes_listener};
 pub use fleet::{
@@ -110,6 +114,9 @@ macro_rules! suite {
             cache_hits_are_counted_atomically,
             expired_cache_entries_miss_and_are_purged,
             per_user_limit_holds_under_concurrent_enqueues,
+            concurrent_enqueues_share_commits_and_each_answer_is_what_was_stored,
+            enqueue_each_checks_each_owner_limit_in_order,
+            enqueue_each_that_fails_inserts_none,
             pipeline_runs_the_next_step_with_the_previous_result,
             pipeline_stops_when_a_step_fails,
             enqueue_refuses_bad_requests_with_clear_errors,

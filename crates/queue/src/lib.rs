@@ -10,6 +10,7 @@ pub mod alerts;
 pub mod cache_key;
 pub mod completer;
 pub mod events;
+mod group_commit;
 pub mod leader;
 pub mod maintenance;
 pub mod rollout;
@@ -146,11 +147,12 @@ pub enum BatchError {
 pub struct Queue {
     store: Arc<dyn Store>,
     settings: QueueSettings,
+    enqueues: group_commit::GroupCommit,
 }
 
 impl Queue {
     pub fn new(store: Arc<dyn Store>, settings: QueueSettings) -> Self {
-        Self { store, settings }
+        Self { enqueues: group_commit::GroupCommit::new(store.clone()), store, settings }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -168,9 +170,11 @@ impl Queue {
     }
 
     /// [`Queue::enqueue`] with the owner's unfinished-jobs `limit` given.
+    /// Concurrent enqueues share one commit (group commit); each answers
+    /// only once its job is stored.
     pub async fn enqueue_within(&self, request: EnqueueRequest, limit: Option<u32>) -> Result<Job, QueueError> {
         let job = self.new_job(request)?;
-        Ok(self.store.enqueue(&job, Utc::now(), limit).await?)
+        Ok(self.enqueues.enqueue(job, limit).await?)
     }
 
     /// The unfinished-jobs limit of an owner: the service callers' own

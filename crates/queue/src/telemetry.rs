@@ -21,6 +21,7 @@ pub const ALERTS_FIRED: &str = "quern_alerts_fired_total";
 pub const WORKERS_OFFLINE: &str = "quern_workers_offline";
 pub const CANARY_ROLLBACKS: &str = "quern_canary_rollbacks_total";
 pub const COMPLETION_BATCH: &str = "quern_completion_batch_size";
+pub const ENQUEUE_BATCH: &str = "quern_enqueue_batch_size";
 
 /// Help texts for `/metrics`, registered once with the recorder.
 pub fn describe() {
@@ -38,6 +39,10 @@ pub fn describe() {
     describe_gauge!(ALERTS_ACTIVE, "Alerts firing now, by alert (queue_backlog, worker_offline, failure_rate).");
     describe_counter!(ALERTS_FIRED, "Alerts that started, by alert.");
     describe_histogram!(COMPLETION_BATCH, "Attempt ends a worker wrote with one statement and one commit.");
+    describe_histogram!(
+        ENQUEUE_BATCH,
+        "Enqueues from separate callers written with one commit (only batches of two or more)."
+    );
     describe_gauge!(WORKERS_OFFLINE, "Workers whose last heartbeat is older than the offline threshold.");
     describe_counter!(
         CANARY_ROLLBACKS,

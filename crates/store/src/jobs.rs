@@ -142,6 +142,50 @@ pub struct NewJob {
     pub root_id: Option<Uuid>,
 }
 
+/// A job to enqueue, with its owner's unfinished-jobs limit (`None`: none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitedJob {
+    pub job: NewJob,
+    pub max_unfinished_per_user: Option<u32>,
+}
+
+/// Which of `jobs` fit under their owners' limits, taken in order, given the
+/// `unfinished` jobs each limited owner has now (an owner absent has none):
+/// the answer for each, and the ones to insert. Both backends decide alike.
+pub(crate) fn within_limits(
+    jobs: &[LimitedJob],
+    mut unfinished: std::collections::HashMap<String, i64>,
+    now: DateTime<Utc>,
+) -> (Vec<Result<Job, StoreError>>, Vec<&NewJob>) {
+    let mut answers = Vec::with_capacity(jobs.len());
+    let mut admitted = Vec::with_capacity(jobs.len());
+    for LimitedJob { job, max_unfinished_per_user } in jobs {
+        if let Some(limit) = *max_unfinished_per_user {
+            let count = unfinished.entry(job.user_id.clone()).or_default();
+            if *count >= i64::from(limit) {
+                answers.push(Err(StoreError::TooManyActiveJobs { user_id: job.user_id.clone(), limit }));
+                continue;
+            }
+            *count += 1;
+        }
+        answers.push(Ok(Job::pending(job, now)));
+        admitted.push(job);
+    }
+    (answers, admitted)
+}
+
+/// The owners among `jobs` that have a limit, each once, sorted.
+pub(crate) fn limited_owners(jobs: &[LimitedJob]) -> Vec<&str> {
+    let mut owners: Vec<&str> = jobs
+        .iter()
+        .filter(|limited| limited.max_unfinished_per_user.is_some())
+        .map(|l| l.job.user_id.as_str())
+        .collect();
+    owners.sort_unstable();
+    owners.dedup();
+    owners
+}
+
 /// A running job's latest progress report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Progress {
@@ -292,6 +336,18 @@ pub trait JobStore: Send + Sync {
     /// Inserts many jobs in one transaction, all or none, and wakes workers
     /// once. No per-user limit: this is for trusted server-side producers.
     async fn enqueue_batch(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Inserts jobs that separate callers enqueued at about the same time in
+    /// one transaction (the gateway's group commit), each checked against
+    /// its owner's unfinished-jobs limit (`None`: no limit) exactly as if
+    /// they had been enqueued one after another in this order. Answers, in
+    /// order, each job or [`StoreError::TooManyActiveJobs`]; an error for the
+    /// whole call means none was inserted.
+    async fn enqueue_each(
+        &self,
+        jobs: &[LimitedJob],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Job, StoreError>>, StoreError>;
 
     /// Ends many attempts in one transaction (one commit for all: a worker's
     /// group commit), answering for each, in order, what was written. Each

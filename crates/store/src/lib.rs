@@ -34,11 +34,11 @@ pub(crate) use self::attempts::CANCELLED_WHILE_RUNNING;
 pub use self::attempts::{AttemptEnd, AttemptOutcome, AttemptRecord, CacheWrite, EndWritten, Transition};
 pub use self::cache::{CacheEntry, CacheStats, CacheStore};
 pub use self::fleet::{FleetStore, LeaderLock, SoleProcess, WorkerRow};
-pub(crate) use self::jobs::cancel_outcome;
 pub use self::jobs::{
-    CancelOutcome, Job, JobChange, JobChanges, JobFilter, JobStatus, JobStore, NewJob, Progress, PruneCutoffs,
-    RequeueOutcome, Step, Wakeups,
+    CancelOutcome, Job, JobChange, JobChanges, JobFilter, JobStatus, JobStore, LimitedJob, NewJob, Progress,
+    PruneCutoffs, RequeueOutcome, Step, Wakeups,
 };
+pub(crate) use self::jobs::{cancel_outcome, limited_owners, within_limits};
 pub use self::postgres::PostgresStore;
 pub use self::sqlite::SqliteStore;
 pub use self::stats::{DepthRow, EndedInSlice, FailedJob, OutcomeCount, RunTimes, StatsStore};

@@ -1,7 +1,9 @@
 //! Jobs: enqueue, claim, the ends of attempts, leases, cancel and retry, pruning, on PostgreSQL.
 
+use std::collections::HashMap;
+
 use super::*;
-use crate::JobStore;
+use crate::{JobStore, LimitedJob, limited_owners, within_limits};
 
 #[async_trait]
 impl JobStore for PostgresStore {
@@ -142,6 +144,48 @@ impl JobStore for PostgresStore {
         }
         columns.bind(sqlx::query(INSERT_JOBS).bind(now)).execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn enqueue_each(
+        &self,
+        jobs: &[LimitedJob],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Job, StoreError>>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let owners = limited_owners(jobs);
+        let mut unfinished = HashMap::new();
+        if !owners.is_empty() {
+            // The same per-user locks a lone enqueue takes, all in one
+            // statement, in the order of their keys: two batches that share
+            // users take them in the same order and cannot deadlock.
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock(key) FROM \
+                 (SELECT DISTINCT hashtextextended(owner, 7919) AS key FROM unnest($1::text[]) AS owner ORDER BY key) AS keys",
+            )
+            .bind(&owners)
+            .execute(&mut *tx)
+            .await?;
+            let counts = sqlx::query(
+                "SELECT user_id, count(*) FROM quern_jobs \
+                 WHERE user_id = ANY($1) AND status IN ('pending', 'processing') GROUP BY user_id",
+            )
+            .bind(&owners)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in &counts {
+                unfinished.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+            }
+        }
+        let (answers, admitted) = within_limits(jobs, unfinished, now);
+        if !admitted.is_empty() {
+            let mut columns = JobColumns::default();
+            for job in admitted {
+                columns.push(job)?;
+            }
+            columns.bind(sqlx::query(INSERT_JOBS).bind(now)).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(answers)
     }
 
     async fn finish_attempts(&self, ends: &[AttemptEnd], now: DateTime<Utc>) -> Result<Vec<EndWritten>, StoreError> {

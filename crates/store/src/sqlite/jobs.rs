@@ -1,7 +1,9 @@
 //! Jobs: enqueue, claim, the ends of attempts, leases, cancel and retry, pruning, on SQLite.
 
+use std::collections::HashMap;
+
 use super::*;
-use crate::JobStore;
+use crate::{JobStore, LimitedJob, limited_owners, within_limits};
 
 #[async_trait]
 impl JobStore for SqliteStore {
@@ -162,6 +164,38 @@ impl JobStore for SqliteStore {
         tx.commit().await?;
         self.wake_workers();
         Ok(())
+    }
+
+    async fn enqueue_each(
+        &self,
+        jobs: &[LimitedJob],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Job, StoreError>>, StoreError> {
+        // The write lock, taken up front, keeps every count exact until commit.
+        let mut tx = self.begin().await?;
+        let owners = limited_owners(jobs);
+        let mut unfinished = HashMap::new();
+        if !owners.is_empty() {
+            let counts = sqlx::query(
+                "SELECT user_id, count(*) FROM quern_jobs \
+                 WHERE user_id IN (SELECT value FROM json_each(?1)) AND status IN ('pending', 'processing') \
+                 GROUP BY user_id",
+            )
+            .bind(to_json(&owners)?)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in &counts {
+                unfinished.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+            }
+        }
+        let (answers, admitted) = within_limits(jobs, unfinished, now);
+        if !admitted.is_empty() {
+            let rows: Vec<JobRow> = admitted.into_iter().map(JobRow::of).collect();
+            insert_jobs(&mut tx, &rows, now).await?;
+        }
+        tx.commit().await?;
+        self.wake_workers();
+        Ok(answers)
     }
 
     async fn finish_attempts(&self, ends: &[AttemptEnd], now: DateTime<Utc>) -> Result<Vec<EndWritten>, StoreError> {
