@@ -292,7 +292,7 @@ impl Flusher {
 
 /// The database answered and refused the statement (bad data, a broken
 /// constraint): trying it again cannot succeed, unlike a lost connection.
-fn refused_by_database(error: &StoreError) -> bool {
+pub(crate) fn refused_by_database(error: &StoreError) -> bool {
     matches!(error, StoreError::Database(sqlx::Error::Database(_)))
 }
 

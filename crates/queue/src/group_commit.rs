@@ -107,12 +107,21 @@ async fn flush(store: &dyn Store, batch: Vec<Waiting>) {
                 let _ = reply.send(answer);
             }
         }
-        // The whole transaction failed, so nothing was written: one job's
-        // problem must not become the others', so each is tried alone and
-        // gets its own answer.
-        Err(_) => {
+        // The database refused the transaction, so nothing was written: one
+        // job's problem must not become the others', so each is tried alone
+        // and gets its own answer.
+        Err(error) if crate::completer::refused_by_database(&error) => {
+            tracing::warn!(%error, jobs = jobs.len(), "the database refused a batch of enqueues; writing them one by one");
             for (limited, reply) in jobs.into_iter().zip(replies) {
                 let _ = reply.send(store.enqueue(&limited.job, now, limited.max_unfinished_per_user).await);
+            }
+        }
+        // The database is away: every job of the batch fails alike, at once,
+        // rather than each waiting out the same connection error in turn.
+        Err(error) => {
+            let message = error.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Database(sqlx::Error::Io(std::io::Error::other(message.clone())))));
             }
         }
     }
