@@ -36,12 +36,14 @@ ENV PORT=3001 \
     WORKER_STUCK_JOB_TIMEOUT_MS=300000 \
     ENABLE_CACHE=true \
     CACHE_TTL_HOURS=24 \
-    LOG_LEVEL=info
+    LOG_LEVEL=info \
+    QUERN_HANDLER_ENV=YOLO_URL,OLLAMA_URL,OLLAMA_MODEL,OLLAMA_VISION_MODEL,GEMINI_API_KEY,GEMINI_BASE_URL,GEMINI_MODEL,OPENAI_BASE_URL,OPENAI_API_KEY,OPENAI_MODEL,WHATSAPP_API_URL,WHATSAPP_TOKEN,WHATSAPP_PHONE_NUMBER_ID,WHATSAPP_TIMEOUT_MS
 # Set at run time, never baked in:
 #   DATABASE_URL          postgres://… (Supabase: the pooler's session URL); SQLite in the data dir without it
 #   QUERN_JWT_SECRET      Supabase's JWT secret (or QUERN_JWKS_URL for asymmetric keys)
 #   WORKER_ID             this worker's name (default: <hostname>-<pid>)
-#   YOLO_URL, OLLAMA_URL, GEMINI_API_KEY, …   granted to the handlers whose manifests list them
+#   YOLO_URL, OLLAMA_URL, GEMINI_API_KEY, …   the variables QUERN_HANDLER_ENV above offers the shipped
+#                         handlers (each reads those its manifest lists); QUERN_VAR_<NAME> offers another
 
 USER quern
 WORKDIR /var/lib/quern

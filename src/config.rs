@@ -21,10 +21,16 @@ pub struct RuntimeArgs {
     /// Where compiled handlers are cached [default: <data-dir>/compiled].
     #[arg(long, env = "QUERN_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// A TOML file of `KEY = "value"` lines that handlers may be granted; the
-    /// environment wins over it.
+    /// A TOML file of `KEY = "value"` lines: variables offered to the handlers
+    /// whose manifests list them. `QUERN_VAR_<KEY>` in the environment offers
+    /// one too, and wins over the file.
     #[arg(long, env = "QUERN_HANDLER_CONFIG")]
     pub handler_config: Option<PathBuf>,
+    /// Plain environment variables offered to the handlers whose manifests
+    /// list them (comma-separated, e.g. `OLLAMA_URL,GEMINI_API_KEY`). No other
+    /// variable of the process environment ever reaches a handler.
+    #[arg(long, env = "QUERN_HANDLER_ENV", value_name = "NAMES", value_delimiter = ',')]
+    pub handler_env: Vec<String>,
     /// Default linear-memory limit per job, for handlers that set none.
     #[arg(long, env = "QUERN_MEMORY_LIMIT_MB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=MAX_MEMORY_MB as i64))]
     pub memory_limit_mb: u32,
@@ -38,7 +44,7 @@ pub struct RuntimeArgs {
 
 impl RuntimeArgs {
     pub fn settings(&self) -> Result<RuntimeSettings, ConfigSourceError> {
-        let mut config = ConfigSource::environment();
+        let mut config = ConfigSource::environment()?.with_environment_names(&self.handler_env)?;
         if let Some(path) = &self.handler_config {
             config = config.with_file(path)?;
         }

@@ -225,6 +225,7 @@ async fn upstreams_down_and_rate_limited_cause_no_retry_storm() {
             ("OLLAMA_URL", closed_url()),
             ("GEMINI_API_KEY", "k".into()),
             ("GEMINI_BASE_URL", gemini.url()),
+            ("QUERN_HANDLER_ENV", "OLLAMA_URL,GEMINI_API_KEY,GEMINI_BASE_URL".into()),
             ("WORKER_RETRY_DELAY_MS", "100".into()),
             ("QUERN_MAX_ACTIVE_JOBS_PER_USER", "0".into()),
         ],

@@ -156,6 +156,51 @@ async fn uploads_that_would_not_load_are_refused_and_the_serving_version_stays()
     db.cleanup().await;
 }
 
+/// Variables reach an uploaded handler only when the operator offers them
+/// (`QUERN_VAR_<NAME>`, `QUERN_HANDLER_ENV`), whatever else the process
+/// environment holds; the host's own secrets are never offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_manifest_reads_only_the_variables_the_host_offers() {
+    let db = Db::sqlite().await;
+    let env = vec![
+        ("QUERN_VAR_OLLAMA_URL", "http://ollama.test:11434".to_string()),
+        ("QUERN_HANDLER_ENV", "YOLO_URL,WHATSAPP_TOKEN".into()),
+        ("YOLO_URL", "http://yolo.test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "aws-secret-of-the-host".into()),
+    ];
+    let server = Server::start_with(&db, unlimited(env)).await;
+    let (ops, user) = (server.service_token(), server.token("alice"));
+    let manifest = |keys: &str| format!("{PROBE}[config]\nkeys = [{keys}]\n");
+
+    let undeclared =
+        upload(&server, &ops, "probe", hostile(), &manifest("\"OLLAMA_URL\", \"AWS_SECRET_ACCESS_KEY\"")).await;
+    assert_eq!((undeclared.status.as_u16(), undeclared.code()), (400, "undeclared_variable"), "{}", undeclared.text);
+    assert!(undeclared.error().contains("`AWS_SECRET_ACCESS_KEY`"), "names it: {}", undeclared.error());
+    assert!(!undeclared.error().contains("`OLLAMA_URL`"), "names only what is missing: {}", undeclared.error());
+    assert!(undeclared.error().contains("QUERN_VAR_<NAME>"), "says how to offer one: {}", undeclared.error());
+    let secret = upload(&server, &ops, "probe", hostile(), &manifest("\"DATABASE_URL\"")).await;
+    assert_eq!((secret.status.as_u16(), secret.code()), (400, "invalid_manifest"), "{}", secret.text);
+    assert!(secret.error().contains("`DATABASE_URL` can never be granted"), "{}", secret.error());
+
+    let offered =
+        upload(&server, &ops, "probe", hostile(), &manifest("\"OLLAMA_URL\", \"YOLO_URL\", \"WHATSAPP_TOKEN\"")).await;
+    assert_eq!(offered.status, 201, "{}", offered.text);
+    let version = offered.body["version"].as_str().unwrap();
+    let rolled = server.post("/v1/handlers/probe/rollout", &ops, json!({"version": version})).await;
+    assert_eq!(rolled.status, 200, "{}", rolled.text);
+    let keys = ["OLLAMA_URL", "YOLO_URL", "WHATSAPP_TOKEN", "AWS_SECRET_ACCESS_KEY", "HOME"];
+    let id = id_of(&server.enqueue(&user, "probe", json!({"mode": "config", "keys": keys})).await);
+    let job = server.poll_job(&user, &id, DEADLINE, |job| job["status"] == "completed").await;
+    assert_eq!(
+        job["result"],
+        json!({"OLLAMA_URL": "http://ollama.test:11434", "YOLO_URL": "http://yolo.test", "WHATSAPP_TOKEN": null,
+               "AWS_SECRET_ACCESS_KEY": null, "HOME": null}),
+        "offered values, an offered name left unset, and nothing else"
+    );
+    server.finish().await;
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_percent_canary_takes_its_share_by_job_id_and_a_rollback_returns_every_job() {
     let db = Db::sqlite().await;

@@ -49,6 +49,10 @@ fn manifest(job_type: &str) -> String {
     shipped.replace("allowed_hosts = [", "allowed_hosts = [\"127.0.0.1\", ")
 }
 
+/// The variables the handlers read, offered from the plain environment.
+const OFFERED: &str = "YOLO_URL,OLLAMA_URL,GEMINI_API_KEY,GEMINI_BASE_URL,GEMINI_MODEL,WHATSAPP_API_URL,WHATSAPP_TOKEN,\
+                       WHATSAPP_PHONE_NUMBER_ID,WHATSAPP_TIMEOUT_MS";
+
 /// `quern serve` with the six handlers and the fakes, with `overrides` of
 /// its environment (say, an upstream's URL where nothing listens).
 async fn serve(db: &Db, up: &Upstreams, overrides: &[(&'static str, String)]) -> Server {
@@ -62,6 +66,8 @@ async fn serve(db: &Db, up: &Upstreams, overrides: &[(&'static str, String)]) ->
         ("WHATSAPP_PHONE_NUMBER_ID", "1234567890".into()),
         ("WHATSAPP_TIMEOUT_MS", "1000".into()),
         ("WORKER_RETRY_DELAY_MS", "100".into()),
+        // As the customer's container offers them (see the Dockerfile).
+        ("QUERN_HANDLER_ENV", OFFERED.into()),
     ];
     env.retain(|(key, _)| !overrides.iter().any(|(k, _)| k == key));
     env.extend(overrides.iter().cloned());
@@ -237,6 +243,7 @@ async fn the_gemini_gateway_is_chosen_by_settings_without_editing_a_manifest() {
         ("GEMINI_API_KEY", GEMINI_KEY.into()),
         ("GEMINI_BASE_URL", gateway.clone()),
         ("GEMINI_MODEL", "google/gemini-2.5-pro".into()),
+        ("QUERN_HANDLER_ENV", OFFERED.into()),
     ];
     let options = Options { handlers: vec![shipped("sofia_text")], env, ..Options::default() };
     let server = Server::start_with(&db, options).await;

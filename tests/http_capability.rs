@@ -123,6 +123,21 @@ async fn a_host_outside_the_allowlist_is_denied_naming_the_rules() {
     assert!(upstream.received().is_empty());
 }
 
+/// A rule with a scheme (`https://host:port`) admits that scheme only: the
+/// same host and port over plain http is refused before any byte is sent.
+#[tokio::test]
+async fn a_rule_naming_https_refuses_plain_http_to_the_same_host() {
+    let upstream = Upstream::start(vec![], Reply::new(200, "reached")).await;
+    let runtime = runtime_with(fast_retries());
+    let https_only = caller(&runtime, &[format!("https://{}", upstream.addr)]);
+    let error = send(&runtime, &https_only, json!({"url": upstream.url("/x")})).await.unwrap_err();
+    assert!(error.contains("is not allowed over http"), "{error}");
+    assert!(upstream.received().is_empty(), "nothing reached the upstream");
+    let http_rule = caller(&runtime, &[format!("http://{}", upstream.addr)]);
+    let response = send(&runtime, &http_rule, json!({"url": upstream.url("/x")})).await.unwrap();
+    assert_eq!(response, json!({"status": 200, "body": "reached"}), "the rule naming http admits it");
+}
+
 #[tokio::test]
 async fn a_private_address_under_a_wildcard_rule_is_denied() {
     let upstream = Upstream::start(vec![], Reply::new(200, "never")).await;

@@ -2,6 +2,7 @@
 
 mod handlers;
 mod jobs;
+mod new;
 mod run;
 mod serve;
 mod token;
@@ -25,6 +26,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Scaffold a handler crate: `handlers/<type>` with its manifest, a typed
+    /// input and output, a unit test and a harness test.
+    New(new::NewArgs),
     /// Run one handler component once, in isolation: result JSON on stdout,
     /// logs and progress on stderr. Exit 0 ok, 1 retryable failure, 2 permanent
     /// failure, 3 host or usage error.
@@ -120,6 +124,7 @@ pub fn init_logging(json: bool) -> Option<tracing_appender::non_blocking::Worker
 /// Runs a benchmark to its end on a runtime of its own.
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::New(args) => new::new(args),
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::serve(args, true),
         Command::Gateway(args) => serve::serve(args, false),

@@ -117,8 +117,18 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The workspace the command runs in: the nearest directory at or above the
+/// current one whose Cargo.toml has a `[workspace]` (so a project laid out
+/// like quern's can run this xtask on its own handlers), else quern's own.
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    let is_root = |dir: &Path| {
+        std::fs::read_to_string(dir.join("Cargo.toml"))
+            .is_ok_and(|text| text.lines().any(|l| l.trim() == "[workspace]"))
+    };
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| cwd.ancestors().find(|dir| is_root(dir)).map(Path::to_path_buf))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
 fn target_dir(root: &Path) -> PathBuf {

@@ -64,6 +64,7 @@ pub enum ErrorCode {
     TypeDisabled,
     TypeForbidden,
     Unauthorized,
+    UndeclaredVariable,
     UnknownType,
     UnreadableBody,
     UnsupportedMediaType,

@@ -82,7 +82,7 @@ pub struct UploadForm {
     responses(
         (status = 201, description = "Stored", body = UploadedVersion),
         (status = 200, description = "This build was stored before", body = UploadedVersion),
-        (status = 400, description = "Not a component, a manifest that does not parse or names another type, a missing part", body = ErrorBody),
+        (status = 400, description = "Not a component, a manifest that does not parse, names another type or reads a variable this host does not offer, a missing part", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
         (status = 413, description = "Over QUERN_MAX_UPLOAD_MB", body = ErrorBody),
@@ -147,6 +147,17 @@ pub async fn upload(
         return Err(ApiError::bad_request(
             ErrorCode::InvalidManifest,
             format!("the manifest declares type `{}` but was uploaded for `{job_type}`", manifest.job_type),
+        ));
+    }
+    let undeclared = state.registry.runtime().settings().config.undeclared(&manifest.config_keys);
+    if !undeclared.is_empty() {
+        return Err(ApiError::bad_request(
+            ErrorCode::UndeclaredVariable,
+            format!(
+                "the manifest reads {}, which this host does not offer handlers: the operator offers a variable \
+                 with QUERN_VAR_<NAME>, the handler config file (QUERN_HANDLER_CONFIG) or QUERN_HANDLER_ENV",
+                quern_runtime::config::list(&undeclared)
+            ),
         ));
     }
     let runtime = state.registry.runtime().clone();

@@ -58,7 +58,7 @@ pub struct RuntimeSettings {
     /// Limits for handlers whose manifest does not set them.
     pub default_limits: Limits,
     pub http: HttpSettings,
-    /// Where granted configuration values come from.
+    /// The variables the host offers handlers, and their values.
     pub config: ConfigSource,
     /// The compile cache; `None` compiles every load.
     pub cache_dir: Option<PathBuf>,
@@ -72,7 +72,7 @@ impl Default for RuntimeSettings {
         Self {
             default_limits: Limits::default(),
             http: HttpSettings::default(),
-            config: ConfigSource::environment(),
+            config: ConfigSource::empty(),
             cache_dir: None,
             max_instances: 100,
         }
@@ -214,6 +214,15 @@ impl Runtime {
     pub fn load(&self, bytes: &[u8], mut manifest: Manifest) -> Result<HandlerVersion, LoadError> {
         check_component_header(bytes)?;
         manifest.allowed_hosts.extend(self.hosts_from_settings(&manifest)?);
+        let undeclared = self.settings.config.undeclared(&manifest.config_keys);
+        if !undeclared.is_empty() {
+            tracing::warn!(
+                job_type = %manifest.job_type,
+                variables = %config::list(&undeclared),
+                "the handler reads variables this host does not offer, so they read as absent: offer them with \
+                 QUERN_VAR_<NAME>, the handler config file (QUERN_HANDLER_CONFIG) or QUERN_HANDLER_ENV"
+            );
+        }
         let started = Instant::now();
         let sha256 = sha256_hex(bytes);
         let (component, cache_outcome) =

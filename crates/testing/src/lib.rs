@@ -173,6 +173,9 @@ pub struct HarnessBuilder {
     config: ConfigSource,
     extra_hosts: Vec<String>,
     cache_dir: Option<PathBuf>,
+    /// The crate the component is built from, when known: a component older
+    /// than its sources is refused.
+    sources: Option<PathBuf>,
 }
 
 impl HarnessBuilder {
@@ -195,6 +198,9 @@ impl HarnessBuilder {
     }
 
     pub fn build(self) -> Result<Harness, LoadError> {
+        if let Some(crate_dir) = &self.sources {
+            refuse_if_stale(&self.component, crate_dir)?;
+        }
         let (bytes, mut manifest) = read_component(&self.component)?;
         for rule in &self.extra_hosts {
             let rule = HostRule::parse(rule)
@@ -235,16 +241,30 @@ impl Harness {
             config: ConfigSource::empty(),
             extra_hosts: Vec::new(),
             cache_dir: None,
+            sources: None,
         }
     }
 
-    /// Starts configuring a harness for a handler of this workspace, built by
-    /// `cargo xtask build-handlers` to `handlers-dist/<job_type>.wasm`, with
-    /// compiled components kept under `target/tmp` between test runs.
-    pub fn workspace(job_type: &str) -> HarnessBuilder {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        Self::builder(root.join("handlers-dist").join(format!("{job_type}.wasm")))
-            .cache_dir(root.join("target/tmp/quern-compiled"))
+    /// Starts configuring a harness for the handler crate at `crate_dir`
+    /// (pass `env!("CARGO_MANIFEST_DIR")`): its component as `cargo xtask
+    /// build-handlers` placed it, `handlers-dist/<type>.wasm` at the root of
+    /// its workspace. A component older than the crate's sources is refused,
+    /// so a test never passes against yesterday's build.
+    pub fn of_crate(crate_dir: impl AsRef<Path>) -> HarnessBuilder {
+        let crate_dir = crate_dir.as_ref();
+        let root = crate_dir
+            .ancestors()
+            .skip(1)
+            .find(|dir| dir.join("Cargo.toml").is_file() && is_workspace_root(&dir.join("Cargo.toml")))
+            .unwrap_or(crate_dir);
+        let job_type = std::fs::read_to_string(crate_dir.join("handler.toml"))
+            .ok()
+            .and_then(|text| quern_runtime::manifest::Manifest::parse(&text).ok())
+            .map_or_else(|| "unknown".to_string(), |manifest| manifest.job_type);
+        let mut builder = Self::builder(root.join("handlers-dist").join(format!("{job_type}.wasm")))
+            .cache_dir(target_dir(root).join("tmp/quern-compiled"));
+        builder.sources = Some(crate_dir.to_path_buf());
+        builder
     }
 
     /// A harness for the component at `path` with its own manifest only.
@@ -294,4 +314,41 @@ impl Harness {
 
 fn uuid_like() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+/// Whether a Cargo.toml is a workspace's root manifest.
+fn is_workspace_root(manifest: &Path) -> bool {
+    std::fs::read_to_string(manifest).is_ok_and(|text| text.lines().any(|line| line.trim() == "[workspace]"))
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
+}
+
+/// Refuses a component built before the newest of its crate's sources
+/// (`Cargo.toml`, `handler.toml`, `src/**`) last changed.
+fn refuse_if_stale(component: &Path, crate_dir: &Path) -> Result<(), LoadError> {
+    let build = |what: &str| {
+        LoadError::Layout(format!("{} {what}: build it with `cargo xtask build-handlers`", component.display()))
+    };
+    let built = std::fs::metadata(component).and_then(|m| m.modified()).map_err(|_| build("is not built"))?;
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut pending = vec![crate_dir.join("Cargo.toml"), crate_dir.join("handler.toml"), crate_dir.join("src")];
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        if meta.is_dir() {
+            pending.extend(std::fs::read_dir(&path).into_iter().flatten().flatten().map(|entry| entry.path()));
+        } else if let Ok(modified) = meta.modified()
+            && newest.as_ref().is_none_or(|(time, _)| modified > *time)
+        {
+            newest = Some((modified, path));
+        }
+    }
+    match newest {
+        Some((changed, path)) if changed > built => Err(build(&format!(
+            "is older than its sources ({} changed after it was built)",
+            path.strip_prefix(crate_dir).unwrap_or(&path).display()
+        ))),
+        _ => Ok(()),
+    }
 }

@@ -6,7 +6,7 @@ use serde_json::json;
 const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
 
 fn harness() -> Harness {
-    Harness::workspace("dr_vital")
+    Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
         .allow_host("ollama.test")
         .config("OLLAMA_URL", "http://ollama.test")
         .build()

@@ -6,7 +6,7 @@ use quern_testing::Outcome;
 use serde_json::json;
 
 fn harness() -> Harness {
-    Harness::workspace("echo").build().expect("build the handlers first: cargo xtask build-handlers")
+    Harness::of_crate(env!("CARGO_MANIFEST_DIR")).build().expect("build the handlers first: cargo xtask build-handlers")
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
 const GEMINI: &str = "http://gemini.test/v1beta/openai/chat/completions";
 
 fn harness() -> Harness {
-    Harness::workspace("sofia_text")
+    Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
         .allow_host("ollama.test")
         .allow_host("gemini.test")
         .config("OLLAMA_URL", "http://ollama.test")

@@ -6,7 +6,7 @@ use serde_json::json;
 const API: &str = "http://graph.test/v21.0/1234567890/messages";
 
 fn harness() -> Harness {
-    Harness::workspace("whatsapp_message")
+    Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
         .allow_host("graph.test")
         .config("WHATSAPP_API_URL", "http://graph.test/v21.0")
         .config("WHATSAPP_TOKEN", "wa-token")
@@ -53,7 +53,7 @@ async fn after_the_assistant_in_a_pipeline_its_response_is_sent_and_the_app_s_us
 
 #[tokio::test]
 async fn an_incoming_message_gets_an_ai_reply_sent_once() {
-    let harness = Harness::workspace("whatsapp_message")
+    let harness = Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
         .allow_host("graph.test")
         .allow_host("ollama.test")
         .config("WHATSAPP_API_URL", "http://graph.test/v21.0")

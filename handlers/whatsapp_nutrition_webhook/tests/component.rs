@@ -8,7 +8,7 @@ const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
 const API: &str = "http://graph.test/v21.0/1234567890/messages";
 
 fn harness() -> Harness {
-    Harness::workspace("whatsapp_nutrition_webhook")
+    Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
         .allow_host("graph.test")
         .allow_host("ollama.test")
         .config("WHATSAPP_API_URL", "http://graph.test/v21.0")

@@ -29,7 +29,7 @@ mod rules;
 pub use address::{embedded_ipv4, is_metadata, non_public_reason, normalize};
 pub use client::{HttpSettings, Lookup, OutboundHttp, system_lookup};
 use rules::{HostPattern, canonical_host};
-pub use rules::{HostRule, RuleError};
+pub use rules::{HostRule, RuleError, Scheme};
 
 /// A handler version's outbound rules (from its manifest).
 #[derive(Debug, Clone)]
@@ -43,13 +43,13 @@ impl HttpPolicy {
         Self { job_type: job_type.to_string(), rules }
     }
 
-    /// The rule that admits `host:port`, preferring an exact one.
-    fn admit(&self, host: &str, port: u16) -> Result<&HostRule, String> {
-        let mut matching = self.rules.iter().filter(|rule| rule.matches(host, port));
+    /// The rule that admits `scheme://host:port`, preferring an exact one.
+    fn admit(&self, scheme: Scheme, host: &str, port: u16) -> Result<&HostRule, String> {
+        let mut matching = self.rules.iter().filter(|rule| rule.matches(scheme, host, port));
         let first = matching.next();
         let exact = first
             .filter(|r| r.is_exact())
-            .or_else(|| self.rules.iter().find(|r| r.is_exact() && r.matches(host, port)));
+            .or_else(|| self.rules.iter().find(|r| r.is_exact() && r.matches(scheme, host, port)));
         exact.or(first).ok_or_else(|| {
             if self.rules.is_empty() {
                 format!(
@@ -59,7 +59,7 @@ impl HttpPolicy {
             } else {
                 let listed: Vec<&str> = self.rules.iter().map(|r| r.raw.as_str()).collect();
                 format!(
-                    "host {host}:{port} is not allowed: it matches none of the allowed_hosts of handler `{}` ({})",
+                    "host {host}:{port} is not allowed over {scheme}: it matches none of the allowed_hosts of handler `{}` ({})",
                     self.job_type,
                     listed.join(", ")
                 )
@@ -134,12 +134,12 @@ impl wit::Host for JobState {
         let cap = &self.http;
         let url = url::Url::parse(&request.url)
             .map_err(|e| HttpError::InvalidRequest(format!("invalid URL {:?}: {e}", request.url)))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(HttpError::InvalidRequest(format!("unsupported scheme `{}`: use http or https", url.scheme())));
-        }
+        let scheme = Scheme::parse(url.scheme()).ok_or_else(|| {
+            HttpError::InvalidRequest(format!("unsupported scheme `{}`: use http or https", url.scheme()))
+        })?;
         let host = canonical_host(&url).ok_or_else(|| HttpError::InvalidRequest("the URL has no host".into()))?;
         let port = url.port_or_known_default().unwrap_or(80);
-        let rule = cap.policy.admit(&host, port).map_err(HttpError::Denied)?;
+        let rule = cap.policy.admit(scheme, &host, port).map_err(HttpError::Denied)?;
         let outcome = match &cap.transport {
             Transport::Canned(canned) => canned.respond(&request),
             Transport::Network(outbound) => {
@@ -334,48 +334,60 @@ mod tests {
     #[test]
     fn rules_match_exact_wildcard_and_port() {
         let p = policy(&["api.example.com", "*.example.org", "127.0.0.1:11434"]);
-        assert!(p.admit("api.example.com", 443).is_ok());
-        assert!(p.admit("deep.sub.example.org", 80).is_ok());
-        assert!(p.admit("example.org", 80).is_err(), "a wildcard covers subdomains only");
-        assert!(p.admit("127.0.0.1", 11434).is_ok());
-        assert!(p.admit("127.0.0.1", 11435).is_err());
-        assert!(p.admit("evil.com", 443).unwrap_err().contains("evil.com:443"));
+        assert!(p.admit(Scheme::Https, "api.example.com", 443).is_ok());
+        assert!(p.admit(Scheme::Http, "deep.sub.example.org", 80).is_ok());
+        assert!(p.admit(Scheme::Http, "example.org", 80).is_err(), "a wildcard covers subdomains only");
+        assert!(p.admit(Scheme::Http, "127.0.0.1", 11434).is_ok());
+        assert!(p.admit(Scheme::Http, "127.0.0.1", 11435).is_err());
+        assert!(p.admit(Scheme::Https, "evil.com", 443).unwrap_err().contains("evil.com:443"));
+    }
+
+    #[test]
+    fn a_rule_with_a_scheme_refuses_the_other_scheme_saying_so() {
+        let p = policy(&["https://api.example.com"]);
+        assert!(p.admit(Scheme::Https, "api.example.com", 443).is_ok());
+        let error = p.admit(Scheme::Http, "api.example.com", 80).unwrap_err();
+        assert!(
+            error.contains("api.example.com:80 is not allowed over http")
+                && error.contains("(https://api.example.com)"),
+            "{error}"
+        );
     }
 
     #[test]
     fn private_address_needs_an_exact_rule() {
         let p = policy(&["*"]);
-        let rule = p.admit("10.0.0.5", 80).unwrap();
+        let rule = p.admit(Scheme::Http, "10.0.0.5", 80).unwrap();
         let error = p.check_address("10.0.0.5", "10.0.0.5".parse().unwrap(), rule).unwrap_err();
         assert!(error.contains("private") && error.contains("`*`"), "{error}");
 
         let p = policy(&["ollama.internal:11434"]);
-        let rule = p.admit("ollama.internal", 11434).unwrap();
+        let rule = p.admit(Scheme::Http, "ollama.internal", 11434).unwrap();
         assert!(p.check_address("ollama.internal", "10.0.0.5".parse().unwrap(), rule).is_ok());
     }
 
     #[test]
     fn metadata_address_needs_its_own_ip_listed() {
         let p = policy(&["metadata.internal"]);
-        let rule = p.admit("metadata.internal", 80).unwrap();
+        let rule = p.admit(Scheme::Http, "metadata.internal", 80).unwrap();
         let error = p.check_address("metadata.internal", "169.254.169.254".parse().unwrap(), rule).unwrap_err();
         assert!(error.contains("metadata"), "{error}");
 
         let p = policy(&["169.254.169.254"]);
-        let rule = p.admit("169.254.169.254", 80).unwrap();
+        let rule = p.admit(Scheme::Http, "169.254.169.254", 80).unwrap();
         assert!(p.check_address("169.254.169.254", "169.254.169.254".parse().unwrap(), rule).is_ok());
     }
 
     #[test]
     fn a_name_rule_never_reaches_metadata_through_an_ipv6_form() {
         let p = policy(&["metadata.example.com", "*"]);
-        let rule = p.admit("metadata.example.com", 80).unwrap();
+        let rule = p.admit(Scheme::Http, "metadata.example.com", 80).unwrap();
         for form in ["::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe"] {
             let error = p.check_address("metadata.example.com", form.parse().unwrap(), rule).unwrap_err();
             assert!(error.contains("metadata"), "{form}: {error}");
         }
         let p = policy(&["169.254.169.254"]);
-        let rule = p.admit("169.254.169.254", 80).unwrap();
+        let rule = p.admit(Scheme::Http, "169.254.169.254", 80).unwrap();
         assert!(p.check_address("169.254.169.254", "::ffff:169.254.169.254".parse().unwrap(), rule).is_ok());
     }
 
@@ -383,7 +395,7 @@ mod tests {
     async fn the_policy_check_refuses_a_name_resolving_to_mapped_metadata() {
         let p = policy(&["*.example.com"]);
         let url = url::Url::parse("http://imds.example.com/latest/meta-data/").unwrap();
-        let rule = p.admit("imds.example.com", 80).unwrap();
+        let rule = p.admit(Scheme::Http, "imds.example.com", 80).unwrap();
         let error =
             check_resolved_addresses(&stub(&["::ffff:169.254.169.254"]), &p, rule, &url, "imds.example.com", 80)
                 .await
