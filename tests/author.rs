@@ -10,89 +10,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::db::Db;
+use support::project::Project;
 use support::server::Server;
-
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
-
-/// A temporary workspace like quern's, with quern's dependencies by path.
-struct Project {
-    dir: tempfile::TempDir,
-    target: PathBuf,
-}
-
-impl Project {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Path::new(REPO);
-        let manifest: toml::Table = std::fs::read_to_string(repo.join("Cargo.toml")).unwrap().parse().unwrap();
-        let workspace = manifest["workspace"].as_table().unwrap();
-        let mut dependencies = workspace["dependencies"].as_table().unwrap().clone();
-        for (_, spec) in dependencies.iter_mut() {
-            if let Some(path) = spec.get_mut("path") {
-                *path = toml::Value::String(repo.join(path.as_str().unwrap()).display().to_string());
-            }
-        }
-        let mut root = toml::Table::new();
-        root.insert(
-            "workspace".into(),
-            toml::Value::Table(toml::Table::from_iter([
-                ("resolver".to_string(), toml::Value::String("3".into())),
-                ("members".to_string(), toml::Value::Array(vec![toml::Value::String("handlers/*".into())])),
-                ("package".to_string(), workspace["package"].clone()),
-                ("dependencies".to_string(), toml::Value::Table(dependencies)),
-            ])),
-        );
-        // The same profiles, so what quern's build already compiled is reused.
-        if let Some(profile) = manifest.get("profile") {
-            root.insert("profile".into(), profile.clone());
-        }
-        std::fs::write(dir.path().join("Cargo.toml"), toml::to_string(&root).unwrap()).unwrap();
-        std::fs::copy(repo.join("Cargo.lock"), dir.path().join("Cargo.lock")).unwrap();
-        std::fs::create_dir(dir.path().join("handlers")).unwrap();
-        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo.join("target"), PathBuf::from);
-        Self { dir, target }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Runs a command in the project; panics with its output when it fails.
-    fn run(&self, what: &str, command: &mut Command) -> String {
-        let output: Output = command
-            .current_dir(self.path())
-            .env("CARGO_TARGET_DIR", &self.target)
-            .output()
-            .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        );
-        assert!(output.status.success(), "{what} failed ({}):\n{stdout}\n{stderr}", output.status);
-        stdout + &stderr
-    }
-
-    fn quern(&self, args: &[&str]) -> String {
-        self.run(&format!("quern {}", args.join(" ")), Command::new(env!("CARGO_BIN_EXE_quern")).args(args))
-    }
-
-    fn cargo(&self, args: &[&str]) -> String {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        self.run(&format!("cargo {}", args.join(" ")), Command::new(cargo).args(args))
-    }
-
-    /// `cargo xtask build-handlers`, as quern's alias runs it, on this project.
-    fn build_handlers(&self) -> String {
-        let xtask = Path::new(REPO).join("xtask/Cargo.toml");
-        self.cargo(&["run", "--quiet", "--manifest-path", xtask.to_str().unwrap(), "--", "build-handlers"])
-    }
-}
 
 /// Each step's time, printed at the end.
 struct Steps(Vec<(&'static str, Duration)>, Instant);
@@ -126,7 +50,7 @@ async fn a_new_handler_is_tested_built_run_and_pushed_to_a_running_quern() {
     let created = project.quern(&["new", "weather", "--template", "http"]);
     assert!(created.contains("created handlers/weather (http template)"), "{created}");
     assert!(!created.contains("note:"), "the glob covers it: {created}");
-    project.build_handlers();
+    project.cargo(&["xtask", "build-handlers"]);
     first.done("build");
     let tested = project.cargo(&["test", "-p", "weather"]);
     assert_eq!(tested.matches("test result: ok. 2 passed").count(), 2, "unit and harness tests: {tested}");
@@ -141,7 +65,7 @@ async fn a_new_handler_is_tested_built_run_and_pushed_to_a_running_quern() {
     let created = project.quern(&["new", "demo"]);
     assert!(created.contains("cargo test -p demo"), "it says what to do next: {created}");
     steps.done("new");
-    project.build_handlers();
+    project.cargo(&["xtask", "build-handlers"]);
     assert!(
         project.path().join("handlers-dist/demo.wasm").is_file()
             && project.path().join("handlers-dist/demo.toml").is_file()

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use quern_api::auth::{PremiumRule, mint};
@@ -55,6 +55,10 @@ pub struct HealthcheckArgs {
     port: u16,
     #[arg(long, env = "QUERN_ADMIN_PORT")]
     admin_port: Option<u16>,
+    /// Ask again every 100 ms until it answers or this many seconds pass (a
+    /// script waiting for `quern serve &` to come up); once without it.
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<u64>,
 }
 
 /// Exit 0 when liveness answers 200 within 3 s, 1 otherwise. Liveness asks
@@ -63,18 +67,20 @@ pub struct HealthcheckArgs {
 pub fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
     let port = args.admin_port.unwrap_or(args.port);
     let url = args.url.unwrap_or_else(|| format!("http://127.0.0.1:{port}/health/live"));
+    let deadline = Instant::now() + Duration::from_secs(args.wait.unwrap_or(0));
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
-        match client.get(&url).send().await {
-            Ok(response) if response.status().is_success() => Ok(ExitCode::SUCCESS),
-            Ok(response) => {
-                eprintln!("unhealthy: {url} answered {}", response.status());
-                Ok(ExitCode::FAILURE)
+        loop {
+            let problem = match client.get(&url).send().await {
+                Ok(response) if response.status().is_success() => return Ok(ExitCode::SUCCESS),
+                Ok(response) => format!("{url} answered {}", response.status()),
+                Err(error) => error.to_string(),
+            };
+            if Instant::now() >= deadline {
+                eprintln!("unhealthy: {problem}");
+                return Ok(ExitCode::FAILURE);
             }
-            Err(error) => {
-                eprintln!("unhealthy: {error}");
-                Ok(ExitCode::FAILURE)
-            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
 }

@@ -17,6 +17,7 @@ use quern_runtime::registry::read_component;
 use quern_runtime::{HandlerVersion, Runtime, RuntimeSettings};
 
 pub mod db;
+pub mod project;
 pub mod server;
 pub mod workers;
 
