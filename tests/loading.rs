@@ -29,7 +29,12 @@ fn a_core_module_is_refused_with_how_to_build_a_component() {
 fn a_component_of_another_world_is_refused_naming_the_mismatch() {
     let bytes = std::fs::read(dist("fixtures/wrong_world.wasm")).unwrap();
     let error = load_bytes(&bytes).to_string();
-    assert!(error.starts_with("the component does not fit the world quern:handler/handler@0.1.0"), "{error}");
+    assert!(
+        error.starts_with(
+            "the component does not fit the worlds this host runs (quern:handler/handler@0.2.0, quern:handler/handler@0.1.0)"
+        ),
+        "{error}"
+    );
     assert!(error.contains("export func `handle`"), "{error}");
 }
 

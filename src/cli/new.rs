@@ -55,11 +55,15 @@ pub fn new(args: NewArgs) -> anyhow::Result<ExitCode> {
         bail!("{} already exists: choose another type name, or remove it first", crate_dir.display());
     }
     let templates = if args.template == "http" { HTTP } else { PLAIN };
+    let lints = has_workspace_lints(&workspace);
     for template in templates {
         let path = crate_dir.join(template.path);
         std::fs::create_dir_all(path.parent().unwrap_or(&crate_dir))?;
-        std::fs::write(&path, fill(template.text, &args.job_type))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let mut text = fill(template.text, &args.job_type);
+        if template.path == "Cargo.toml" && lints {
+            text.push_str(WORKSPACE_LINTS);
+        }
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     println!("created {} ({} template)", crate_dir.display(), args.template);
     if !covered_by_members(&workspace, &crate_dir) {
@@ -105,6 +109,17 @@ fn workspace_root(start: &Path) -> Option<PathBuf> {
                 .is_ok_and(|text| text.lines().any(|l| l.trim() == "[workspace]"))
         })
         .map(Path::to_path_buf)
+}
+
+/// Appended to a new crate's Cargo.toml in a workspace that has lints.
+const WORKSPACE_LINTS: &str =
+    "\n# The workspace's lints (CI runs clippy with warnings as errors).\n[lints]\nworkspace = true\n";
+
+/// Whether the workspace sets `[workspace.lints]`, which a member may only
+/// inherit when it exists.
+fn has_workspace_lints(workspace: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(workspace.join("Cargo.toml")) else { return false };
+    text.parse::<toml::Table>().ok().and_then(|manifest| manifest.get("workspace")?.get("lints").cloned()).is_some()
 }
 
 /// Whether the workspace's `members` name the crate or a `<dir>/*` glob over it.

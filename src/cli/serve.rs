@@ -100,7 +100,7 @@ async fn start_host(
     let watch = if dir.is_dir() {
         for (path, result) in registry.load_dir(dir)? {
             if let Ok(handler) = result {
-                tracing::info!(path = %path.display(), job_type = %handler.manifest.job_type, version = %handler.version, "handler loaded");
+                tracing::info!(path = %path.display(), job_type = %handler.manifest.job_type, version = %handler.version, world = handler.world(), "handler loaded");
             }
         }
         Some(registry.watch(dir).with_context(|| format!("cannot watch {}", dir.display()))?)

@@ -34,6 +34,7 @@ impl Project {
                 ("members".to_string(), toml::Value::Array(vec![toml::Value::String("handlers/*".into())])),
                 ("package".to_string(), workspace["package"].clone()),
                 ("dependencies".to_string(), toml::Value::Table(dependencies)),
+                ("lints".to_string(), workspace["lints"].clone()),
             ])),
         );
         // The same profiles, so what quern's build already compiled is reused.

@@ -13,6 +13,7 @@
 //! live in their own modules.
 
 mod bindings;
+mod compat_v0_1;
 pub mod config;
 pub mod engine;
 pub mod http;
@@ -27,14 +28,14 @@ pub mod telemetry;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use self::bindings::{Failure, Handler, HandlerPre, Job};
+use self::bindings::{Failure, Job, v0_1, v0_2};
 use self::config::{ConfigSource, GrantedConfig};
 use self::engine::{CacheOutcome, CompileCache};
 use self::http::{HostRule, HttpCap, HttpPolicy, HttpSettings, OutboundHttp, Transport};
@@ -46,8 +47,12 @@ use crate::manifest::{Limits, Manifest, ManifestError};
 
 pub use self::engine::sha256_hex;
 
-/// The world this host implements, as handlers name it.
-pub const WORLD: &str = "quern:handler/handler@0.1.0";
+/// The world handlers are built against today, as they name it.
+pub const WORLD: &str = "quern:handler/handler@0.2.0";
+
+/// Every world this host runs, newest first: a component built against any
+/// 0.1.x or 0.2.x release of the WIT loads (docs/wit-versions.md).
+pub const WORLDS: [&str; 2] = [WORLD, "quern:handler/handler@0.1.0"];
 
 /// How much of a job's stdout and stderr is kept for the log.
 const STDIO_CAP: usize = 64 << 10;
@@ -94,7 +99,8 @@ pub enum LoadError {
     Read { path: String, source: std::io::Error },
     #[error("{0}")]
     NotAComponent(String),
-    #[error("the component does not fit the world {WORLD}: {0}")]
+    /// Names the worlds this host runs and what did not fit.
+    #[error("{0}")]
     WorldMismatch(String),
     #[error("the component does not compile: {0}")]
     Compile(String),
@@ -123,13 +129,69 @@ pub struct HandlerVersion {
     pub limits: Limits,
     /// How the component was obtained and how long loading took.
     pub load: (CacheOutcome, Duration),
-    pre: HandlerPre<JobState>,
+    pre: Pre,
     policy: Arc<HttpPolicy>,
     config: Arc<GrantedConfig>,
     job_type: Arc<str>,
 }
 
+/// A component linked against the world it was built for.
+enum Pre {
+    V0_2(v0_2::HandlerPre<JobState>),
+    V0_1(v0_1::HandlerPre<JobState>),
+}
+
+impl Pre {
+    /// Tries the newest world first. A component that imports nothing of
+    /// quern's is told apart by its export alone (0.2's `job` has a deadline).
+    fn new(instance_pre: wasmtime::component::InstancePre<JobState>) -> Result<Self, LoadError> {
+        let newest = match v0_2::HandlerPre::new(instance_pre.clone()) {
+            Ok(pre) => return Ok(Self::V0_2(pre)),
+            Err(error) => error,
+        };
+        let imports_v0_1 = instance_pre
+            .component()
+            .component_type()
+            .imports(instance_pre.component().engine())
+            .any(|(name, _)| name.starts_with("quern:handler/") && name.contains("@0.1."));
+        match v0_1::HandlerPre::new(instance_pre) {
+            Ok(pre) => Ok(Self::V0_1(pre)),
+            Err(error) if imports_v0_1 => Err(world_mismatch(error)),
+            Err(_) => Err(world_mismatch(newest)),
+        }
+    }
+
+    fn world(&self) -> &'static str {
+        match self {
+            Self::V0_2(_) => WORLDS[0],
+            Self::V0_1(_) => WORLDS[1],
+        }
+    }
+
+    /// Instantiates the component in `store` and runs `handle` on `job`,
+    /// as the world it was built for names them.
+    async fn call(&self, store: &mut Store<JobState>, job: &Job) -> wasmtime::Result<Result<String, Failure>> {
+        match self {
+            Self::V0_2(pre) => {
+                let instance = pre.instantiate_async(&mut *store).await?;
+                instance.call_handle(store, job).await
+            }
+            Self::V0_1(pre) => {
+                let instance = pre.instantiate_async(&mut *store).await?;
+                let ended = instance.call_handle(store, &compat_v0_1::job(job)).await?;
+                Ok(ended.map_err(compat_v0_1::failure))
+            }
+        }
+    }
+}
+
 impl HandlerVersion {
+    /// The world the component was built against (e.g.
+    /// `quern:handler/handler@0.2.0`).
+    pub fn world(&self) -> &'static str {
+        self.pre.world()
+    }
+
     /// This version under the id it is known by elsewhere (stored and rolled
     /// out before the way ids are computed changed).
     pub fn named(self, version: &str) -> Self {
@@ -197,7 +259,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         let link = |linker: &mut Linker<JobState>| -> wasmtime::Result<()> {
             wasmtime_wasi::p2::add_to_linker_async(linker)?;
-            Handler::add_to_linker::<JobState, HasSelf<JobState>>(linker, |state| state)
+            v0_2::Handler::add_to_linker::<JobState, HasSelf<JobState>>(linker, |state| state)?;
+            v0_1::Handler::add_to_linker::<JobState, HasSelf<JobState>>(linker, |state| state)
         };
         link(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let outbound = Arc::new(OutboundHttp::new(settings.http.clone())?);
@@ -228,7 +291,7 @@ impl Runtime {
         let (component, cache_outcome) =
             self.cache.load(&self.engine, bytes, &sha256).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(world_mismatch)?;
-        let pre = HandlerPre::new(instance_pre).map_err(world_mismatch)?;
+        let pre = Pre::new(instance_pre)?;
 
         let policy = Arc::new(HttpPolicy::new(&manifest.job_type, manifest.allowed_hosts.clone()));
         self.outbound.grant_exact_names(&policy);
@@ -319,18 +382,16 @@ impl Runtime {
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
 
+        let deadline = handler.limits.deadline;
         let wit_job = Job {
             id: job.id.clone(),
             job_type: handler.manifest.job_type.clone(),
             input: job.input.clone(),
             attempt: job.attempt,
             max_attempts: job.max_attempts,
+            deadline_unix_ms: unix_ms(SystemTime::now() + deadline),
         };
-        let deadline = handler.limits.deadline;
-        let call = async {
-            let instance = handler.pre.instantiate_async(&mut store).await?;
-            instance.call_handle(&mut store, &wit_job).await
-        };
+        let call = handler.pre.call(&mut store, &wit_job);
         let ended = tokio::select! {
             biased;
             () = options.cancel.cancelled() => Ended::Cancelled,
@@ -386,8 +447,14 @@ fn check_component_header(bytes: &[u8]) -> Result<(), LoadError> {
 
 fn world_mismatch(error: wasmtime::Error) -> LoadError {
     LoadError::WorldMismatch(format!(
-        "{error:#} (this host provides {WORLD}, exporting `handle`, with WASI 0.2 imports)"
+        "the component does not fit the worlds this host runs ({}): {error:#} (a handler exports `handle` and imports only quern:handler and WASI 0.2 interfaces; \
+         build it against wit/handler.wit, {WORLD})",
+        WORLDS.join(", ")
     ))
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn check_output(output: String, max_bytes: usize) -> Outcome {

@@ -208,7 +208,7 @@ impl Registry {
             next.insert(job_type.clone(), handler.clone());
             next
         });
-        tracing::info!(job_type = %job_type, version = %handler.version, "handler version active");
+        tracing::info!(job_type = %job_type, version = %handler.version, world = handler.world(), "handler version active");
         let _ = self.events.send(RegistryEvent::Installed { job_type, version: handler.version.clone() });
         handler
     }

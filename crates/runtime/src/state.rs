@@ -7,7 +7,8 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::quern::handler::host;
+use super::bindings::Level;
+use super::bindings::v0_2::quern::handler::{host, types};
 use super::config::GrantedConfig;
 use super::http::HttpCap;
 use super::log::{JobLabels, LogBudget};
@@ -31,8 +32,8 @@ impl WasiView for JobState {
 }
 
 impl host::Host for JobState {
-    fn log(&mut self, level: String, message: String) {
-        super::log::write(&self.labels, &mut self.log_budget, &level, &message);
+    fn log(&mut self, level: Level, message: String) {
+        super::log::write(&self.labels, &mut self.log_budget, level.as_str(), &message);
     }
 
     fn progress(&mut self, percent: u8, message: String) {
@@ -44,7 +45,7 @@ impl host::Host for JobState {
     }
 }
 
-impl super::bindings::quern::handler::types::Host for JobState {}
+impl types::Host for JobState {}
 
 /// Caps a job's linear memory and remembers whether the cap was hit, so a
 /// trap that follows (Rust aborts when an allocation fails) is reported as the

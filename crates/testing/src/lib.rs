@@ -142,12 +142,12 @@ impl CannedHttp for Canned {
         request: &quern_runtime::http::Request,
     ) -> Result<quern_runtime::http::Response, quern_runtime::http::HttpError> {
         self.requests.lock().unwrap_or_else(|p| p.into_inner()).push(RecordedRequest {
-            method: request.method.to_ascii_uppercase(),
+            method: request.method.as_str().to_ascii_uppercase(),
             url: request.url.clone(),
             headers: request.headers.clone(),
             body: request.body.clone(),
         });
-        let key = format!("{} {}", request.method.to_ascii_uppercase(), request.url);
+        let key = format!("{} {}", request.method.as_str().to_ascii_uppercase(), request.url);
         let mut responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
         let canned = match responses.get_mut(&key) {
             Some(queue) if queue.len() > 1 => queue.remove(0),

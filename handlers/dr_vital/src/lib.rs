@@ -4,7 +4,7 @@
 //! A message that reads as an emergency is not sent to a model at all: the
 //! answer tells the user to seek care now.
 
-use quern_sdk::ai::{ChatRequest, Turn, chat, conversation};
+use quern_ai::{ChatRequest, Turn, chat, conversation};
 use quern_sdk::serde_json::{Map, Value};
 use quern_sdk::{Failure, Handler, JobInfo, retry};
 use serde::{Deserialize, Serialize};

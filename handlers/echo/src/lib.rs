@@ -37,7 +37,7 @@ mod tests {
     use super::*;
 
     fn job() -> JobInfo {
-        JobInfo { id: "j-1".into(), job_type: "echo".into(), attempt: 2, max_attempts: 3 }
+        JobInfo { id: "j-1".into(), job_type: "echo".into(), attempt: 2, max_attempts: 3, deadline_unix_ms: 0 }
     }
 
     #[test]
@@ -58,6 +58,7 @@ mod tests {
             input: "[1,2]".into(),
             attempt: 1,
             max_attempts: 1,
+            deadline_unix_ms: 0,
         };
         match quern_sdk::run::<Echo>(job) {
             Err(Failure::Fail(reason)) => assert!(reason.starts_with("invalid input: "), "{reason}"),

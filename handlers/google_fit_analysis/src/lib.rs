@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use quern_sdk::ai::{ChatRequest, Message, chat};
+use quern_ai::{ChatRequest, Message, chat};
 use quern_sdk::{Failure, Handler, JobInfo, fail, retry};
 use serde::{Deserialize, Serialize};
 

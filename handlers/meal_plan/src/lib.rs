@@ -4,7 +4,7 @@
 //! from the foods and checked against the targets; a plan more than 20 % off
 //! a day's target is sent back once to be fixed.
 
-use quern_sdk::ai::{ChatRequest, Message, chat_json};
+use quern_ai::{ChatRequest, Message, chat_json};
 use quern_sdk::{Failure, Handler, JobInfo, fail};
 use serde::{Deserialize, Serialize};
 

@@ -3,7 +3,7 @@
 //! (low, normal, high) is computed here from the value and its range when
 //! the range is readable; the model's flag is used only when it is not.
 
-use quern_sdk::ai::{ChatRequest, Message, Part, chat_json};
+use quern_ai::{ChatRequest, Message, Part, chat_json};
 use quern_sdk::{Failure, Handler, JobInfo, fail};
 use serde::{Deserialize, Serialize};
 

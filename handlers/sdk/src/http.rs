@@ -9,7 +9,45 @@ use crate::{Failure, fail, retry, retry_after};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use crate::bindings::quern::handler::http::{Error, Request, Response};
+pub use crate::bindings::quern::handler::http::{Error, Method, Request, Response};
+
+impl Method {
+    /// The method's name as sent on the wire (`other` as given).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Get => "GET",
+            Self::Head => "HEAD",
+            Self::Post => "POST",
+            Self::Put => "PUT",
+            Self::Delete => "DELETE",
+            Self::Patch => "PATCH",
+            Self::Options => "OPTIONS",
+            Self::Other(name) => name,
+        }
+    }
+}
+
+impl From<&str> for Method {
+    /// A method by name, in any case; an unknown name becomes `other`, as given.
+    fn from(name: &str) -> Self {
+        match name.to_ascii_uppercase().as_str() {
+            "GET" => Self::Get,
+            "HEAD" => Self::Head,
+            "POST" => Self::Post,
+            "PUT" => Self::Put,
+            "DELETE" => Self::Delete,
+            "PATCH" => Self::Patch,
+            "OPTIONS" => Self::Options,
+            _ => Self::Other(name.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Sends a request as is.
 pub fn send(request: &Request) -> Result<Response, Error> {
@@ -18,12 +56,12 @@ pub fn send(request: &Request) -> Result<Response, Error> {
 
 /// Starts a GET request.
 pub fn get(url: impl Into<String>) -> RequestBuilder {
-    RequestBuilder::new("GET", url)
+    RequestBuilder::new(Method::Get, url)
 }
 
 /// Starts a POST request.
 pub fn post(url: impl Into<String>) -> RequestBuilder {
-    RequestBuilder::new("POST", url)
+    RequestBuilder::new(Method::Post, url)
 }
 
 /// Builds a [`Request`].
@@ -33,10 +71,11 @@ pub struct RequestBuilder {
 }
 
 impl RequestBuilder {
-    pub fn new(method: &str, url: impl Into<String>) -> Self {
+    /// A request with `method` (a [`Method`] or its name: `"GET"`, `"propfind"`).
+    pub fn new(method: impl Into<Method>, url: impl Into<String>) -> Self {
         Self {
             request: Request {
-                method: method.to_string(),
+                method: method.into(),
                 url: url.into(),
                 headers: Vec::new(),
                 body: None,

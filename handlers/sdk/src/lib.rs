@@ -26,17 +26,17 @@
 //! into the host and so only works inside quern; keep pure logic in plain
 //! functions and test it with `cargo test` on the host target.
 
-pub mod ai;
 pub mod http;
 pub mod input;
 mod log;
 
-/// The generated bindings of the `quern:handler` world (see `wit/` at the root
-/// of the repository).
+/// The generated bindings of the `quern:handler@0.2.0` world. The crate's
+/// `wit/` is the repository's (a link, resolved when the crate is packaged),
+/// so a published SDK carries the world it was built against.
 #[allow(clippy::too_many_arguments)] // generated
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "wit",
         world: "quern:handler/handler",
         pub_export_macro: true,
         export_macro_name: "export_world",
@@ -44,6 +44,7 @@ pub mod bindings {
     });
 }
 
+pub use bindings::quern::handler::host::Level;
 pub use bindings::quern::handler::types::{Failure, Job, Retry};
 pub use serde_json;
 
@@ -57,12 +58,25 @@ pub struct JobInfo {
     pub job_type: String,
     pub attempt: u32,
     pub max_attempts: u32,
+    /// When the host stops this attempt, in Unix milliseconds; see
+    /// [`JobInfo::remaining`].
+    pub deadline_unix_ms: u64,
 }
 
 impl JobInfo {
     /// Whether this is the job's last attempt: a `retry` now ends it as failed.
     pub fn is_last_attempt(&self) -> bool {
         self.attempt >= self.max_attempts
+    }
+
+    /// The time left before the host stops this attempt (zero once past):
+    /// give an upstream no longer than this, and fail cleanly instead of
+    /// being cut off.
+    pub fn remaining(&self) -> std::time::Duration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+        std::time::Duration::from_millis(self.deadline_unix_ms.saturating_sub(now))
     }
 }
 
@@ -140,7 +154,13 @@ fn without_values(error: &serde_json::Error) -> String {
 /// [`export_handler!`] exports; it calls no host function itself.
 pub fn run<H: Handler>(job: Job) -> Result<String, Failure> {
     let input: H::Input = parse_input(&job.input)?;
-    let info = JobInfo { id: job.id, job_type: job.job_type, attempt: job.attempt, max_attempts: job.max_attempts };
+    let info = JobInfo {
+        id: job.id,
+        job_type: job.job_type,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        deadline_unix_ms: job.deadline_unix_ms,
+    };
     let output = H::handle(&info, input)?;
     serde_json::to_string(&output).map_err(|error| fail(format!("could not encode the result: {error}")))
 }
@@ -162,8 +182,13 @@ pub fn required_config(key: &str) -> Result<String, Failure> {
 }
 
 #[doc(hidden)]
-pub fn log_at(level: &str, message: &str) {
+pub fn log_at(level: Level, message: &str) {
     log::write(level, message);
+}
+
+#[doc(hidden)]
+pub fn install_logger(own_crate: &'static str) {
+    log::install(own_crate);
 }
 
 /// Exports a [`Handler`] as the component's `handle` function.
@@ -174,6 +199,7 @@ macro_rules! export_handler {
             struct QuernExport;
             impl $crate::bindings::Guest for QuernExport {
                 fn handle(job: $crate::Job) -> ::core::result::Result<::std::string::String, $crate::Failure> {
+                    $crate::install_logger(::core::env!("CARGO_CRATE_NAME"));
                     $crate::run::<$handler>(job)
                 }
             }

@@ -10,8 +10,8 @@
 //! `totals` (computed here from the items), with `detections`, `provider`,
 //! `model` and `meal_type`.
 
+use quern_ai::{ChatRequest, Message, Part, chat_json};
 use quern_nutrition::{Food, ModelFoods, SYSTEM_PROMPT, Totals, check, totals};
-use quern_sdk::ai::{ChatRequest, Message, Part, chat_json};
 use quern_sdk::http::{failure_from_error, post, snippet};
 use quern_sdk::{Failure, Handler, JobInfo, config, fail};
 use serde::{Deserialize, Serialize};

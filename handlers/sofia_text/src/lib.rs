@@ -2,8 +2,8 @@
 //! and macronutrients, estimated by the AI provider chain; totals computed
 //! here from the foods.
 
+use quern_ai::{ChatRequest, Message, chat_json};
 use quern_nutrition::{Food, ModelFoods, SYSTEM_PROMPT, Totals, check, totals};
-use quern_sdk::ai::{ChatRequest, Message, chat_json};
 use quern_sdk::{Failure, Handler, JobInfo, fail};
 use serde::{Deserialize, Serialize};
 

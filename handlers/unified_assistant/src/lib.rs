@@ -4,7 +4,7 @@
 //! checked to be non-empty. The reply is `response`, as the seed's worker
 //! returns it; fields the app adds (`userId`, a turn's `timestamp`) are ignored.
 
-use quern_sdk::ai::{ChatRequest, Turn, chat, conversation};
+use quern_ai::{ChatRequest, Turn, chat, conversation};
 use quern_sdk::serde_json::{Map, Value};
 use quern_sdk::{Failure, Handler, JobInfo, retry};
 use serde::{Deserialize, Serialize};

@@ -3,7 +3,7 @@
 //! from the job before in a pipeline (`previous`), or written by the AI
 //! provider chain as a reply to an incoming message (`reply_to`).
 
-use quern_sdk::ai::{ChatRequest, Message, chat};
+use quern_ai::{ChatRequest, Message, chat};
 use quern_sdk::serde_json::{Value, json};
 use quern_sdk::{Failure, Handler, JobInfo, fail, retry};
 use quern_whatsapp::{e164_digits, send, text_body};

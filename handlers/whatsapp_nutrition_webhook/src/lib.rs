@@ -5,8 +5,8 @@
 //! first: a failing model is retried before anything is sent, and once the
 //! reply may have left it is never sent again (see `quern-whatsapp`).
 
+use quern_ai::{ChatRequest, Message, Part, chat_json};
 use quern_nutrition::{Food, ModelFoods, SYSTEM_PROMPT, Totals, check, totals};
-use quern_sdk::ai::{ChatRequest, Message, Part, chat_json};
 use quern_sdk::{Failure, Handler, JobInfo, fail};
 use quern_whatsapp::{e164_digits, send, text_body};
 use serde::{Deserialize, Serialize};

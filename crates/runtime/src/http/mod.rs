@@ -18,8 +18,9 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
-use super::bindings::quern::handler::http as wit;
-pub use super::bindings::quern::handler::http::{Error as HttpError, Request, Response};
+pub use super::bindings::Method;
+use super::bindings::v0_2::quern::handler::http as wit;
+pub use super::bindings::v0_2::quern::handler::http::{Error as HttpError, Request, Response};
 use super::state::JobState;
 
 mod address;
@@ -191,8 +192,8 @@ enum TryError {
 
 async fn send_with_retries(outbound: &OutboundHttp, request: Request, url: url::Url) -> Result<Response, HttpError> {
     let settings = outbound.settings();
-    let method = reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
-        .map_err(|_| HttpError::InvalidRequest(format!("invalid method {:?}", request.method)))?;
+    let method = reqwest::Method::from_bytes(request.method.as_str().as_bytes())
+        .map_err(|_| HttpError::InvalidRequest(format!("invalid method {:?}", request.method.as_str())))?;
     let headers = header_map(&request.headers)?;
     let timeout = request
         .timeout_ms

@@ -1,5 +1,5 @@
-//! AI chat through a chain of providers that speak the OpenAI chat-completions
-//! wire format: Ollama (`OLLAMA_URL`, its `/v1/chat/completions`), then Gemini
+//! `quern-ai`: AI chat for quern handlers, through a chain of providers that
+//! speak the OpenAI chat-completions wire format: Ollama (`OLLAMA_URL`, its `/v1/chat/completions`), then Gemini
 //! (`GEMINI_API_KEY`, at `GEMINI_BASE_URL`, by default Google's
 //! OpenAI-compatible endpoint), then any OpenAI-compatible endpoint
 //! (`OPENAI_BASE_URL`, `OPENAI_API_KEY`). Each is used only when the handler's
@@ -22,8 +22,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::http::{Request, Response, failure_from_error, post, retry_after_ms, snippet};
-use crate::{Failure, config, fail, retry, retry_after};
+use quern_sdk::http::{Request, Response, failure_from_error, post, retry_after_ms, snippet};
+use quern_sdk::{Failure, config, fail, retry, retry_after};
 
 /// One provider of the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +214,7 @@ pub fn chat_with(chain: &[Provider], request: &ChatRequest) -> Result<ChatReply,
             Ok(reply) => return Ok(reply),
             Err(ProviderError::Refused(failure)) => return Err(failure),
             Err(ProviderError::Unavailable(failure)) => {
-                crate::warn!("AI provider {} unavailable, trying the next: {}", provider.name, reason(&failure));
+                quern_sdk::warn!("AI provider {} unavailable, trying the next: {}", provider.name, reason(&failure));
                 last = Some(failure);
             }
         }
@@ -306,7 +306,7 @@ pub fn ask(provider: &Provider, request: &ChatRequest) -> Result<ChatReply, Prov
         builder = builder.timeout_ms(timeout);
     }
     let sent = builder.build();
-    let response = crate::http::send(&sent).map_err(|error| match failure_from_error(&sent, &error) {
+    let response = quern_sdk::http::send(&sent).map_err(|error| match failure_from_error(&sent, &error) {
         retryable @ Failure::Retry(_) => ProviderError::Unavailable(retryable),
         permanent => ProviderError::Refused(permanent),
     })?;
