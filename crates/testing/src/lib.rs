@@ -16,6 +16,8 @@
 //! The manifest beside the component (`<type>.toml`) applies, allowlist
 //! included: a request to a host it does not allow is denied, as in production.
 
+pub mod upstreams;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -3,12 +3,11 @@
 use quern_testing::{CannedResponse, Harness};
 use serde_json::{Value, json};
 
-const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
+use quern_testing::upstreams::OLLAMA_CHAT as OLLAMA;
 
 fn harness() -> Harness {
     Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
-        .allow_host("ollama.test")
-        .config("OLLAMA_URL", "http://ollama.test")
+        .with_ollama()
         .build()
         .expect("build the handlers first: cargo xtask build-handlers")
 }

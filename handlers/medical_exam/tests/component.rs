@@ -3,16 +3,12 @@
 use quern_testing::{CannedResponse, Harness, HttpErrorKind};
 use serde_json::json;
 
-const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
-const GEMINI: &str = "http://gemini.test/v1/chat/completions";
+use quern_testing::upstreams::{GEMINI_CHAT as GEMINI, OLLAMA_CHAT as OLLAMA};
 
 fn harness() -> Harness {
     Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
-        .allow_host("ollama.test")
-        .allow_host("gemini.test")
-        .config("OLLAMA_URL", "http://ollama.test")
-        .config("GEMINI_API_KEY", "k")
-        .config("GEMINI_BASE_URL", "http://gemini.test/v1")
+        .with_ollama()
+        .with_gemini()
         .build()
         .expect("build the handlers first: cargo xtask build-handlers")
 }

@@ -6,18 +6,14 @@ use quern_testing::{CannedResponse, Harness, HttpErrorKind};
 use serde_json::json;
 
 const YOLO: &str = "http://yolo.test/detect";
-const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
-const GEMINI: &str = "http://gemini.test/v1/chat/completions";
+use quern_testing::upstreams::{GEMINI_CHAT as GEMINI, OLLAMA_CHAT as OLLAMA};
 
 fn harness() -> Harness {
     Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
         .allow_host("yolo.test")
-        .allow_host("ollama.test")
-        .allow_host("gemini.test")
         .config("YOLO_URL", "http://yolo.test")
-        .config("OLLAMA_URL", "http://ollama.test")
-        .config("GEMINI_API_KEY", "gemini-key")
-        .config("GEMINI_BASE_URL", "http://gemini.test/v1")
+        .with_ollama()
+        .with_gemini()
         .build()
         .expect("build the handlers first: cargo xtask build-handlers")
 }

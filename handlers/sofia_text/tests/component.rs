@@ -5,15 +5,14 @@ use quern_testing::Outcome;
 use quern_testing::{CannedResponse, Harness, HttpErrorKind};
 use serde_json::json;
 
-const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
+use quern_testing::upstreams::{GEMINI_KEY, OLLAMA_CHAT as OLLAMA};
 const GEMINI: &str = "http://gemini.test/v1beta/openai/chat/completions";
 
 fn harness() -> Harness {
     Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
-        .allow_host("ollama.test")
+        .with_ollama()
         .allow_host("gemini.test")
-        .config("OLLAMA_URL", "http://ollama.test")
-        .config("GEMINI_API_KEY", "gemini-key")
+        .config("GEMINI_API_KEY", GEMINI_KEY)
         .config("GEMINI_BASE_URL", "http://gemini.test/v1beta/openai")
         .build()
         .expect("build the handlers first: cargo xtask build-handlers")
@@ -78,7 +77,7 @@ async fn ollama_down_falls_through_to_gemini_and_says_who_answered() {
     let output = run.output();
     assert_eq!((output["provider"].clone(), output["model"].clone()), (json!("gemini"), json!("gemini-2.5-flash")));
     assert_eq!(run.requests.len(), 2);
-    assert_eq!(run.requests[1].header("authorization"), Some("Bearer gemini-key"));
+    assert_eq!(run.requests[1].header("authorization"), Some(format!("Bearer {GEMINI_KEY}").as_str()));
 }
 
 #[tokio::test]

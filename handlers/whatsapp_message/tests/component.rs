@@ -3,14 +3,11 @@
 use quern_testing::{CannedResponse, Harness, HttpErrorKind};
 use serde_json::json;
 
-const API: &str = "http://graph.test/v21.0/1234567890/messages";
+use quern_testing::upstreams::{OLLAMA_CHAT, WHATSAPP_MESSAGES as API, WHATSAPP_TOKEN};
 
 fn harness() -> Harness {
     Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
-        .allow_host("graph.test")
-        .config("WHATSAPP_API_URL", "http://graph.test/v21.0")
-        .config("WHATSAPP_TOKEN", "wa-token")
-        .config("WHATSAPP_PHONE_NUMBER_ID", "1234567890")
+        .with_whatsapp()
         .build()
         .expect("build the handlers first: cargo xtask build-handlers")
 }
@@ -30,7 +27,7 @@ async fn a_text_message_is_sent_once_in_the_cloud_api_format() {
     let run = harness.run(json!({"to": "+5511999998888", "text": "Seu plano da semana está pronto!"})).await;
     assert_eq!(run.output(), json!({"message_id": "wamid.HBgM", "to": "5511999998888", "status": "accepted"}));
     assert_eq!(run.requests.len(), 1);
-    assert_eq!(run.requests[0].header("authorization"), Some("Bearer wa-token"));
+    assert_eq!(run.requests[0].header("authorization"), Some(format!("Bearer {WHATSAPP_TOKEN}").as_str()));
     let body = run.requests[0].json().unwrap();
     assert_eq!(body["messaging_product"], "whatsapp");
     assert_eq!(
@@ -53,18 +50,10 @@ async fn after_the_assistant_in_a_pipeline_its_response_is_sent_and_the_app_s_us
 
 #[tokio::test]
 async fn an_incoming_message_gets_an_ai_reply_sent_once() {
-    let harness = Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
-        .allow_host("graph.test")
-        .allow_host("ollama.test")
-        .config("WHATSAPP_API_URL", "http://graph.test/v21.0")
-        .config("WHATSAPP_TOKEN", "wa-token")
-        .config("WHATSAPP_PHONE_NUMBER_ID", "1234567890")
-        .config("OLLAMA_URL", "http://ollama.test")
-        .build()
-        .unwrap();
+    let harness = Harness::of_crate(env!("CARGO_MANIFEST_DIR")).with_whatsapp().with_ollama().build().unwrap();
     harness.respond(
         "POST",
-        "http://ollama.test/v1/chat/completions",
+        OLLAMA_CHAT,
         CannedResponse::chat_completion("llama3.2", "Prefira frutas e iogurte natural."),
     );
     harness.respond("POST", API, accepted());

@@ -4,17 +4,12 @@
 use quern_testing::{CannedResponse, Harness, HttpErrorKind};
 use serde_json::json;
 
-const OLLAMA: &str = "http://ollama.test/v1/chat/completions";
-const API: &str = "http://graph.test/v21.0/1234567890/messages";
+use quern_testing::upstreams::{OLLAMA_CHAT as OLLAMA, WHATSAPP_MESSAGES as API};
 
 fn harness() -> Harness {
     Harness::of_crate(env!("CARGO_MANIFEST_DIR"))
-        .allow_host("graph.test")
-        .allow_host("ollama.test")
-        .config("WHATSAPP_API_URL", "http://graph.test/v21.0")
-        .config("WHATSAPP_TOKEN", "wa-token")
-        .config("WHATSAPP_PHONE_NUMBER_ID", "1234567890")
-        .config("OLLAMA_URL", "http://ollama.test")
+        .with_whatsapp()
+        .with_ollama()
         .build()
         .expect("build the handlers first: cargo xtask build-handlers")
 }
