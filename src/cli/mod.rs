@@ -65,13 +65,16 @@ enum Command {
 }
 
 impl Cli {
-    /// Long-running servers log JSON lines; one-off commands log plain text.
+    /// Long-running servers log JSON lines for a log collector; one-off
+    /// commands, and a server whose stderr is a terminal (someone is reading
+    /// it), log plain text. `QUERN_LOG_FORMAT` decides when set.
     pub fn logs_json(&self) -> bool {
+        use std::io::IsTerminal;
         let server = matches!(self.command, Command::Serve(_) | Command::Gateway(_) | Command::Worker(_));
         match std::env::var("QUERN_LOG_FORMAT").as_deref() {
             Ok("json") => true,
             Ok("text") => false,
-            _ => server,
+            _ => server && !std::io::stderr().is_terminal(),
         }
     }
 }

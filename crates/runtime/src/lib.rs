@@ -282,8 +282,8 @@ impl Runtime {
             tracing::warn!(
                 job_type = %manifest.job_type,
                 variables = %config::list(&undeclared),
-                "the handler reads variables this host does not offer, so they read as absent: offer them with \
-                 QUERN_VAR_<NAME>, the handler config file (QUERN_HANDLER_CONFIG) or QUERN_HANDLER_ENV"
+                hint = "offer them with QUERN_VAR_<NAME>, the handler config file (QUERN_HANDLER_CONFIG) or QUERN_HANDLER_ENV",
+                "the handler reads variables this host does not offer; they read as absent"
             );
         }
         let started = Instant::now();
