@@ -24,6 +24,7 @@ pub mod registry;
 mod state;
 mod stdio;
 pub mod telemetry;
+mod world;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -31,11 +32,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use self::bindings::{Failure, Job, v0_1, v0_2};
+use self::bindings::{Failure, Job};
 use self::config::{ConfigSource, GrantedConfig};
 use self::engine::{CacheOutcome, CompileCache};
 use self::http::{HostRule, HttpCap, HttpPolicy, HttpSettings, OutboundHttp, Transport};
@@ -46,13 +47,8 @@ use self::stdio::CapturedOutput;
 use crate::manifest::{Limits, Manifest, ManifestError};
 
 pub use self::engine::sha256_hex;
-
-/// The world handlers are built against today, as they name it.
-pub const WORLD: &str = "quern:handler/handler@0.2.0";
-
-/// Every world this host runs, newest first: a component built against any
-/// 0.1.x or 0.2.x release of the WIT loads (docs/wit-versions.md).
-pub const WORLDS: [&str; 2] = [WORLD, "quern:handler/handler@0.1.0"];
+use self::world::{Pre, world_mismatch};
+pub use self::world::{WORLD, WORLDS};
 
 /// How much of a job's stdout and stderr is kept for the log.
 const STDIO_CAP: usize = 64 << 10;
@@ -135,56 +131,6 @@ pub struct HandlerVersion {
     job_type: Arc<str>,
 }
 
-/// A component linked against the world it was built for.
-enum Pre {
-    V0_2(v0_2::HandlerPre<JobState>),
-    V0_1(v0_1::HandlerPre<JobState>),
-}
-
-impl Pre {
-    /// Tries the newest world first. A component that imports nothing of
-    /// quern's is told apart by its export alone (0.2's `job` has a deadline).
-    fn new(instance_pre: wasmtime::component::InstancePre<JobState>) -> Result<Self, LoadError> {
-        let newest = match v0_2::HandlerPre::new(instance_pre.clone()) {
-            Ok(pre) => return Ok(Self::V0_2(pre)),
-            Err(error) => error,
-        };
-        let imports_v0_1 = instance_pre
-            .component()
-            .component_type()
-            .imports(instance_pre.component().engine())
-            .any(|(name, _)| name.starts_with("quern:handler/") && name.contains("@0.1."));
-        match v0_1::HandlerPre::new(instance_pre) {
-            Ok(pre) => Ok(Self::V0_1(pre)),
-            Err(error) if imports_v0_1 => Err(world_mismatch(error)),
-            Err(_) => Err(world_mismatch(newest)),
-        }
-    }
-
-    fn world(&self) -> &'static str {
-        match self {
-            Self::V0_2(_) => WORLDS[0],
-            Self::V0_1(_) => WORLDS[1],
-        }
-    }
-
-    /// Instantiates the component in `store` and runs `handle` on `job`,
-    /// as the world it was built for names them.
-    async fn call(&self, store: &mut Store<JobState>, job: &Job) -> wasmtime::Result<Result<String, Failure>> {
-        match self {
-            Self::V0_2(pre) => {
-                let instance = pre.instantiate_async(&mut *store).await?;
-                instance.call_handle(store, job).await
-            }
-            Self::V0_1(pre) => {
-                let instance = pre.instantiate_async(&mut *store).await?;
-                let ended = instance.call_handle(store, &compat_v0_1::job(job)).await?;
-                Ok(ended.map_err(compat_v0_1::failure))
-            }
-        }
-    }
-}
-
 impl HandlerVersion {
     /// The world the component was built against (e.g.
     /// `quern:handler/handler@0.2.0`).
@@ -257,12 +203,7 @@ impl Runtime {
         let engine = engine::new_engine(settings.max_instances).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         engine::start_epoch_ticker(&engine);
         let mut linker = Linker::new(&engine);
-        let link = |linker: &mut Linker<JobState>| -> wasmtime::Result<()> {
-            wasmtime_wasi::p2::add_to_linker_async(linker)?;
-            v0_2::Handler::add_to_linker::<JobState, HasSelf<JobState>>(linker, |state| state)?;
-            v0_1::Handler::add_to_linker::<JobState, HasSelf<JobState>>(linker, |state| state)
-        };
-        link(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        world::add_to_linker(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let outbound = Arc::new(OutboundHttp::new(settings.http.clone())?);
         let cache = CompileCache::new(settings.cache_dir.clone());
         Ok(Self { engine, linker, cache, outbound, settings })
@@ -443,14 +384,6 @@ fn check_component_header(bytes: &[u8]) -> Result<(), LoadError> {
         ));
     }
     Ok(())
-}
-
-fn world_mismatch(error: wasmtime::Error) -> LoadError {
-    LoadError::WorldMismatch(format!(
-        "the component does not fit the worlds this host runs ({}): {error:#} (a handler exports `handle` and imports only quern:handler and WASI 0.2 interfaces; \
-         build it against wit/handler.wit, {WORLD})",
-        WORLDS.join(", ")
-    ))
 }
 
 fn unix_ms(time: SystemTime) -> u64 {
