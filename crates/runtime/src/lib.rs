@@ -1,10 +1,10 @@
 //! The wasmtime side of quern: turns component bytes plus a manifest into a
 //! loaded [`HandlerVersion`], and runs one job on it in a fresh sandbox.
 //!
-//! Built once per process: the engine, the linker (WASI + the `quern:handler`
-//! imports) and the outbound HTTP client. Built once per handler version: the
-//! compiled component, its pre-linked `HandlerPre`, its HTTP policy and granted
-//! configuration. Built per job: a `Store` with its WASI context, limits and
+//! Built once per process: the engine, the linker (WASI + the imports of every
+//! `quern:handler` world it runs, see `world`) and the outbound HTTP client.
+//! Built once per handler version: the compiled component, pre-linked against
+//! the world it was built for, its HTTP policy and granted configuration. Built per job: a `Store` with its WASI context, limits and
 //! capability state, dropped when the job ends. This module knows nothing of
 //! queues, databases or HTTP routes.
 //!
