@@ -111,6 +111,15 @@ impl RequestBuilder {
         self
     }
 
+    /// Gives the request at most nine tenths of the time the attempt has
+    /// left (the host caps it further at its own maximum). A slow upstream
+    /// then ends as a `timeout` the handler turns into a retry, before the
+    /// host stops the attempt at its deadline, which would fail it for good.
+    pub fn within(self, job: &crate::JobInfo) -> Self {
+        let left = u32::try_from(job.remaining().as_millis()).unwrap_or(u32::MAX);
+        self.timeout_ms((left / 10 * 9).max(1))
+    }
+
     /// Declares whether sending twice is harmless (see the WIT `request` docs).
     pub fn idempotent(mut self, idempotent: bool) -> Self {
         self.request.idempotent = Some(idempotent);
@@ -211,6 +220,22 @@ pub fn snippet(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn within_leaves_a_tenth_of_the_attempt_for_the_handler() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let job = |deadline_unix_ms| crate::JobInfo {
+            id: "j".into(),
+            job_type: "t".into(),
+            attempt: 1,
+            max_attempts: 1,
+            deadline_unix_ms,
+        };
+        let timeout = get("http://x.test").within(&job(now + 10_000)).build().timeout_ms.unwrap();
+        assert!((8_500..=9_000).contains(&timeout), "{timeout} ms of 10 s left");
+        let past = get("http://x.test").within(&job(now.saturating_sub(1))).build().timeout_ms;
+        assert_eq!(past, Some(1), "an attempt past its deadline still sends with the least timeout");
+    }
 
     fn response(status: u16, headers: &[(&str, &str)], body: &str) -> Response {
         Response {
