@@ -71,7 +71,7 @@ pub struct RequestBuilder {
 }
 
 impl RequestBuilder {
-    /// A request with `method` (a [`Method`] or its name: `"GET"`, `"propfind"`).
+    /// A request with `method` (a [`Method`] or its name: `"GET"`, `"PROPFIND"`).
     pub fn new(method: impl Into<Method>, url: impl Into<String>) -> Self {
         Self {
             request: Request {
