@@ -27,6 +27,18 @@ impl Method {
     }
 }
 
+impl Response {
+    /// A response as an upstream would send it: for unit tests of code that
+    /// reads responses (`check_status`, `decode_json`, a handler's parser).
+    pub fn new(status: u16, headers: &[(&str, &str)], body: impl Into<Vec<u8>>) -> Self {
+        Self {
+            status,
+            headers: headers.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect(),
+            body: body.into(),
+        }
+    }
+}
+
 impl From<&str> for Method {
     /// A method by name, in any case; an unknown name becomes `other`, as given.
     fn from(name: &str) -> Self {
@@ -238,11 +250,7 @@ mod tests {
     }
 
     fn response(status: u16, headers: &[(&str, &str)], body: &str) -> Response {
-        Response {
-            status,
-            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            body: body.as_bytes().to_vec(),
-        }
+        Response::new(status, headers, body)
     }
 
     #[test]
