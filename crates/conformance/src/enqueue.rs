@@ -5,17 +5,26 @@ use super::*;
 pub async fn cache_hits_are_counted_atomically<S: Subject>(db: &S) {
     let now = Utc::now();
     db.store().cache_put("t:v:k", "t", &json!({"r": 1}), now, now + chrono::Duration::hours(1)).await.unwrap();
-    let mut hits = tokio::task::JoinSet::new();
-    for _ in 0..20 {
+    // Twenty writers count hits at once, some folded (2 per write): all add up.
+    let mut writers = tokio::task::JoinSet::new();
+    for n in 0..20 {
         let store = db.store().clone();
-        hits.spawn(async move { store.cache_hit("t:v:k", Utc::now()).await.unwrap() });
+        writers.spawn(async move {
+            let hits = CacheHits { key: "t:v:k".into(), count: 1 + (n % 2), last_hit_at: Utc::now() };
+            store.count_cache_hits(&[hits]).await.unwrap();
+            store.cache_lookup("t:v:k", Utc::now()).await.unwrap()
+        });
     }
-    while let Some(hit) = hits.join_next().await {
-        assert_eq!(hit.unwrap(), Some(json!({"r": 1})));
+    while let Some(read) = writers.join_next().await {
+        assert_eq!(read.unwrap(), Some(json!({"r": 1})));
     }
     let entry = db.store().cache_entry("t:v:k").await.unwrap().unwrap();
-    assert_eq!(entry.hit_count, 20);
-    assert!(entry.last_hit_at.is_some());
+    assert_eq!(entry.hit_count, 30);
+    assert!(entry.last_hit_at.is_some_and(|at| at >= now));
+    // Counting a hit on an entry purged meanwhile writes nothing, and is no error.
+    let gone = CacheHits { key: "t:v:gone".into(), count: 1, last_hit_at: now };
+    db.store().count_cache_hits(&[gone]).await.unwrap();
+    assert!(db.store().cache_entry("t:v:gone").await.unwrap().is_none());
 }
 
 pub async fn expired_cache_entries_miss_and_are_purged<S: Subject>(db: &S) {
@@ -25,7 +34,7 @@ pub async fn expired_cache_entries_miss_and_are_purged<S: Subject>(db: &S) {
         .await
         .unwrap();
     db.store().cache_put("new", "t", &json!(2), now, now + chrono::Duration::hours(1)).await.unwrap();
-    assert_eq!(db.store().cache_hit("old", now).await.unwrap(), None);
+    assert_eq!(db.store().cache_lookup("old", now).await.unwrap(), None);
     assert_eq!(db.store().purge_cache(now).await.unwrap(), 1);
     assert!(db.store().cache_entry("old").await.unwrap().is_none());
     assert!(db.store().cache_entry("new").await.unwrap().is_some());

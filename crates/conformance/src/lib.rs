@@ -26,7 +26,7 @@ use quern_runtime::manifest::{CacheScope, Manifest};
 use quern_runtime::registry::{Registry, read_component};
 use quern_runtime::{Outcome, Runtime};
 use quern_store::{
-    AttemptEnd, AttemptOutcome, CancelOutcome, JobStatus, LimitedJob, Step, Store, StoreError, Transition,
+    AttemptEnd, AttemptOutcome, CacheHits, CancelOutcome, JobStatus, LimitedJob, Step, Store, StoreError, Transition,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;

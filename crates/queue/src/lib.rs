@@ -11,6 +11,7 @@ pub mod cache_key;
 pub mod completer;
 pub mod events;
 mod group_commit;
+mod hits;
 pub mod leader;
 pub mod maintenance;
 pub mod rollout;
@@ -148,11 +149,17 @@ pub struct Queue {
     store: Arc<dyn Store>,
     settings: QueueSettings,
     enqueues: group_commit::GroupCommit,
+    hits: hits::HitCounter,
 }
 
 impl Queue {
     pub fn new(store: Arc<dyn Store>, settings: QueueSettings) -> Self {
-        Self { enqueues: group_commit::GroupCommit::new(store.clone()), store, settings }
+        Self {
+            enqueues: group_commit::GroupCommit::new(store.clone()),
+            hits: hits::HitCounter::new(store.clone()),
+            store,
+            settings,
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -285,7 +292,8 @@ impl Queue {
     }
 
     /// A live cached result for this input on this handler version, for a
-    /// job of `owner` under the type's cache scope; counts the hit.
+    /// job of `owner` under the type's cache scope. A read: the hit is
+    /// counted in the entry soon after, off the caller's path (see `hits`).
     pub async fn cached_result(
         &self,
         job_type: &str,
@@ -297,7 +305,13 @@ impl Queue {
         if !self.settings.cache_enabled {
             return Ok(None);
         }
-        self.store.cache_hit(&cache_key::cache_key(job_type, version, scope, owner, input), Utc::now()).await
+        let key = cache_key::cache_key(job_type, version, scope, owner, input);
+        let now = Utc::now();
+        let result = self.store.cache_lookup(&key, now).await?;
+        if result.is_some() {
+            self.hits.count(key, now);
+        }
+        Ok(result)
     }
 
     /// The transition that ends a claimed job's attempt with `outcome`.

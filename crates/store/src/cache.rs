@@ -27,13 +27,28 @@ pub struct CacheStats {
     pub hits: i64,
 }
 
+/// Hits on one cache entry, counted in memory and written together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheHits {
+    pub key: String,
+    pub count: i64,
+    pub last_hit_at: DateTime<Utc>,
+}
+
 /// The result cache.
 #[async_trait]
 pub trait CacheStore: Send + Sync {
     async fn cache_stats(&self, now: DateTime<Utc>) -> Result<CacheStats, StoreError>;
 
-    /// A live cached result; counts the hit atomically.
-    async fn cache_hit(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Value>, StoreError>;
+    /// A live cached result. A read: the hit is counted apart, with
+    /// [`CacheStore::count_cache_hits`], so serving a cached result takes no
+    /// write (on SQLite, not the single writer).
+    async fn cache_lookup(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Value>, StoreError>;
+
+    /// Adds hits to their entries (an entry purged meanwhile is skipped);
+    /// concurrent counts add up. Relaxed: a count lost in a database crash
+    /// is harmless.
+    async fn count_cache_hits(&self, hits: &[CacheHits]) -> Result<(), StoreError>;
 
     /// A cache row as it is, without counting a hit.
     async fn cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError>;

@@ -32,7 +32,7 @@ use chrono::{DateTime, Utc};
 
 pub(crate) use self::attempts::CANCELLED_WHILE_RUNNING;
 pub use self::attempts::{AttemptEnd, AttemptOutcome, AttemptRecord, CacheWrite, EndWritten, Transition};
-pub use self::cache::{CacheEntry, CacheStats, CacheStore};
+pub use self::cache::{CacheEntry, CacheHits, CacheStats, CacheStore};
 pub use self::fleet::{FleetStore, LeaderLock, SoleProcess, WorkerRow};
 pub use self::jobs::{
     CancelOutcome, Job, JobChange, JobChanges, JobFilter, JobStatus, JobStore, LimitedJob, NewJob, Progress,

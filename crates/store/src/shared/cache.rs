@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::{Backend, Role};
 use crate::rows::{Columns, FromColumns};
-use crate::{CacheEntry, CacheStats, CacheStore, StoreError};
+use crate::{CacheEntry, CacheHits, CacheStats, CacheStore, StoreError};
 
 #[async_trait]
 impl<B: Backend> CacheStore for B {
@@ -23,17 +23,30 @@ impl<B: Backend> CacheStore for B {
         Ok(CacheStats { entries: row.plain("entries")?, live: row.plain("live")?, hits: row.plain("hits")? })
     }
 
-    async fn cache_hit(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Value>, StoreError> {
-        // A hit count lost in a database crash is harmless: relaxed.
+    async fn cache_lookup(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Value>, StoreError> {
         let rows = self
             .fetch(
-                Role::Relaxed,
-                "UPDATE quern_cache SET hit_count = hit_count + 1, last_hit_at = $2 \
-                 WHERE cache_key = $1 AND expires_at > $2 RETURNING response",
+                Role::Read,
+                "SELECT response FROM quern_cache WHERE cache_key = $1 AND expires_at > $2",
                 &[key.into(), now.into()],
             )
             .await?;
         rows.first().map(|row| row.json("response")).transpose()
+    }
+
+    async fn count_cache_hits(&self, hits: &[CacheHits]) -> Result<(), StoreError> {
+        // One statement per entry: hits concentrate on few entries, and the
+        // caller has already folded each entry's hits into one count.
+        for hit in hits {
+            self.execute(
+                Role::Relaxed,
+                "UPDATE quern_cache SET hit_count = hit_count + $2, \
+                 last_hit_at = CASE WHEN last_hit_at > $3 THEN last_hit_at ELSE $3 END WHERE cache_key = $1",
+                &[hit.key.as_str().into(), hit.count.into(), hit.last_hit_at.into()],
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     async fn cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
