@@ -7,6 +7,7 @@
 #
 #   bash bench/http-external.sh            # 10 s per path, 32 connections
 #   DURATION=20s CONNECTIONS=64 bash bench/http-external.sh
+#   QUERN_BIN=/tmp/quern-before bash bench/http-external.sh   # a given build (A/B)
 #
 # Paths: GET /health/live; GET /v1/jobs/{id} (a completed job); POST /v1/jobs
 # with an input whose result is cached (a lookup and a counted hit); POST
@@ -21,7 +22,10 @@ connections="${CONNECTIONS:-32}"
 pg_url="${QUERN_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 
 command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk; }
-cargo build --release --quiet -p quern
+if [ -z "${QUERN_BIN:-}" ]; then
+    cargo build --release --quiet -p quern
+    QUERN_BIN=./target/release/quern
+fi
 [ -f handlers-dist/echo.wasm ] || cargo xtask build-handlers
 
 work="$(mktemp -d)"
@@ -69,12 +73,12 @@ run_on() {
     DATABASE_URL="$database_url" PORT="$port" QUERN_BIND=127.0.0.1 QUERN_JWT_SECRET="$secret" \
         QUERN_HANDLERS_DIR="$work/handlers" QUERN_DATA_DIR="$work/data-$name" QUERN_RATE_LIMIT_PER_MIN=0 \
         QUERN_MAX_ACTIVE_JOBS_PER_USER=1000000 WORKER_CONCURRENCY=10 QUERN_LOG=error \
-        ./target/release/quern serve >"$work/$name.log" 2>&1 &
+        "$QUERN_BIN" serve >"$work/$name.log" 2>&1 &
     server=$!
     local base="http://127.0.0.1:$port"
     for _ in $(seq 1 100); do curl -fs "$base/health/live" >/dev/null 2>&1 && break; sleep 0.1; done
     local token
-    token="$(QUERN_JWT_SECRET="$secret" ./target/release/quern token --user bench)"
+    token="$(QUERN_JWT_SECRET="$secret" "$QUERN_BIN" token --user bench)"
     local auth="Authorization: Bearer $token" json="Content-Type: application/json"
     local cached='{"type":"echo","input":{"text":"arroz, feijão e bife"}}'
     local id
