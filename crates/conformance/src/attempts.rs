@@ -53,6 +53,12 @@ pub async fn attempts_exhausted_fail_the_job_keeping_every_error<S: Subject>(db:
     assert_eq!(failed.error.as_deref(), Some("timeout 2 (attempt 2 of 2; no attempts left)"));
     let errors: Vec<Option<String>> = db.store().attempts(job.id).await.unwrap().into_iter().map(|a| a.error).collect();
     assert_eq!(errors, vec![Some("timeout 1".into()), Some("timeout 2 (attempt 2 of 2; no attempts left)".into())]);
+    // Read together (one round trip where the backend can), the job and its
+    // attempts are what the two reads give, to the microsecond.
+    let (together, attempts) = db.store().get_with_attempts(job.id).await.unwrap().unwrap();
+    assert_eq!(together, failed);
+    assert_eq!(attempts, db.store().attempts(job.id).await.unwrap());
+    assert_eq!(db.store().get_with_attempts(Uuid::now_v7()).await.unwrap(), None);
 }
 
 pub async fn a_lapsed_lease_is_reaped_back_to_pending<S: Subject>(db: &S) {

@@ -39,7 +39,7 @@ impl AttemptOutcome {
 }
 
 /// One recorded attempt.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRecord {
     pub attempt: i32,
     pub worker_id: String,

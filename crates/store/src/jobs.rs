@@ -395,6 +395,14 @@ pub trait JobStore: Send + Sync {
 
     async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>, StoreError>;
 
+    /// A job with its attempts, oldest first (what `GET /v1/jobs/{id}`
+    /// shows), in one round trip where the backend can.
+    async fn get_with_attempts(&self, id: Uuid) -> Result<Option<(Job, Vec<AttemptRecord>)>, StoreError> {
+        let Some(job) = self.get(id).await? else { return Ok(None) };
+        let attempts = self.attempts(id).await?;
+        Ok(Some((job, attempts)))
+    }
+
     /// Deletes at most `limit` finished jobs (their attempts with them) that
     /// ended before their status's cutoff and that no instance still holds;
     /// returns how many. One short statement: callers loop while it deletes

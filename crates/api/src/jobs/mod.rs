@@ -53,8 +53,11 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<axum::Json<JobView>, ApiError> {
-    let job = owned_job(&state, &caller, &id).await?;
-    let history = state.queue.store().attempts(job.id).await?;
+    let uuid = Uuid::parse_str(&id).map_err(|_| ApiError::job_not_found(&id))?;
+    let (job, history) = match state.queue.store().get_with_attempts(uuid).await? {
+        Some((job, history)) if caller.owns(&job.user_id) => (job, history),
+        _ => return Err(ApiError::job_not_found(&id)),
+    };
     let mut view = JobView::of(job);
     view.history = Some(history.into_iter().map(AttemptView::from).collect());
     Ok(axum::Json(view))

@@ -355,6 +355,16 @@ impl JobStore for PostgresStore {
         rows.iter().map(AttemptRecord::from_columns).collect()
     }
 
+    async fn get_with_attempts(&self, id: Uuid) -> Result<Option<(Job, Vec<AttemptRecord>)>, StoreError> {
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(GET_WITH_ATTEMPTS.as_str())).bind(id).fetch_optional(&self.pool).await?;
+        let Some(row) = row else { return Ok(None) };
+        let job = Job::from_columns(&row)?;
+        let attempts: sqlx::types::Json<Vec<AttemptRecord>> =
+            row.try_get("attempt_history").map_err(|e| corrupt("quern_job_attempts", e))?;
+        Ok(Some((job, attempts.0)))
+    }
+
     async fn prune_jobs(&self, cutoffs: &PruneCutoffs, limit: u32) -> Result<u64, StoreError> {
         // SKIP LOCKED: a row a cancel or a retry is touching right now is
         // left for the next pass rather than waited for.
@@ -395,6 +405,17 @@ impl JobStore for PostgresStore {
 
 /// The latest progress of held jobs, saved in one statement that announces
 /// the jobs it moved.
+/// The job and its attempts in one statement: one round trip for
+/// `GET /v1/jobs/{id}` instead of two.
+static GET_WITH_ATTEMPTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {JOB_COLUMNS}, (SELECT coalesce(json_agg(json_build_object('attempt', a.attempt, \
+         'worker_id', a.worker_id, 'handler_version', a.handler_version, 'started_at', a.started_at, \
+         'ended_at', a.ended_at, 'outcome', a.outcome, 'error', a.error) ORDER BY a.attempt), '[]'::json) \
+         FROM quern_job_attempts a WHERE a.job_id = $1) AS attempt_history FROM quern_jobs WHERE id = $1"
+    )
+});
+
 static SET_PROGRESS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH moved AS (UPDATE quern_jobs AS j SET progress_percent = p.percent, progress_message = p.message \
