@@ -51,7 +51,7 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 
 /// Writes what is pending, again and again, until nothing is.
 async fn write_until_idle(store: Arc<dyn Store>, state: Arc<Mutex<State>>) {
-    let _stopped = Stopped(state.clone());
+    let mut stopped = Stopped(Some(state.clone()));
     loop {
         let hits: Vec<CacheHits> = {
             let mut state = lock(&state);
@@ -59,6 +59,8 @@ async fn write_until_idle(store: Arc<dyn Store>, state: Arc<Mutex<State>>) {
                 // In the same critical section as the look: a hit counted
                 // after it starts a writer of its own.
                 state.writing = false;
+                // Disarmed: a writer started after this one must keep its flag.
+                stopped.0 = None;
                 return;
             }
             state.pending.drain().map(|(key, (count, last_hit_at))| CacheHits { key, count, last_hit_at }).collect()
@@ -71,10 +73,12 @@ async fn write_until_idle(store: Arc<dyn Store>, state: Arc<Mutex<State>>) {
 
 /// When the writer is dropped unfinished (its runtime shutting down), a later
 /// hit starts another.
-struct Stopped(Arc<Mutex<State>>);
+struct Stopped(Option<Arc<Mutex<State>>>);
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        lock(&self.0).writing = false;
+        if let Some(state) = self.0.take() {
+            lock(&state).writing = false;
+        }
     }
 }
