@@ -11,15 +11,6 @@ use crate::{LeaderLock, SoleProcess};
 
 type SqliteQuery<'q> = Query<'q, Sqlite, SqliteArguments>;
 
-impl SqliteStore {
-    fn pool_for(&self, role: Role) -> &SqlitePool {
-        match role {
-            Role::Read => &self.reader,
-            Role::Write | Role::Relaxed => &self.writer,
-        }
-    }
-}
-
 /// Binds each value as SQLite stores it: a uuid as text, a time as
 /// microseconds since the epoch, JSON as text.
 fn bound<'q>(sql: &'static str, params: &[Param<'q>]) -> SqliteQuery<'q> {
@@ -42,11 +33,20 @@ impl Backend for SqliteStore {
     type Row = SqliteRow;
 
     async fn fetch(&self, role: Role, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<SqliteRow>, StoreError> {
-        Ok(bound(sql, params).fetch_all(self.pool_for(role)).await?)
+        let query = bound(sql, params);
+        Ok(match role {
+            Role::Read => query.fetch_all(&mut *self.readers.get().await?).await?,
+            Role::Write | Role::Relaxed => query.fetch_all(&self.writer).await?,
+        })
     }
 
     async fn execute(&self, role: Role, sql: &'static str, params: &[Param<'_>]) -> Result<u64, StoreError> {
-        Ok(bound(sql, params).execute(self.pool_for(role)).await?.rows_affected())
+        let query = bound(sql, params);
+        let done = match role {
+            Role::Read => query.execute(&mut *self.readers.get().await?).await?,
+            Role::Write | Role::Relaxed => query.execute(&self.writer).await?,
+        };
+        Ok(done.rows_affected())
     }
 
     // SQLite has no percentile function: rank each group's run times and

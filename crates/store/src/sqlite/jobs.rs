@@ -27,7 +27,7 @@ impl JobStore for SqliteStore {
     async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id = ?1")))
             .bind(id.to_string())
-            .fetch_optional(&self.reader)
+            .fetch_optional(&mut *self.readers.get().await?)
             .await?;
         row.as_ref().map(Job::from_columns).transpose()
     }
@@ -41,7 +41,7 @@ impl JobStore for SqliteStore {
             "SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id IN (SELECT value FROM json_each(?1))"
         )))
         .bind(to_json(&ids)?)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.readers.get().await?)
         .await?;
         rows.iter().map(Job::from_columns).collect()
     }
@@ -62,7 +62,7 @@ impl JobStore for SqliteStore {
             query.push_bind(id.to_string()).push(")");
         }
         query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(filter.limit));
-        let rows = query.build().fetch_all(&self.reader).await?;
+        let rows = query.build().fetch_all(&mut *self.readers.get().await?).await?;
         rows.iter().map(Job::from_columns).collect()
     }
 
@@ -309,7 +309,7 @@ impl JobStore for SqliteStore {
         for id in ids {
             query = query.bind(id.to_string());
         }
-        let held = query.fetch_all(&self.reader).await?;
+        let held = query.fetch_all(&mut *self.readers.get().await?).await?;
         Ok(ids.iter().filter(|id| !held.contains(&id.to_string())).copied().collect())
     }
 
@@ -320,7 +320,7 @@ impl JobStore for SqliteStore {
         )))
         .bind(micros(now))
         .bind(i64::from(limit))
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.readers.get().await?)
         .await?;
         rows.iter().map(Job::from_columns).collect()
     }
@@ -383,9 +383,23 @@ impl JobStore for SqliteStore {
              FROM quern_job_attempts WHERE job_id = ?1 ORDER BY attempt",
         )
         .bind(id.to_string())
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.readers.get().await?)
         .await?;
         rows.iter().map(AttemptRecord::from_columns).collect()
+    }
+
+    async fn get_with_attempts(&self, id: Uuid) -> Result<Option<(Job, Vec<AttemptRecord>)>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(GET_WITH_ATTEMPTS.as_str()))
+            .bind(id.to_string())
+            .fetch_optional(&mut *self.readers.get().await?)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let job = Job::from_columns(&row)?;
+        let history: String = row.try_get("attempt_history")?;
+        let attempts: Vec<AttemptJson> =
+            serde_json::from_str(&history).map_err(|e| corrupt("quern_job_attempts", e))?;
+        let attempts = attempts.into_iter().map(AttemptJson::into_record).collect::<Result<_, _>>()?;
+        Ok(Some((job, attempts)))
     }
 
     async fn prune_jobs(&self, cutoffs: &PruneCutoffs, limit: u32) -> Result<u64, StoreError> {
@@ -409,7 +423,7 @@ impl JobStore for SqliteStore {
 
     async fn count_unfinished(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT count(*) FROM quern_jobs WHERE status IN ('pending', 'processing')")
-            .fetch_one(&self.reader)
+            .fetch_one(&mut *self.readers.get().await?)
             .await?)
     }
 
@@ -419,5 +433,43 @@ impl JobStore for SqliteStore {
 
     async fn job_changes(&self) -> Result<Box<dyn JobChanges>, StoreError> {
         Ok(Box::new(SqliteJobChanges { receiver: self.jobs_changed.subscribe() }))
+    }
+}
+
+/// The job and its attempts in one statement: one trip to the reader's thread
+/// for `GET /v1/jobs/{id}` instead of two. The attempts come as a JSON array
+/// with times in microseconds, as they are stored.
+static GET_WITH_ATTEMPTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {JOB_COLUMNS}, (SELECT json_group_array(json_object('attempt', a.attempt, \
+         'worker_id', a.worker_id, 'handler_version', a.handler_version, 'started_at', a.started_at, \
+         'ended_at', a.ended_at, 'outcome', a.outcome, 'error', a.error) ORDER BY a.attempt) \
+         FROM quern_job_attempts a WHERE a.job_id = ?1) AS attempt_history FROM quern_jobs WHERE id = ?1"
+    )
+});
+
+/// An attempt as [`GET_WITH_ATTEMPTS`] writes it.
+#[derive(serde::Deserialize)]
+struct AttemptJson {
+    attempt: i32,
+    worker_id: String,
+    handler_version: Option<String>,
+    started_at: i64,
+    ended_at: i64,
+    outcome: AttemptOutcome,
+    error: Option<String>,
+}
+
+impl AttemptJson {
+    fn into_record(self) -> Result<AttemptRecord, StoreError> {
+        Ok(AttemptRecord {
+            attempt: self.attempt,
+            worker_id: self.worker_id,
+            handler_version: self.handler_version,
+            started_at: at(self.started_at)?,
+            ended_at: at(self.ended_at)?,
+            outcome: self.outcome,
+            error: self.error,
+        })
     }
 }

@@ -9,6 +9,7 @@
 
 mod backend;
 mod jobs;
+mod readers;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -34,7 +35,8 @@ use super::{
 
 pub struct SqliteStore {
     writer: SqlitePool,
-    reader: SqlitePool,
+    /// Read-only connections, lent without sqlx's pool (see `readers`).
+    readers: readers::Readers,
     enqueued: watch::Sender<u64>,
     /// Rollout changes, for this process (SQLite has one).
     rollouts_changed: watch::Sender<u64>,
@@ -60,15 +62,11 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(options.clone())
             .await?;
-        let reader = SqlitePoolOptions::new()
-            .test_before_acquire(false)
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await?;
+        let readers = readers::Readers::open(&options.read_only(true), READERS).await?;
         let (enqueued, _) = watch::channel(0);
         let (rollouts_changed, _) = watch::channel(0);
         let (jobs_changed, _) = broadcast::channel(JOB_CHANGES_BUFFERED);
-        Ok(Self { writer, reader, enqueued, rollouts_changed, jobs_changed })
+        Ok(Self { writer, readers, enqueued, rollouts_changed, jobs_changed })
     }
 
     fn wake_workers(&self) {
@@ -123,6 +121,9 @@ fn private_file(path: &Path) -> std::io::Result<()> {
         Err(error) => Err(error),
     }
 }
+
+/// Read-only connections: reads run beside the writer and each other (WAL).
+const READERS: usize = 4;
 
 /// Timestamps are stored as microseconds since the Unix epoch.
 fn micros(at: DateTime<Utc>) -> i64 {
@@ -361,12 +362,12 @@ impl Store for SqliteStore {
         let exists: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
         )
-        .fetch_one(&self.reader)
+        .fetch_one(&mut *self.readers.get().await?)
         .await?;
         let applied: Option<Vec<i64>> = if exists {
             Some(
                 sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                    .fetch_all(&self.reader)
+                    .fetch_all(&mut *self.readers.get().await?)
                     .await?,
             )
         } else {
@@ -376,7 +377,7 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        sqlx::query("SELECT 1").execute(&mut *self.readers.get().await?).await?;
         Ok(())
     }
 }
