@@ -65,6 +65,29 @@ pub struct PostgresStore {
     candidate: tokio::sync::Mutex<Option<PgConnection>>,
 }
 
+/// A connection idle this long is pinged before it is handed out.
+const PING_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// sqlx pings every connection before handing it out (and again when it comes
+/// back): a round trip before each statement. A busy connection has just
+/// proved itself, so only one idle for a while is pinged, as pgx's pool does;
+/// a connection that breaks in use fails its release ping and is replaced.
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_WHEN_IDLE_FOR {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url.parse()?;
@@ -80,17 +103,8 @@ impl PostgresStore {
     /// (and a few more for writes that need not wait for the disk).
     pub async fn connect_pooled(options: PgConnectOptions, pool_size: u32) -> Result<Self, StoreError> {
         let options = options.application_name("quern");
-        let pool = PgPoolOptions::new()
-            .max_connections(pool_size)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
-            .connect_with(options.clone())
-            .await?;
-        let relaxed = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
-            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
+        let pool = pool_options(pool_size).connect_with(options.clone()).await?;
+        let relaxed = pool_options(4).connect_lazy_with(options.options([("synchronous_commit", "off")]));
         Ok(Self { pool, relaxed, candidate: tokio::sync::Mutex::default() })
     }
 
