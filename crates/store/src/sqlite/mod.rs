@@ -1,7 +1,8 @@
 //! [`Store`] on an embedded SQLite file: the zero-setup default. WAL mode, a
 //! busy timeout, and one writer connection (SQLite allows one writer at a time;
-//! queueing writers in-process beats retrying on `SQLITE_BUSY`). Readers use
-//! their own pool. Wake-ups are an in-process signal.
+//! queueing writers in-process beats retrying on `SQLITE_BUSY`). Readers have
+//! read-only connections of their own (`readers`). Wake-ups are an in-process
+//! signal.
 //!
 //! One file over 400 lines on purpose: opening the file, its pragmas, the single
 //! writer and its wake-ups are one concern; the queries by concern live in the

@@ -60,3 +60,57 @@ impl std::ops::DerefMut for Reader<'_> {
         &mut self.connection
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    async fn readers(count: usize) -> (tempfile::TempDir, Readers) {
+        let root = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .unwrap()
+            .filename(root.path().join("r.db"))
+            .create_if_missing(true);
+        let readers = Readers::open(&options, count).await.unwrap();
+        (root, readers)
+    }
+
+    /// Rows enough that a read of them is still streaming when dropped.
+    const MANY_ROWS: &str =
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) SELECT i FROM n";
+
+    #[tokio::test]
+    async fn a_read_dropped_midway_leaves_its_connection_usable() {
+        let (_root, readers) = readers(1).await;
+        {
+            let mut reader = readers.get().await.unwrap();
+            let mut rows = sqlx::query(MANY_ROWS).fetch(&mut *reader);
+            assert!(rows.next().await.unwrap().is_ok(), "the first row arrives");
+            // Dropped here with most of its rows unread.
+        }
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM (SELECT 1 UNION ALL SELECT 2)")
+            .fetch_one(&mut *readers.get().await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(count, 2);
+    }
+
+    #[tokio::test]
+    async fn with_every_connection_lent_a_reader_waits_for_one_to_come_back() {
+        let (_root, readers) = readers(2).await;
+        let first = readers.get().await.unwrap();
+        let second = readers.get().await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(50), readers.get()).await;
+        assert!(waiting.is_err(), "no third connection is made");
+        drop(first);
+        let mut third = tokio::time::timeout(Duration::from_secs(5), readers.get()).await.unwrap().unwrap();
+        let one: i64 = sqlx::query_scalar("SELECT 1").fetch_one(&mut *third).await.unwrap();
+        assert_eq!(one, 1);
+        drop(second);
+    }
+}
