@@ -39,6 +39,7 @@ async fn finished(db: &Db, job_type: &str, completed: usize, failed: usize, ran_
             attempt: job.attempts,
             handler_version: None,
             started_at: now - TimeDelta::seconds(ran_s),
+            ended_at: now,
             transition,
         };
         assert!(db.store.finish_attempt(&end, now).await.unwrap());

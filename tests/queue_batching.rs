@@ -54,6 +54,7 @@ fn end(job: &Job, transition: Transition) -> AttemptEnd {
         attempt: job.attempts,
         handler_version: Some("v1".into()),
         started_at: job.started_at.unwrap(),
+        ended_at: chrono::Utc::now(),
         transition,
     }
 }

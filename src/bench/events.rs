@@ -133,6 +133,7 @@ pub async fn run(args: &EventsBenchArgs) -> anyhow::Result<()> {
             attempt: job.attempts,
             handler_version: None,
             started_at: now,
+            ended_at: now,
             transition: Transition::Complete { result: json!({}), processing_time_ms: 0, next: None, cache: None },
         };
         worker_store.finish_attempt(&end, chrono::Utc::now()).await?;

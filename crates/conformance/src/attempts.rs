@@ -12,7 +12,10 @@ pub async fn retry_returns_the_job_to_pending_after_a_backoff<S: Subject>(db: &S
     let Transition::Retry { run_at, .. } = transition.clone() else { panic!("expected a retry, got {transition:?}") };
     let wait = (run_at - now).num_milliseconds();
     assert!((1600..=2400).contains(&wait), "first retry after 2 s ± 20 %, got {wait} ms");
-    assert!(db.store().finish_attempt(&end_of(&job, "w1", transition), now).await.unwrap());
+    // Written a moment after it ended (as a batched end is): the attempt
+    // records when it ended, the time its retry's delay counts from.
+    let ended_at = now - chrono::Duration::milliseconds(5);
+    assert!(db.store().finish_attempt(&AttemptEnd { ended_at, ..end_of(&job, "w1", transition) }, now).await.unwrap());
 
     let stored = db.store().get(job.id).await.unwrap().unwrap();
     assert_eq!((stored.status, stored.attempts), (JobStatus::Pending, 1));
@@ -20,6 +23,7 @@ pub async fn retry_returns_the_job_to_pending_after_a_backoff<S: Subject>(db: &S
     let attempts = db.store().attempts(job.id).await.unwrap();
     assert_eq!(attempts.len(), 1);
     assert_eq!((attempts[0].outcome, attempts[0].error.as_deref()), (AttemptOutcome::Retry, Some("upstream 503")));
+    assert_eq!(attempts[0].ended_at.timestamp_micros(), ended_at.timestamp_micros(), "stored to the microsecond");
 
     // The second retry waits twice as long.
     let again = db.store().claim("w1", 1, run_at, run_at + lease(), &any_type()).await.unwrap().remove(0);
@@ -135,6 +139,7 @@ pub(crate) fn end_of(job: &quern_store::Job, worker: &str, transition: Transitio
         attempt: job.attempts,
         handler_version: None,
         started_at: job.started_at.unwrap_or_else(Utc::now),
+        ended_at: Utc::now(),
         transition,
     }
 }

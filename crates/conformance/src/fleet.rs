@@ -27,6 +27,7 @@ pub async fn recent_attempts_and_failures_are_read_for_stats<S: Subject>(db: &S)
         let end = AttemptEnd {
             handler_version: Some(version),
             started_at: now - chrono::Duration::milliseconds(ran_ms as i64),
+            ended_at: now,
             ..end_of(&job, "w1", transition)
         };
         assert!(db.store().finish_attempt(&end, now).await.unwrap());

@@ -380,6 +380,7 @@ impl Queue {
                     attempt: job.attempts,
                     handler_version: job.handler_version.clone(),
                     started_at: job.started_at.unwrap_or(now),
+                    ended_at: now,
                     transition: match self.retry_or_fail(job, reason, None, AttemptOutcome::LeaseExpired, now) {
                         // The job lost its worker through no fault of its own: it
                         // goes back to its place in line, due at once, rather

@@ -528,6 +528,7 @@ async fn run_job_in_span(shared: Arc<Shared>, job: Job, slot: OwnedSemaphorePerm
         attempt: job.attempts,
         handler_version: handler.as_ref().map(|h| h.version.to_string()),
         started_at: job.started_at.unwrap_or(now),
+        ended_at: now,
         transition,
     };
     // The slot is free as soon as the handler is done: the next job starts
@@ -550,6 +551,7 @@ async fn release_unstarted(shared: Arc<Shared>, job: Job) {
         attempt: job.attempts,
         handler_version: None,
         started_at: job.started_at.unwrap_or(now),
+        ended_at: now,
         transition: Transition::Release,
     };
     shared.finish(end, &job.job_type, Duration::ZERO).await;

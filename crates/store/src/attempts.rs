@@ -60,6 +60,10 @@ pub struct AttemptEnd {
     pub attempt: i32,
     pub handler_version: Option<String>,
     pub started_at: DateTime<Utc>,
+    /// When the attempt ended (its handler returned, or its lease lapsed):
+    /// the time a retry's delay counts from, recorded as the attempt's end,
+    /// not the later moment its batch is written.
+    pub ended_at: DateTime<Utc>,
     pub transition: Transition,
 }
 

@@ -17,7 +17,6 @@ mod attempts;
 mod cache;
 mod fleet;
 mod jobs;
-mod nodelay;
 mod postgres;
 mod rows;
 mod shared;

@@ -235,7 +235,11 @@ impl JobStore for PostgresStore {
             .bind(cache_key)
             .bind(cache_type)
             .bind(cache_expires);
-        let rows = next.bind(query).fetch_all(&self.pool).await?;
+        let rows = next
+            .bind(query)
+            .bind(ends.iter().map(|end| end.ended_at).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await?;
         let mut written = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
             let status: String = row.try_get("status")?;

@@ -12,7 +12,6 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOp
 use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::nodelay;
 use super::rows::{FromColumns, JOB_COLUMNS};
 use super::{
     AttemptEnd, AttemptRecord, CancelOutcome, EndWritten, Job, JobChange, JobChanges, JobFilter, JobStatus, NewJob,
@@ -76,7 +75,6 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(10))
-        .after_connect(|connection, _| Box::pin(nodelay::disable_nagle(connection)))
         .test_before_acquire(false)
         .before_acquire(|connection, meta| {
             Box::pin(async move {
@@ -230,9 +228,9 @@ fn claim_sql(choose: &str) -> String {
 const FINISH_ATTEMPTS: &str = "
 WITH ends AS (
     SELECT * FROM unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::jsonb[], $8::int4[],
-                         $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[])
+                         $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[], $27::timestamptz[])
         AS e(job_id, worker_id, attempt, handler_version, kind, result, processing_time_ms, error, run_at,
-             started_at, outcome)
+             started_at, outcome, ended_at)
 ),
 done AS (
     UPDATE quern_jobs AS j SET
@@ -264,12 +262,12 @@ done AS (
     WHERE j.id = e.job_id AND j.worker_id = e.worker_id AND j.attempts = e.attempt
       AND ((j.status = 'processing' AND e.kind <> 'cancelled')
            OR (j.status = 'cancelled' AND j.lease_expires_at IS NOT NULL))
-    RETURNING j.id, j.status, j.result, e.attempt, e.worker_id, e.handler_version, e.started_at, e.kind,
-              e.outcome, e.error
+    RETURNING j.id, j.status, j.result, e.attempt, e.worker_id, e.handler_version, e.started_at, e.ended_at,
+              e.kind, e.outcome, e.error
 ),
 recorded AS (
     INSERT INTO quern_job_attempts (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error)
-    SELECT id, attempt, worker_id, handler_version, started_at, $1,
+    SELECT id, attempt, worker_id, handler_version, started_at, ended_at,
            CASE WHEN status = 'cancelled' THEN 'cancelled' ELSE outcome END,
            CASE WHEN status = 'cancelled' THEN 'cancelled while running' ELSE error END
     FROM done WHERE status = 'cancelled' OR kind <> 'release'

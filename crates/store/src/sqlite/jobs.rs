@@ -228,6 +228,7 @@ impl JobStore for SqliteStore {
                     worker_id: &end.worker_id,
                     handler_version: end.handler_version.as_deref(),
                     started_at: micros(end.started_at),
+                    ended_at: micros(end.ended_at),
                     outcome: if cancelled {
                         AttemptOutcome::Cancelled.as_str()
                     } else {
@@ -252,7 +253,7 @@ impl JobStore for SqliteStore {
             }
         }
         if !attempts.is_empty() {
-            sqlx::query(INSERT_ATTEMPTS).bind(to_json(&attempts)?).bind(micros(now)).execute(&mut *tx).await?;
+            sqlx::query(INSERT_ATTEMPTS).bind(to_json(&attempts)?).execute(&mut *tx).await?;
         }
         if !cache.is_empty() {
             sqlx::query(UPSERT_CACHE).bind(to_json(&cache)?).bind(micros(now)).execute(&mut *tx).await?;

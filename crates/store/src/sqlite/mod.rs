@@ -228,7 +228,7 @@ RETURNING id, status";
 const INSERT_ATTEMPTS: &str = "
 INSERT INTO quern_job_attempts (job_id, attempt, worker_id, handler_version, started_at, ended_at, outcome, error)
 SELECT value ->> 'job_id', value ->> 'attempt', value ->> 'worker_id', value ->> 'handler_version',
-       value ->> 'started_at', ?2, value ->> 'outcome', value ->> 'error'
+       value ->> 'started_at', value ->> 'ended_at', value ->> 'outcome', value ->> 'error'
 FROM json_each(?1) WHERE true
 ON CONFLICT (job_id, attempt) DO NOTHING";
 
@@ -289,6 +289,7 @@ struct AttemptRow<'a> {
     worker_id: &'a str,
     handler_version: Option<&'a str>,
     started_at: i64,
+    ended_at: i64,
     outcome: &'static str,
     error: Option<&'a str>,
 }
