@@ -216,5 +216,16 @@ async fn the_service_role_enqueues_through_analysis_jobs_reads_the_cache_and_del
     assert!(db.store.get(id).await.unwrap().is_none(), "alice's job went with her");
     assert!(db.store.get(bobs).await.unwrap().is_some(), "bob's stays");
     sqlx::query("DELETE FROM auth.users WHERE id = $1").bind(bob).execute(admin).await.unwrap();
+
+    // The service role may delete a job outright; its attempts go with it,
+    // though the role has no rights on the attempts table.
+    let carols = queue.enqueue(request(Uuid::new_v4())).await.unwrap().id;
+    db.execute(&format!(
+        "INSERT INTO quern_job_attempts (job_id, attempt, worker_id, started_at, ended_at, outcome) \
+         VALUES ('{carols}', 1, 'w1', now(), now(), 'retry')"
+    ))
+    .await;
+    as_service_role(&db, &[&format!("DELETE FROM quern_jobs WHERE id = '{carols}'")]).await;
+    assert!(db.store.attempts(carols).await.unwrap().is_empty(), "carol's job took its attempt along");
     db.cleanup().await;
 }
