@@ -3,6 +3,7 @@
 //! (`QUERN_JWT_SECRET`, Supabase's JWT secret) or the asymmetric keys of
 //! `QUERN_JWKS_URL`. The user id is the token's `sub`, never a field of a
 //! body; `role = service_role` sees and manages every job.
+//! (Over 400 lines with its tests, which sit beside the rules they pin.)
 //!
 //! A token's algorithm picks the key family (HS256 → the secret, RS/ES/PS/
 //! EdDSA → the JWKS key named by `kid`), so a token cannot make the host

@@ -1,4 +1,7 @@
 //! Jobs: what a job is, what becomes of a cancel or a retry, and [`JobStore`].
+//!
+//! Over 400 lines on purpose: the trait is the contract each backend keeps,
+//! and its documentation (most of the file) says what each method promises.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

@@ -1,4 +1,5 @@
-//! `quern:handler/http`: outbound HTTP on a handler's behalf.
+//! `quern:handler/http`: outbound HTTP on a handler's behalf. (Over 400 lines
+//! with its tests, which sit beside the rules they pin.)
 //!
 //! Built once per process: [`OutboundHttp`], one `reqwest` client (connection
 //! pools, TLS) whose DNS resolver refuses non-public addresses for names no

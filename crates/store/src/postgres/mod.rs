@@ -1,6 +1,10 @@
 //! [`Store`] on PostgreSQL (plain or Supabase): many workers on many machines
 //! coordinate through it alone, with `FOR UPDATE SKIP LOCKED` claims and
 //! LISTEN/NOTIFY wake-ups.
+//!
+//! Over 400 lines on purpose: the connection (pools, pings, migrations) and the
+//! long statements the jobs share (insert, claim, the ends of attempts), each
+//! with the comment that says why it is written so.
 
 mod backend;
 mod jobs;

@@ -1,4 +1,7 @@
 //! Jobs: enqueue, claim, the ends of attempts, leases, cancel and retry, pruning, on SQLite.
+//!
+//! One file over 400 lines on purpose: the whole of [`JobStore`] on SQLite, in
+//! the trait's order, so it reads method by method beside `postgres/jobs.rs`.
 
 use std::collections::HashMap;
 
