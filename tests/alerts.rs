@@ -7,7 +7,7 @@ mod support;
 use chrono::{TimeDelta, Utc};
 use quern_queue::alerts::{AlertSettings, Alerts, FAILURE_RATE, QUEUE_BACKLOG, SLOW_JOBS, WORKER_OFFLINE};
 use quern_queue::{EnqueueRequest, Queue, QueueSettings};
-use quern_store::{AttemptEnd, AttemptOutcome, Transition, WorkerRow};
+use quern_store::{AttemptEnd, AttemptOutcome, Claim, Transition, WorkerRow};
 use serde_json::json;
 use support::db::Db;
 
@@ -24,8 +24,17 @@ async fn finished(db: &Db, job_type: &str, completed: usize, failed: usize, ran_
     }
     let now = Utc::now();
     let types = [job_type.to_string()];
-    let jobs =
-        db.store.claim("w", (completed + failed) as u32, now, now + TimeDelta::seconds(60), &types).await.unwrap();
+    let jobs = db
+        .store
+        .claim(&Claim {
+            worker_id: "w",
+            limit: (completed + failed) as u32,
+            now,
+            lease_until: now + TimeDelta::seconds(60),
+            types: &types,
+        })
+        .await
+        .unwrap();
     assert_eq!(jobs.len(), completed + failed);
     for (n, job) in jobs.iter().enumerate() {
         let transition = if n < completed {

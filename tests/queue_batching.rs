@@ -16,7 +16,9 @@ use quern_queue::worker::{Worker, WorkerProbe, WorkerSettings};
 use quern_queue::{BatchError, EnqueueRequest, MAX_BATCH, Queue, QueueError, QueueSettings};
 use quern_runtime::manifest::Manifest;
 use quern_runtime::registry::{Registry, read_component};
-use quern_store::{AttemptEnd, AttemptOutcome, CacheWrite, EndWritten, Job, JobStatus, NewJob, Step, Transition};
+use quern_store::{
+    AttemptEnd, AttemptOutcome, CacheWrite, Claim, EndWritten, Job, JobStatus, NewJob, Step, Transition,
+};
 use serde_json::{Value, json};
 use support::db::Db;
 use support::dist;
@@ -41,6 +43,13 @@ fn queue(db: &Db) -> Arc<Queue> {
 
 fn request(job_type: &str, input: Value) -> EnqueueRequest {
     EnqueueRequest { user_id: "u1".into(), job_type: job_type.into(), input, ..EnqueueRequest::default() }
+}
+
+/// Claims up to `limit` due jobs of any type for worker `w1`.
+async fn claim(db: &Db, limit: u32) -> Vec<Job> {
+    let now = Utc::now();
+    let lease_until = now + chrono::Duration::seconds(30);
+    db.store.claim(&Claim { worker_id: "w1", limit, now, lease_until, types: &any_type() }).await.unwrap()
 }
 
 fn any_type() -> Vec<String> {
@@ -77,8 +86,8 @@ async fn a_batch_of_attempt_ends_is_written_each_by_its_own_guard(db: &Db) {
     for n in 0..6 {
         queue.enqueue(request("echo", json!({ "n": n }))).await.unwrap();
     }
+    let claimed = claim(db, 10).await;
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 10, now, now + chrono::Duration::seconds(30), &any_type()).await.unwrap();
     let [done, retried, cancelled, stale, same_a, same_b] = <[Job; 6]>::try_from(claimed).unwrap();
     queue.cancel(cancelled.id).await.unwrap();
     let child = NewJob {
@@ -145,8 +154,8 @@ async fn an_end_the_database_refuses_fails_its_job_and_holds_up_no_other(db: &Db
     for n in 0..3 {
         queue.enqueue(request("echo", json!({ "n": n }))).await.unwrap();
     }
+    let claimed = claim(db, 3).await;
     let now = Utc::now();
-    let claimed = db.store.claim("w1", 3, now, now + chrono::Duration::seconds(30), &any_type()).await.unwrap();
     let [good, poisoned, other] = <[Job; 3]>::try_from(claimed).unwrap();
     // A pipeline step no database accepts (priority 0 breaks the table's check).
     let impossible = NewJob {

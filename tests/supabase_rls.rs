@@ -8,7 +8,7 @@ mod support;
 use std::process::Command;
 
 use quern_queue::{EnqueueRequest, Queue, QueueSettings};
-use quern_store::JobStatus;
+use quern_store::{Claim, JobStatus};
 use serde_json::json;
 use support::db::{Db, Raw};
 use uuid::Uuid;
@@ -185,8 +185,16 @@ async fn the_service_role_enqueues_through_analysis_jobs_reads_the_cache_and_del
         (JobStatus::Pending, &*alice.to_string(), "sofia_text")
     );
     let now = chrono::Utc::now();
-    let claimed =
-        db.store.claim("w1", 10, now, now + chrono::TimeDelta::seconds(30), &["sofia_text".to_string()]).await;
+    let claimed = db
+        .store
+        .claim(&Claim {
+            worker_id: "w1",
+            limit: 10,
+            now,
+            lease_until: now + chrono::TimeDelta::seconds(30),
+            types: &["sofia_text".to_string()],
+        })
+        .await;
     assert_eq!(claimed.unwrap().len(), 1, "a worker claims it");
 
     // The seed's analysis_cache and cleanup_expired_cache().

@@ -17,7 +17,7 @@ use quern_queue::worker::{Worker, WorkerSettings};
 use quern_queue::{EnqueueRequest, MAX_BATCH, Queue, QueueSettings};
 use quern_runtime::registry::{Registry, read_component};
 use quern_runtime::{Runtime, RuntimeSettings};
-use quern_store::Store;
+use quern_store::{Claim, Store};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BacklogBenchArgs {
@@ -62,9 +62,8 @@ pub async fn run(args: &BacklogBenchArgs) -> anyhow::Result<()> {
     let types = [job_type.clone()];
     let mut claims = Vec::with_capacity(args.samples);
     for _ in 0..args.samples {
-        let now = Utc::now();
         let started = Instant::now();
-        let claimed = store.claim("bench", 100, now, now + chrono::Duration::days(1), &types).await?;
+        let claimed = claim_now(&store, 100, &types).await?;
         claims.push(started.elapsed());
         anyhow::ensure!(claimed.len() == 100, "the backlog ran out");
     }
@@ -80,6 +79,14 @@ pub async fn run(args: &BacklogBenchArgs) -> anyhow::Result<()> {
 }
 
 /// Bulk-enqueues `count` jobs of `job_type` at `priority`.
+/// Claims up to `limit` due jobs of `types`, leased for a day: the bench
+/// never ends them.
+async fn claim_now(store: &Arc<dyn Store>, limit: u32, types: &[String]) -> anyhow::Result<Vec<quern_store::Job>> {
+    let now = Utc::now();
+    let lease_until = now + chrono::Duration::days(1);
+    Ok(store.claim(&Claim { worker_id: "bench", limit, now, lease_until, types }).await?)
+}
+
 async fn fill(queue: &Queue, job_type: &str, priority: i64, count: usize, label: &'static str) -> anyhow::Result<()> {
     let bar = progress(count as u64, label);
     for first in (0..count).step_by(MAX_BATCH) {
@@ -119,14 +126,12 @@ async fn measure(
     };
     let (mut empty, mut one) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
     for n in 0..samples {
-        let now = Utc::now();
         let started = Instant::now();
-        store.claim("bench", 10, now, now + chrono::Duration::days(1), &types).await?;
+        claim_now(store, 10, &types).await?;
         empty.push(started.elapsed());
         queue.enqueue(request(n)).await?;
-        let now = Utc::now();
         let started = Instant::now();
-        let claimed = store.claim("bench", 10, now, now + chrono::Duration::days(1), &types).await?;
+        let claimed = claim_now(store, 10, &types).await?;
         one.push(started.elapsed());
         anyhow::ensure!(claimed.len() == 1, "expected the one job just enqueued, claimed {}", claimed.len());
     }

@@ -21,7 +21,7 @@ use super::{Latencies, millis, thousands};
 use quern_api::server::ServerSettings;
 use quern_queue::{EnqueueRequest, Queue, QueueSettings};
 use quern_store::prelude::*;
-use quern_store::{AttemptEnd, PostgresStore, Transition};
+use quern_store::{AttemptEnd, Claim, PostgresStore, Transition};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct EventsBenchArgs {
@@ -124,7 +124,13 @@ pub async fn run(args: &EventsBenchArgs) -> anyhow::Result<()> {
         let mut stream = open_stream(&client, &base, &token, id).await?;
         let now = chrono::Utc::now();
         let claimed = worker_store
-            .claim("bench-worker", 1, now, now + chrono::Duration::seconds(30), std::slice::from_ref(&job_type))
+            .claim(&Claim {
+                worker_id: "bench-worker",
+                limit: 1,
+                now,
+                lease_until: now + chrono::Duration::seconds(30),
+                types: std::slice::from_ref(&job_type),
+            })
             .await?;
         let Some(job) = claimed.into_iter().find(|job| job.id == id) else { continue };
         let end = AttemptEnd {

@@ -22,6 +22,7 @@ use quern_queue::cache_key::cache_key;
 use quern_queue::{Queue, QueueSettings};
 use quern_runtime::registry::{Registry, read_component};
 use quern_runtime::{Runtime, RuntimeSettings};
+use quern_store::CacheWrite;
 
 /// Distinct users the requests come from (each with its own token).
 const USERS: usize = 100;
@@ -97,7 +98,8 @@ pub async fn run(args: &HttpBenchArgs) -> anyhow::Result<()> {
         let scope = handler.manifest.cache_scope;
         let key = cache_key(&job_type, &handler.version, scope, &format!("bench-user-{n}"), &cached_input);
         let response = json!({"foods": ["arroz", "feijão", "bife"]});
-        store.cache_put(&key, &job_type, &response, now, now + chrono::Duration::hours(1)).await?;
+        let entry = CacheWrite { key, job_type: job_type.clone(), expires_at: now + chrono::Duration::hours(1) };
+        store.cache_put(&entry, &response, now).await?;
     }
     let cached_body = json!({"type": job_type, "input": cached_input}).to_string();
     let (cache, _) = phase(args, "cache", |n| {

@@ -6,7 +6,7 @@ pub async fn retry_returns_the_job_to_pending_after_a_backoff<S: Subject>(db: &S
     let queue = queue(db, QueueSettings { retry_base: Duration::from_millis(2000), ..QueueSettings::default() });
     queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let job = db.store().claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().remove(0);
+    let job = claim_any(db, "w1", 1, now).await.remove(0);
     let transition =
         queue.transition(&job, Outcome::Retry { reason: "upstream 503".into(), delay: None }, Duration::ZERO, now);
     let Transition::Retry { run_at, .. } = transition.clone() else { panic!("expected a retry, got {transition:?}") };
@@ -26,7 +26,7 @@ pub async fn retry_returns_the_job_to_pending_after_a_backoff<S: Subject>(db: &S
     assert_eq!(attempts[0].ended_at.timestamp_micros(), ended_at.timestamp_micros(), "stored to the microsecond");
 
     // The second retry waits twice as long.
-    let again = db.store().claim("w1", 1, run_at, run_at + lease(), &any_type()).await.unwrap().remove(0);
+    let again = claim_any(db, "w1", 1, run_at).await.remove(0);
     assert_eq!(again.attempts, 2);
     let Transition::Retry { run_at: second, .. } =
         queue.transition(&again, Outcome::Retry { reason: "x".into(), delay: None }, Duration::ZERO, run_at)
@@ -43,7 +43,7 @@ pub async fn attempts_exhausted_fail_the_job_keeping_every_error<S: Subject>(db:
         queue.enqueue(EnqueueRequest { max_attempts: Some(2), ..request("u1", "echo", json!({})) }).await.unwrap();
     let mut now = Utc::now();
     for attempt in 1..=2 {
-        let claimed = db.store().claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().remove(0);
+        let claimed = claim_any(db, "w1", 1, now).await.remove(0);
         assert_eq!(claimed.attempts, attempt);
         let reason = format!("timeout {attempt}");
         let transition = queue.transition(&claimed, Outcome::Retry { reason, delay: None }, Duration::ZERO, now);
@@ -65,12 +65,18 @@ pub async fn attempts_exhausted_fail_the_job_keeping_every_error<S: Subject>(db:
     assert_eq!(db.store().get_with_attempts(Uuid::now_v7()).await.unwrap(), None);
 }
 
+/// The one due job, claimed by `dead-worker` with a lease that has lapsed.
+async fn claim_by_a_dead_worker(db: &impl Subject) {
+    let now = Utc::now();
+    let lapsed = now - chrono::Duration::seconds(1);
+    let claim = Claim { worker_id: "dead-worker", limit: 1, now, lease_until: lapsed, types: &any_type() };
+    assert_eq!(db.store().claim(&claim).await.unwrap().len(), 1);
+}
+
 pub async fn a_lapsed_lease_is_reaped_back_to_pending<S: Subject>(db: &S) {
     let queue = queue(db, QueueSettings::default());
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
-    let now = Utc::now();
-    let lapsed = now - chrono::Duration::seconds(1);
-    assert_eq!(db.store().claim("dead-worker", 1, now, lapsed, &any_type()).await.unwrap().len(), 1);
+    claim_by_a_dead_worker(db).await;
     assert_eq!(queue.reap_expired_leases().await.unwrap(), 1);
     let reaped = db.store().get(job.id).await.unwrap().unwrap();
     assert_eq!(reaped.status, JobStatus::Pending);
@@ -84,9 +90,7 @@ pub async fn a_lapsed_lease_on_the_last_attempt_fails_the_job<S: Subject>(db: &S
     let queue = queue(db, QueueSettings::default());
     let job =
         queue.enqueue(EnqueueRequest { max_attempts: Some(1), ..request("u1", "echo", json!({})) }).await.unwrap();
-    let now = Utc::now();
-    let lapsed = now - chrono::Duration::seconds(1);
-    assert_eq!(db.store().claim("dead-worker", 1, now, lapsed, &any_type()).await.unwrap().len(), 1);
+    claim_by_a_dead_worker(db).await;
     queue.reap_expired_leases().await.unwrap();
     let failed = db.store().get(job.id).await.unwrap().unwrap();
     assert_eq!(failed.status, JobStatus::Failed);
@@ -97,7 +101,7 @@ pub async fn a_stale_attempt_end_writes_nothing<S: Subject>(db: &S) {
     let queue = queue(db, QueueSettings::default());
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let claimed = db.store().claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().remove(0);
+    let claimed = claim_any(db, "w1", 1, now).await.remove(0);
     let complete =
         || Transition::Complete { result: json!({"late": true}), processing_time_ms: 1, next: None, cache: None };
     assert!(
@@ -116,14 +120,14 @@ pub async fn cancel_pending_is_immediate<S: Subject>(db: &S) {
     assert_eq!(queue.cancel(job.id).await.unwrap(), CancelOutcome::Cancelled { was_running: false });
     assert_eq!(db.store().get(job.id).await.unwrap().unwrap().status, JobStatus::Cancelled);
     let now = Utc::now();
-    assert!(db.store().claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().is_empty());
+    assert!(claim_any(db, "w1", 1, now).await.is_empty());
 }
 
 pub async fn cancel_of_a_finished_job_is_refused<S: Subject>(db: &S) {
     let queue = queue(db, QueueSettings::default());
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let claimed = db.store().claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().remove(0);
+    let claimed = claim_any(db, "w1", 1, now).await.remove(0);
     let done = Transition::Complete { result: json!({}), processing_time_ms: 1, next: None, cache: None };
     db.store().finish_attempt(&end_of(&claimed, "w1", done), now).await.unwrap();
     let error = queue.cancel(job.id).await.unwrap_err();

@@ -9,16 +9,13 @@ pub async fn claim_marks_jobs_processing_with_a_lease<S: Subject>(db: &S) {
     assert_eq!((job.priority, job.attempts, job.max_attempts), (5, 0, 3));
 
     let now = Utc::now();
-    let claimed = db.store().claim("w1", 10, now, now + lease(), &any_type()).await.unwrap();
+    let claimed = claim_any(db, "w1", 10, now).await;
     assert_eq!(claimed.len(), 1);
     let claimed = &claimed[0];
     assert_eq!((claimed.id, claimed.status, claimed.attempts), (job.id, JobStatus::Processing, 1));
     assert_eq!(claimed.worker_id.as_deref(), Some("w1"));
     assert!(claimed.lease_expires_at.unwrap() > now);
-    assert!(
-        db.store().claim("w2", 10, now, now + lease(), &any_type()).await.unwrap().is_empty(),
-        "a claimed job is not claimed again"
-    );
+    assert!(claim_any(db, "w2", 10, now).await.is_empty(), "a claimed job is not claimed again");
 }
 
 pub async fn claim_takes_the_most_urgent_and_oldest_first<S: Subject>(db: &S) {
@@ -32,11 +29,9 @@ pub async fn claim_takes_the_most_urgent_and_oldest_first<S: Subject>(db: &S) {
         ids.push(job.id);
     }
     let now = Utc::now();
-    let claimed: Vec<Uuid> =
-        db.store().claim("w1", 3, now, now + lease(), &any_type()).await.unwrap().iter().map(|j| j.id).collect();
+    let claimed: Vec<Uuid> = claim_any(db, "w1", 3, now).await.iter().map(|j| j.id).collect();
     assert_eq!(claimed, vec![ids[2], ids[4], ids[0]], "priority 1, then 3, then the older of the two 5s");
-    let rest: Vec<Uuid> =
-        db.store().claim("w1", 10, now, now + lease(), &any_type()).await.unwrap().iter().map(|j| j.id).collect();
+    let rest: Vec<Uuid> = claim_any(db, "w1", 10, now).await.iter().map(|j| j.id).collect();
     assert_eq!(rest, vec![ids[3], ids[1]]);
 }
 
@@ -44,7 +39,7 @@ pub async fn claim_skips_jobs_that_are_not_due<S: Subject>(db: &S) {
     let queue = queue(db, QueueSettings::default());
     let job = queue.enqueue(request("u1", "echo", json!({}))).await.unwrap();
     let now = Utc::now();
-    let claimed = db.store().claim("w1", 1, now, now + lease(), &any_type()).await.unwrap();
+    let claimed = claim_any(db, "w1", 1, now).await;
     let later = now + chrono::Duration::seconds(60);
     let end = end_of(
         &claimed[0],
@@ -52,8 +47,8 @@ pub async fn claim_skips_jobs_that_are_not_due<S: Subject>(db: &S) {
         Transition::Retry { error: "busy".into(), run_at: later, outcome: AttemptOutcome::Retry },
     );
     assert!(db.store().finish_attempt(&end, now).await.unwrap());
-    assert!(db.store().claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().is_empty(), "not due yet");
-    let due = db.store().claim("w1", 1, later, later + lease(), &any_type()).await.unwrap();
+    assert!(claim_any(db, "w1", 1, now).await.is_empty(), "not due yet");
+    let due = claim_any(db, "w1", 1, later).await;
     assert_eq!(due[0].id, job.id);
 }
 
@@ -76,9 +71,17 @@ pub async fn claim_takes_the_most_urgent_across_its_types<S: Subject>(db: &S) {
     let now = Utc::now();
     let types = vec!["alpha".to_string(), "beta".to_string()];
     let names = |jobs: Vec<quern_store::Job>| jobs.iter().map(|job| ids[&job.id]).collect::<Vec<_>>();
-    let first = db.store().claim("w1", 3, now, now + lease(), &types).await.unwrap();
+    let first = db
+        .store()
+        .claim(&Claim { worker_id: "w1", limit: 3, now, lease_until: now + lease(), types: &types })
+        .await
+        .unwrap();
     assert_eq!(names(first), vec!["beta-2", "alpha-3", "alpha-4"], "gamma is not this worker's");
-    let rest = db.store().claim("w1", 3, now, now + lease(), &types).await.unwrap();
+    let rest = db
+        .store()
+        .claim(&Claim { worker_id: "w1", limit: 3, now, lease_until: now + lease(), types: &types })
+        .await
+        .unwrap();
     assert_eq!(names(rest), vec!["beta-9"], "the rows looked at but not taken were left for later claims");
 }
 
@@ -89,7 +92,11 @@ pub async fn claim_takes_only_the_types_asked_for<S: Subject>(db: &S) {
         queue.enqueue(EnqueueRequest { priority: Some(1), ..request("u1", "not_deployed", json!({})) }).await.unwrap();
     let now = Utc::now();
     let types = vec!["echo".to_string()];
-    let claimed = db.store().claim("w1", 10, now, now + lease(), &types).await.unwrap();
+    let claimed = db
+        .store()
+        .claim(&Claim { worker_id: "w1", limit: 10, now, lease_until: now + lease(), types: &types })
+        .await
+        .unwrap();
     assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![echo.id]);
     assert_eq!(
         db.store().get(other.id).await.unwrap().unwrap().status,
@@ -114,8 +121,16 @@ pub async fn concurrent_claimers_never_share_a_job<S: Subject>(db: &S) {
             let mut mine = Vec::new();
             loop {
                 let now = Utc::now();
-                let batch =
-                    store.claim(&worker, 25, now, now + chrono::Duration::seconds(30), &any_type()).await.unwrap();
+                let batch = store
+                    .claim(&Claim {
+                        worker_id: &worker,
+                        limit: 25,
+                        now,
+                        lease_until: now + chrono::Duration::seconds(30),
+                        types: &any_type(),
+                    })
+                    .await
+                    .unwrap();
                 if batch.is_empty() {
                     return mine;
                 }

@@ -2,9 +2,14 @@
 
 use super::*;
 
+/// A cache entry of type `t` under `key`, kept until `expires_at`.
+fn cached(key: &str, expires_at: DateTime<Utc>) -> CacheWrite {
+    CacheWrite { key: key.into(), job_type: "t".into(), expires_at }
+}
+
 pub async fn cache_hits_are_counted_atomically<S: Subject>(db: &S) {
     let now = Utc::now();
-    db.store().cache_put("t:v:k", "t", &json!({"r": 1}), now, now + chrono::Duration::hours(1)).await.unwrap();
+    db.store().cache_put(&cached("t:v:k", now + chrono::Duration::hours(1)), &json!({"r": 1}), now).await.unwrap();
     // Twenty writers count hits at once, some folded (2 per write): all add up.
     let mut writers = tokio::task::JoinSet::new();
     for n in 0..20 {
@@ -29,11 +34,9 @@ pub async fn cache_hits_are_counted_atomically<S: Subject>(db: &S) {
 
 pub async fn expired_cache_entries_miss_and_are_purged<S: Subject>(db: &S) {
     let now = Utc::now();
-    db.store()
-        .cache_put("old", "t", &json!(1), now - chrono::Duration::hours(2), now - chrono::Duration::hours(1))
-        .await
-        .unwrap();
-    db.store().cache_put("new", "t", &json!(2), now, now + chrono::Duration::hours(1)).await.unwrap();
+    let an_hour = chrono::Duration::hours(1);
+    db.store().cache_put(&cached("old", now - an_hour), &json!(1), now - an_hour * 2).await.unwrap();
+    db.store().cache_put(&cached("new", now + an_hour), &json!(2), now).await.unwrap();
     assert_eq!(db.store().cache_lookup("old", now).await.unwrap(), None);
     assert_eq!(db.store().purge_cache(now).await.unwrap(), 1);
     assert!(db.store().cache_entry("old").await.unwrap().is_none());

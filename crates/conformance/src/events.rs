@@ -29,7 +29,12 @@ pub async fn every_change_of_a_job_is_heard_by_the_changes_listener<S: Subject>(
     let other = queue.enqueue(request("u1", "slow", json!({}))).await.unwrap();
     let now = Utc::now();
 
-    let claimed = db.store().claim("w1", 1, now, now + lease(), &["echo".to_string()]).await.unwrap().remove(0);
+    let claimed = db
+        .store()
+        .claim(&Claim { worker_id: "w1", limit: 1, now, lease_until: now + lease(), types: &["echo".to_string()] })
+        .await
+        .unwrap()
+        .remove(0);
     hears(&mut changes, job.id, "a claim").await;
     let progress = Progress { job_id: job.id, percent: 40, message: "halfway".into() };
     db.store().set_progress("w1", &[progress]).await.unwrap();
@@ -60,7 +65,7 @@ pub async fn a_follower_sees_each_status_until_the_end<S: Subject>(db: &S) {
     assert!(events.follow(Uuid::now_v7()).await.unwrap().is_none(), "no such job: nothing to follow");
 
     let now = Utc::now();
-    let claimed = db.store().claim("w1", 1, now, now + lease(), &any_type()).await.unwrap().remove(0);
+    let claimed = claim_any(db, "w1", 1, now).await.remove(0);
     let done = Transition::Complete { result: json!({"ok": true}), processing_time_ms: 1, next: None, cache: None };
     assert!(db.store().finish_attempt(&end_of(&claimed, "w1", done), now).await.unwrap());
 

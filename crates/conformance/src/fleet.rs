@@ -11,7 +11,7 @@ pub async fn recent_attempts_and_failures_are_read_for_stats<S: Subject>(db: &S)
         queue.enqueue(request(&format!("u{n}"), "echo", json!({"n": n}))).await.unwrap();
     }
     let now = Utc::now();
-    let claimed = db.store().claim("w1", 30, now, now + lease(), &any_type()).await.unwrap();
+    let claimed = claim_any(db, "w1", 30, now).await;
     assert_eq!(claimed.len(), 21);
     // Echo jobs ran 10, 20, … 200 ms, alternating between two versions.
     let mut ran_ms = 0;

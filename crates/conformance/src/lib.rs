@@ -19,14 +19,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use quern_queue::worker::{Worker, WorkerSettings};
 use quern_queue::{EnqueueRequest, Queue, QueueError, QueueSettings};
 use quern_runtime::manifest::{CacheScope, Manifest};
 use quern_runtime::registry::{Registry, read_component};
 use quern_runtime::{Outcome, Runtime};
 use quern_store::{
-    AttemptEnd, AttemptOutcome, CacheHits, CancelOutcome, JobStatus, LimitedJob, Step, Store, StoreError, Transition,
+    AttemptEnd, AttemptOutcome, CacheHits, CacheWrite, CancelOutcome, Claim, JobStatus, LimitedJob, Step, Store,
+    StoreError, Transition,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -163,4 +164,11 @@ fn any_type() -> Vec<String> {
 
 fn lease() -> chrono::Duration {
     chrono::Duration::seconds(30)
+}
+
+/// Claims up to `limit` due jobs of any type for `worker_id` at `now`, each
+/// leased for [`lease`].
+async fn claim_any(db: &impl Subject, worker_id: &str, limit: u32, now: DateTime<Utc>) -> Vec<quern_store::Job> {
+    let types = any_type();
+    db.store().claim(&Claim { worker_id, limit, now, lease_until: now + lease(), types: &types }).await.unwrap()
 }

@@ -93,7 +93,7 @@ async fn flush(store: &dyn Store, batch: Vec<Waiting>) {
         // Nothing to share: the single-job path is the cheapest there is
         // (on PostgreSQL without a limit, one statement).
         Ok([Waiting { job, reply }]) => {
-            let _ = reply.send(store.enqueue(&job.job, now, job.max_unfinished_per_user).await);
+            let _ = reply.send(store.enqueue(&job, now).await);
             return;
         }
         Err(batch) => batch,
@@ -113,7 +113,7 @@ async fn flush(store: &dyn Store, batch: Vec<Waiting>) {
         Err(error) if crate::completer::refused_by_database(&error) => {
             tracing::warn!(%error, jobs = jobs.len(), "the database refused a batch of enqueues; writing them one by one");
             for (limited, reply) in jobs.into_iter().zip(replies) {
-                let _ = reply.send(store.enqueue(&limited.job, now, limited.max_unfinished_per_user).await);
+                let _ = reply.send(store.enqueue(&limited, now).await);
             }
         }
         // The database is away: every job of the batch fails alike, at once,

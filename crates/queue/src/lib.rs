@@ -30,8 +30,8 @@ use uuid::Uuid;
 use quern_runtime::Outcome;
 use quern_runtime::manifest::{CacheScope, validate_job_type};
 use quern_store::{
-    AttemptEnd, AttemptOutcome, CancelOutcome, EndWritten, Job, JobStatus, NewJob, RequeueOutcome, Step, Store,
-    StoreError, Transition,
+    AttemptEnd, AttemptOutcome, CancelOutcome, EndWritten, Job, JobStatus, NewJob, Requeue, RequeueOutcome, Step,
+    Store, StoreError, Transition,
 };
 
 /// Queue-wide settings (names from the customer's worker: WORKER_*, CACHE_*).
@@ -284,7 +284,9 @@ impl Queue {
     /// attempts; the user's unfinished-job limit applies as at enqueue.
     pub async fn requeue(&self, id: Uuid, attempts: i32) -> Result<Job, QueueError> {
         let owner = self.store.get(id).await?.map(|job| job.user_id).ok_or(QueueError::NotFound(id))?;
-        match self.store.requeue(id, Utc::now(), attempts, self.limit_of(&owner)).await? {
+        let requeue =
+            Requeue { id, now: Utc::now(), extra_attempts: attempts, max_unfinished_per_user: self.limit_of(&owner) };
+        match self.store.requeue(&requeue).await? {
             RequeueOutcome::Requeued(job) => Ok(*job),
             RequeueOutcome::NotRetryable(status) => Err(QueueError::NotRetryable { id, status }),
             RequeueOutcome::NotFound => Err(QueueError::NotFound(id)),

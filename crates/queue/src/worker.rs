@@ -39,7 +39,7 @@ use super::completer::{Completer, Completion, CompletionSettings};
 use crate::telemetry::{JOB_DURATION, JOB_PICKUP, JOBS_COMPLETED, JOBS_FAILED, JOBS_RETRIED};
 use quern_runtime::registry::Registry;
 use quern_runtime::{JobSpec, Outcome, RunOptions};
-use quern_store::{AttemptEnd, CacheWrite, EndWritten, Job, Progress, StoreError, Transition, WorkerRow};
+use quern_store::{AttemptEnd, CacheWrite, Claim, EndWritten, Job, Progress, StoreError, Transition, WorkerRow};
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -361,7 +361,11 @@ impl Shared {
         let now = Utc::now();
         let lease_until = now + self.queue.settings().lease;
         let types = self.registry.claimable_types();
-        let jobs = self.queue.store().claim(&self.settings.id, wanted, now, lease_until, &types).await?;
+        let jobs = self
+            .queue
+            .store()
+            .claim(&Claim { worker_id: &self.settings.id, limit: wanted, now, lease_until, types: &types })
+            .await?;
         self.completer.expect(jobs.len());
         self.claims.fetch_add(1, Ordering::Relaxed);
         self.claimed.fetch_add(jobs.len() as u64, Ordering::Relaxed);

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::StoreError;
+use crate::{CacheWrite, StoreError};
 
 /// A cached result.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,14 +53,9 @@ pub trait CacheStore: Send + Sync {
     /// A cache row as it is, without counting a hit.
     async fn cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError>;
 
-    async fn cache_put(
-        &self,
-        key: &str,
-        job_type: &str,
-        response: &Value,
-        now: DateTime<Utc>,
-        expires_at: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
+    /// Keeps `response` under `entry.key` until `entry.expires_at`,
+    /// replacing what was there.
+    async fn cache_put(&self, entry: &CacheWrite, response: &Value, now: DateTime<Utc>) -> Result<(), StoreError>;
 
     /// Deletes expired cache rows; returns how many.
     async fn purge_cache(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;

@@ -242,6 +242,30 @@ pub struct JobFilter {
     pub limit: u32,
 }
 
+/// What a worker asks of [`JobStore::claim`].
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    pub worker_id: &'a str,
+    /// At most this many jobs.
+    pub limit: u32,
+    pub now: DateTime<Utc>,
+    /// Each claimed job's lease runs until then.
+    pub lease_until: DateTime<Utc>,
+    /// Only jobs of these types: the ones the worker has handlers for.
+    pub types: &'a [String],
+}
+
+/// A failed or cancelled job to run again: [`JobStore::requeue`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Requeue {
+    pub id: Uuid,
+    pub now: DateTime<Utc>,
+    /// Attempts it gets on top of those it has used (at least 1).
+    pub extra_attempts: i32,
+    /// Its owner's unfinished-jobs limit (`None`: none).
+    pub max_unfinished_per_user: Option<u32>,
+}
+
 /// What a request to run a finished job again did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequeueOutcome {
@@ -288,14 +312,9 @@ pub trait JobChanges: Send {
 /// Jobs: enqueue, claim, the ends of attempts, leases, cancel and retry, pruning.
 #[async_trait]
 pub trait JobStore: Send + Sync {
-    /// Inserts a job. With `max_unfinished_per_user`, refuses atomically when
-    /// the user already has that many pending or processing jobs.
-    async fn enqueue(
-        &self,
-        job: &NewJob,
-        now: DateTime<Utc>,
-        max_unfinished_per_user: Option<u32>,
-    ) -> Result<Job, StoreError>;
+    /// Inserts a job. With a `max_unfinished_per_user`, refuses atomically
+    /// when the user already has that many pending or processing jobs.
+    async fn enqueue(&self, job: &LimitedJob, now: DateTime<Utc>) -> Result<Job, StoreError>;
 
     async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
 
@@ -310,16 +329,10 @@ pub trait JobStore: Send + Sync {
     /// Jobs matching `filter`, newest first (by `created_at`, then id).
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError>;
 
-    /// Puts a failed or cancelled job back to `pending`, due now, with
-    /// `extra_attempts` more attempts. With `max_unfinished_per_user`, refuses
-    /// atomically when its user is at the limit, as enqueue does.
-    async fn requeue(
-        &self,
-        id: Uuid,
-        now: DateTime<Utc>,
-        extra_attempts: i32,
-        max_unfinished_per_user: Option<u32>,
-    ) -> Result<RequeueOutcome, StoreError>;
+    /// Puts a failed or cancelled job back to `pending`, due now, with more
+    /// attempts. With a `max_unfinished_per_user`, refuses atomically when
+    /// its user is at the limit, as enqueue does.
+    async fn requeue(&self, requeue: &Requeue) -> Result<RequeueOutcome, StoreError>;
 
     /// Claims up to `limit` due pending jobs of `types` (the ones the worker
     /// has handlers for), most urgent first, for `worker_id`: each becomes
@@ -327,14 +340,7 @@ pub trait JobStore: Send + Sync {
     /// No job is handed to two claimers. The cost follows the jobs claimed,
     /// not the backlog: each type is read through its own part of the claim
     /// index, so pending jobs of other types are never scanned.
-    async fn claim(
-        &self,
-        worker_id: &str,
-        limit: u32,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        types: &[String],
-    ) -> Result<Vec<Job>, StoreError>;
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Vec<Job>, StoreError>;
 
     /// Inserts many jobs in one transaction, all or none, and wakes workers
     /// once. No per-user limit: this is for trusted server-side producers.

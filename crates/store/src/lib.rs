@@ -34,8 +34,8 @@ pub use self::attempts::{AttemptEnd, AttemptOutcome, AttemptRecord, CacheWrite, 
 pub use self::cache::{CacheEntry, CacheHits, CacheStats, CacheStore};
 pub use self::fleet::{FleetStore, LeaderLock, SoleProcess, WorkerRow};
 pub use self::jobs::{
-    CancelOutcome, Job, JobChange, JobChanges, JobFilter, JobStatus, JobStore, LimitedJob, NewJob, Progress,
-    PruneCutoffs, RequeueOutcome, Step, Wakeups,
+    CancelOutcome, Claim, Job, JobChange, JobChanges, JobFilter, JobStatus, JobStore, LimitedJob, NewJob, Progress,
+    PruneCutoffs, Requeue, RequeueOutcome, Step, Wakeups,
 };
 pub(crate) use self::jobs::{cancel_outcome, limited_owners, within_limits};
 pub use self::postgres::PostgresStore;

@@ -7,7 +7,7 @@ use sqlx::query::Query;
 
 use super::*;
 use crate::LeaderLock;
-use crate::shared::{Backend, Param, Role};
+use crate::shared::{Backend, Param, Role, Sql};
 
 type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 
@@ -20,7 +20,7 @@ impl PostgresStore {
     }
 }
 
-fn bound<'q>(sql: &'static str, params: &[Param<'q>]) -> PgQuery<'q> {
+fn bound<'q>(sql: impl Sql, params: &[Param<'q>]) -> PgQuery<'q> {
     params.iter().fold(sqlx::query(sql), |query, param| match *param {
         Param::Text(text) => query.bind(text),
         Param::OptText(text) => query.bind(text),
@@ -39,11 +39,11 @@ fn bound<'q>(sql: &'static str, params: &[Param<'q>]) -> PgQuery<'q> {
 impl Backend for PostgresStore {
     type Row = PgRow;
 
-    async fn fetch(&self, role: Role, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<PgRow>, StoreError> {
+    async fn fetch(&self, role: Role, sql: impl Sql, params: &[Param<'_>]) -> Result<Vec<PgRow>, StoreError> {
         Ok(bound(sql, params).fetch_all(self.pool_for(role)).await?)
     }
 
-    async fn execute(&self, role: Role, sql: &'static str, params: &[Param<'_>]) -> Result<u64, StoreError> {
+    async fn execute(&self, role: Role, sql: impl Sql, params: &[Param<'_>]) -> Result<u64, StoreError> {
         Ok(bound(sql, params).execute(self.pool_for(role)).await?.rows_affected())
     }
 

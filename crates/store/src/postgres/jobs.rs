@@ -6,16 +6,13 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::{JobStore, LimitedJob, limited_owners, within_limits};
+use crate::{Claim, JobStore, LimitedJob, Requeue, limited_owners, within_limits};
 
 #[async_trait]
 impl JobStore for PostgresStore {
-    async fn enqueue(
-        &self,
-        job: &NewJob,
-        now: DateTime<Utc>,
-        max_unfinished_per_user: Option<u32>,
-    ) -> Result<Job, StoreError> {
+    async fn enqueue(&self, job: &LimitedJob, now: DateTime<Utc>) -> Result<Job, StoreError> {
+        let LimitedJob { job, max_unfinished_per_user } = job;
+        let max_unfinished_per_user = *max_unfinished_per_user;
         let Some(limit) = max_unfinished_per_user else {
             // One statement, one round trip: the insert and its NOTIFY.
             insert_query(job, now)?.execute(&self.pool).await?;
@@ -51,31 +48,11 @@ impl JobStore for PostgresStore {
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
-        let mut query = sqlx::QueryBuilder::<Postgres>::new(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE true"));
-        if let Some(user_id) = &filter.user_id {
-            query.push(" AND user_id = ").push_bind(user_id.clone());
-        }
-        if let Some(status) = filter.status {
-            query.push(" AND status = ").push_bind(status.as_str());
-        }
-        if let Some(job_type) = &filter.job_type {
-            query.push(" AND type = ").push_bind(job_type.clone());
-        }
-        if let Some((created_at, id)) = filter.before {
-            query.push(" AND (created_at, id) < (").push_bind(created_at).push(", ").push_bind(id).push(")");
-        }
-        query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(filter.limit));
-        let rows = query.build().fetch_all(&self.pool).await?;
-        rows.iter().map(Job::from_columns).collect()
+        crate::shared::list_jobs(self, filter).await
     }
 
-    async fn requeue(
-        &self,
-        id: Uuid,
-        now: DateTime<Utc>,
-        extra_attempts: i32,
-        max_unfinished_per_user: Option<u32>,
-    ) -> Result<RequeueOutcome, StoreError> {
+    async fn requeue(&self, requeue: &Requeue) -> Result<RequeueOutcome, StoreError> {
+        let Requeue { id, now, extra_attempts, max_unfinished_per_user } = *requeue;
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query("SELECT user_id, status, lease_expires_at FROM quern_jobs WHERE id = $1 FOR UPDATE")
             .bind(id)
@@ -111,14 +88,8 @@ impl JobStore for PostgresStore {
         Ok(RequeueOutcome::Requeued(Box::new(job)))
     }
 
-    async fn claim(
-        &self,
-        worker_id: &str,
-        limit: u32,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        types: &[String],
-    ) -> Result<Vec<Job>, StoreError> {
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Vec<Job>, StoreError> {
+        let Claim { worker_id, limit, now, lease_until, types } = *claim;
         let sql = match types.len() {
             0 => return Ok(Vec::new()),
             1 => &*CLAIM_ONE_TYPE,

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::{Backend, Role};
 use crate::rows::{Columns, FromColumns};
-use crate::{CacheEntry, CacheHits, CacheStats, CacheStore, StoreError};
+use crate::{CacheEntry, CacheHits, CacheStats, CacheStore, CacheWrite, StoreError};
 
 #[async_trait]
 impl<B: Backend> CacheStore for B {
@@ -60,19 +60,12 @@ impl<B: Backend> CacheStore for B {
         rows.first().map(CacheEntry::from_columns).transpose()
     }
 
-    async fn cache_put(
-        &self,
-        key: &str,
-        job_type: &str,
-        response: &Value,
-        now: DateTime<Utc>,
-        expires_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    async fn cache_put(&self, entry: &CacheWrite, response: &Value, now: DateTime<Utc>) -> Result<(), StoreError> {
         self.execute(
             Role::Write,
             "INSERT INTO quern_cache (cache_key, type, response, expires_at, created_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (cache_key) DO UPDATE SET response = excluded.response, expires_at = excluded.expires_at",
-            &[key.into(), job_type.into(), response.into(), expires_at.into(), now.into()],
+            &[(&entry.key).into(), (&entry.job_type).into(), response.into(), entry.expires_at.into(), now.into()],
         )
         .await?;
         Ok(())

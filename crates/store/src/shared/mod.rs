@@ -11,16 +11,21 @@
 //! other processes, the maintenance lead) is a [`Backend`] item each backend
 //! states.
 //! Jobs (claims, the ends of attempts, enqueues) differ in their SQL and their
-//! cost and stay in each backend's `jobs.rs`.
+//! cost and stay in each backend's `jobs.rs`; listing them does not, and is
+//! here.
 
 mod cache;
 mod fleet;
+mod jobs;
 mod stats;
 mod versions;
+
+pub(crate) use jobs::list_jobs;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::SqlSafeStr;
 use uuid::Uuid;
 
 use crate::rows::Columns;
@@ -41,66 +46,43 @@ pub(crate) enum Param<'a> {
     Json(&'a Value),
 }
 
-impl<'a> From<&'a str> for Param<'a> {
-    fn from(value: &'a str) -> Self {
-        Param::Text(value)
-    }
+/// `From` each kind of value for its [`Param`] variant: owned, or borrowed
+/// for as long as the statement's parameters.
+macro_rules! param_from {
+    ($($kind:ty => $variant:ident),* $(,)?) => {$(
+        impl From<$kind> for Param<'_> {
+            fn from(value: $kind) -> Self {
+                Param::$variant(value)
+            }
+        }
+    )*};
+    (borrowed $($kind:ty => $variant:ident),* $(,)?) => {$(
+        impl<'a> From<&'a $kind> for Param<'a> {
+            fn from(value: &'a $kind) -> Self {
+                Param::$variant(value)
+            }
+        }
+    )*};
 }
-impl<'a> From<&'a String> for Param<'a> {
-    fn from(value: &'a String) -> Self {
-        Param::Text(value)
-    }
-}
+param_from!(i16 => SmallInt, i32 => Int, i64 => BigInt, bool => Bool, Uuid => Uuid, DateTime<Utc> => Time);
+param_from!(borrowed str => Text, String => Text, [u8] => Bytes, Value => Json);
+
 impl<'a> From<&'a Option<String>> for Param<'a> {
     fn from(value: &'a Option<String>) -> Self {
         Param::OptText(value.as_deref())
     }
 }
-impl<'a> From<&'a [u8]> for Param<'a> {
-    fn from(value: &'a [u8]) -> Self {
-        Param::Bytes(value)
-    }
-}
-impl From<i16> for Param<'_> {
-    fn from(value: i16) -> Self {
-        Param::SmallInt(value)
-    }
-}
-impl From<i32> for Param<'_> {
-    fn from(value: i32) -> Self {
-        Param::Int(value)
-    }
-}
-impl From<i64> for Param<'_> {
-    fn from(value: i64) -> Self {
-        Param::BigInt(value)
-    }
-}
+
 impl From<u32> for Param<'_> {
     fn from(value: u32) -> Self {
         Param::BigInt(i64::from(value))
     }
 }
-impl From<bool> for Param<'_> {
-    fn from(value: bool) -> Self {
-        Param::Bool(value)
-    }
-}
-impl From<Uuid> for Param<'_> {
-    fn from(value: Uuid) -> Self {
-        Param::Uuid(value)
-    }
-}
-impl From<DateTime<Utc>> for Param<'_> {
-    fn from(value: DateTime<Utc>) -> Self {
-        Param::Time(value)
-    }
-}
-impl<'a> From<&'a Value> for Param<'a> {
-    fn from(value: &'a Value) -> Self {
-        Param::Json(value)
-    }
-}
+
+/// A statement's text: a constant, or assembled from constant pieces (values
+/// are bound, never written into it).
+pub(crate) trait Sql: SqlSafeStr + Send {}
+impl<T: SqlSafeStr + Send> Sql for T {}
 
 /// Which connections a statement runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,10 +103,10 @@ pub(crate) trait Backend: Send + Sync {
     type Row: Columns + Send + Sync;
 
     /// Runs `sql` with `params` bound in order; returns the rows it yields.
-    async fn fetch(&self, role: Role, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<Self::Row>, StoreError>;
+    async fn fetch(&self, role: Role, sql: impl Sql, params: &[Param<'_>]) -> Result<Vec<Self::Row>, StoreError>;
 
     /// Runs `sql` with `params` bound in order; returns how many rows it changed.
-    async fn execute(&self, role: Role, sql: &'static str, params: &[Param<'_>]) -> Result<u64, StoreError>;
+    async fn execute(&self, role: Role, sql: impl Sql, params: &[Param<'_>]) -> Result<u64, StoreError>;
 
     /// Mean and nearest-rank 95th percentile run time (ms) of completed
     /// attempts ended at or after `$1`, by type and, when `$2`, version:

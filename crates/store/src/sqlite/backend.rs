@@ -6,14 +6,14 @@ use sqlx::query::Query;
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 
 use super::*;
-use crate::shared::{Backend, Param, Role};
+use crate::shared::{Backend, Param, Role, Sql};
 use crate::{LeaderLock, SoleProcess};
 
 type SqliteQuery<'q> = Query<'q, Sqlite, SqliteArguments>;
 
 /// Binds each value as SQLite stores it: a uuid as text, a time as
 /// microseconds since the epoch, JSON as text.
-fn bound<'q>(sql: &'static str, params: &[Param<'q>]) -> SqliteQuery<'q> {
+fn bound<'q>(sql: impl Sql, params: &[Param<'q>]) -> SqliteQuery<'q> {
     params.iter().fold(sqlx::query(sql), |query, param| match *param {
         Param::Text(text) => query.bind(text),
         Param::OptText(text) => query.bind(text),
@@ -32,7 +32,7 @@ fn bound<'q>(sql: &'static str, params: &[Param<'q>]) -> SqliteQuery<'q> {
 impl Backend for SqliteStore {
     type Row = SqliteRow;
 
-    async fn fetch(&self, role: Role, sql: &'static str, params: &[Param<'_>]) -> Result<Vec<SqliteRow>, StoreError> {
+    async fn fetch(&self, role: Role, sql: impl Sql, params: &[Param<'_>]) -> Result<Vec<SqliteRow>, StoreError> {
         let query = bound(sql, params);
         Ok(match role {
             Role::Read => query.fetch_all(&mut *self.readers.get().await?).await?,
@@ -40,7 +40,7 @@ impl Backend for SqliteStore {
         })
     }
 
-    async fn execute(&self, role: Role, sql: &'static str, params: &[Param<'_>]) -> Result<u64, StoreError> {
+    async fn execute(&self, role: Role, sql: impl Sql, params: &[Param<'_>]) -> Result<u64, StoreError> {
         let query = bound(sql, params);
         let done = match role {
             Role::Read => query.execute(&mut *self.readers.get().await?).await?,
