@@ -6,11 +6,9 @@
 //! work it means to run.
 
 use crate::error::ErrorCode;
-use std::net::SocketAddr;
 
-use axum::extract::rejection::ExtensionRejection;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -20,9 +18,8 @@ use super::AppState;
 use super::auth::Caller;
 use super::body::JsonBody;
 use super::error::{ApiError, ErrorBody, ItemError};
-use super::jobs::{StepBody, check_steps, ensure_allowed, ensure_enabled, events_url, known_type, poll_url};
-use super::limits::check_rate;
-use super::types::JobTypeName;
+use super::jobs::{EnqueueBody, check_steps, ensure_allowed, ensure_enabled, events_url, known_type, poll_url};
+use super::limits::{ClientIp, check_rate};
 use quern_queue::telemetry::JOBS_ENQUEUED;
 use quern_queue::{BatchError, EnqueueRequest, MAX_BATCH};
 use quern_store::{JobStatus, Step};
@@ -33,30 +30,10 @@ pub const MAX_BATCH_BODY_BYTES: usize = 16 << 20;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
-    /// 1 to 1,000 jobs, each as `POST /v1/jobs` takes one, plus an optional `user_id`.
-    #[schema(value_type = Vec<BatchJob>, min_items = 1, max_items = 1000)]
+    /// 1 to 1,000 jobs, each as `POST /v1/jobs` takes one; each one's
+    /// `user_id` names whose job it is (the caller's own subject by default).
+    #[schema(value_type = Vec<EnqueueBody>, min_items = 1, max_items = 1000)]
     pub jobs: Vec<Value>,
-}
-
-/// One job of a batch.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BatchJob {
-    #[serde(rename = "type")]
-    #[schema(inline, value_type = JobTypeName)]
-    pub job_type: String,
-    #[schema(value_type = Object)]
-    pub input: Value,
-    /// 1 (most urgent) to 10; 5 by default.
-    #[schema(minimum = 1, maximum = 10)]
-    #[serde(default, deserialize_with = "crate::body::whole_number")]
-    pub priority: Option<i64>,
-    #[serde(default)]
-    pub next: Vec<StepBody>,
-    /// Whose job it is (who may read and cancel it); the caller's own
-    /// subject by default.
-    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
-    pub user_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -93,8 +70,7 @@ pub struct BatchJobView {
     ))]
 pub async fn enqueue_batch(
     State(state): State<AppState>,
-    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
-    headers: HeaderMap,
+    client: ClientIp,
     caller: Result<Caller, ApiError>,
     body: Result<JsonBody<BatchBody>, ApiError>,
 ) -> Result<(StatusCode, axum::Json<BatchResponse>), ApiError> {
@@ -105,7 +81,7 @@ pub async fn enqueue_batch(
         ));
     }
     let JsonBody(body) = body?;
-    check_rate(&state, &caller, &headers, peer.as_ref().ok(), u32::try_from(body.jobs.len()).unwrap_or(u32::MAX))?;
+    check_rate(&state, &caller, &client, u32::try_from(body.jobs.len()).unwrap_or(u32::MAX))?;
     if body.jobs.is_empty() || body.jobs.len() > MAX_BATCH {
         return Err(ApiError::bad_request(
             ErrorCode::InvalidBatchSize,
@@ -164,7 +140,7 @@ pub async fn enqueue_batch(
 
 /// One item as a request to the queue, or what is wrong with it.
 fn request_of(state: &AppState, caller: &Caller, item: Value) -> Result<EnqueueRequest, ApiError> {
-    let job: BatchJob = serde_json::from_value(item)
+    let job: EnqueueBody = serde_json::from_value(item)
         .map_err(|error| ApiError::bad_request(ErrorCode::InvalidRequest, format!("invalid job: {error}")))?;
     let handler = known_type(state, &job.job_type)?;
     ensure_allowed(caller, &handler)?;

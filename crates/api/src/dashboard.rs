@@ -30,6 +30,7 @@ use super::auth::same_secret;
 use super::auth::{Caller, require_service};
 use super::error::{ApiError, ErrorBody};
 use super::jobs::AttemptView;
+use super::limits::ClientIp;
 
 const PAGE: &str = include_str!("../assets/dashboard.html");
 const LOGIN: &str = include_str!("../assets/login.html");
@@ -215,11 +216,9 @@ pub struct SignIn {
     ))]
 pub async fn login(
     State(state): State<AppState>,
-    peer: Result<axum::extract::ConnectInfo<std::net::SocketAddr>, axum::extract::rejection::ExtensionRejection>,
-    headers: HeaderMap,
+    ClientIp(client): ClientIp,
     form: Result<axum::Form<SignIn>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let client = super::limits::client_ip(&state, &headers, peer.as_ref().ok());
     if let Some(wait) = client.and_then(|ip| state.sign_ins.wait(ip)) {
         tracing::warn!(wait_s = wait.as_secs(), "dashboard sign-in refused: too many failures from this address");
         return guarded(

@@ -10,12 +10,10 @@
 //!   not followed).
 
 use crate::error::ErrorCode;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::rejection::ExtensionRejection;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -25,7 +23,7 @@ use super::auth::Caller;
 use super::body::parse;
 use super::error::ApiError;
 use super::jobs::{EnqueueBody, Enqueued, submit, wait_for_end};
-use super::limits::check_rate;
+use super::limits::{ClientIp, check_rate};
 use quern_store::JobStatus;
 
 /// The request headers an Edge Function reads; no other is passed on.
@@ -58,7 +56,7 @@ pub fn client(timeout: Duration) -> reqwest::Client {
 pub async fn serve(
     State(state): State<AppState>,
     Path(path): Path<String>,
-    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    client: ClientIp,
     caller: Result<Caller, ApiError>,
     request: Request,
 ) -> Result<Response, ApiError> {
@@ -66,7 +64,7 @@ pub async fn serve(
     let name = path.split('/').next().unwrap_or_default();
     if let Some(handler) = state.registry.all().into_iter().find(|h| h.manifest.function.as_deref() == Some(name)) {
         let job_type = handler.manifest.job_type.clone();
-        return run_sync(&state, peer.ok(), caller?, job_type, request).await;
+        return run_sync(&state, client, caller?, job_type, request).await;
     }
     forward(&state, &path, request).await
 }
@@ -95,7 +93,7 @@ fn check_path(path: &str) -> Result<(), ApiError> {
 /// `{jobId, status, pollUrl}` when it is still running.
 async fn run_sync(
     state: &AppState,
-    peer: Option<ConnectInfo<SocketAddr>>,
+    client: ClientIp,
     caller: Caller,
     job_type: String,
     request: Request,
@@ -107,7 +105,6 @@ async fn run_sync(
             format!("{} runs a job: send POST with the input as the JSON body", request.uri().path()),
         ));
     }
-    let headers = request.headers().clone();
     let bytes = axum::body::to_bytes(request.into_body(), super::body::MAX_BODY_BYTES).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -117,7 +114,7 @@ async fn run_sync(
     })?;
     let input: Value = parse(&bytes)?;
     let body = EnqueueBody { job_type, input, priority: None, user_id: None, next: Vec::new() };
-    check_rate(state, &caller, &headers, peer.as_ref(), 1)?;
+    check_rate(state, &caller, &client, 1)?;
     let job = match submit(state, &caller, body, true).await? {
         Enqueued::Cached(result) => return Ok((StatusCode::OK, axum::Json(result)).into_response()),
         Enqueued::Job { job, .. } => wait_for_end(state, *job, state.settings.max_wait).await?,

@@ -15,8 +15,9 @@ use crate::error::ErrorCode;
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::extract::multipart::{Multipart, MultipartRejection};
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -37,18 +38,38 @@ use quern_store::{Rollout, StoredVersion};
 /// How far back per-version counts and times look.
 const STATS_WINDOW: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
-fn require_ops(caller: &Caller) -> Result<(), ApiError> {
-    if caller.service {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden(
-            "managing handler versions needs a service_role token (quern token --role service_role)",
-        ))
+/// A caller with a service_role token: 401 without a token, 403 with
+/// another role's.
+pub struct Ops(pub Caller);
+
+impl FromRequestParts<AppState> for Ops {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if !caller.service {
+            return Err(ApiError::forbidden(
+                "managing handler versions needs a service_role token (quern token --role service_role)",
+            ));
+        }
+        Ok(Self(caller))
     }
 }
 
-fn checked_type(job_type: &str) -> Result<(), ApiError> {
-    validate_job_type(job_type).map_err(|error| ApiError::bad_request(ErrorCode::InvalidType, error.to_string()))
+/// The `{type}` of the path, a valid job type name (400 `invalid_type` if not).
+pub struct TypePath(pub String);
+
+impl FromRequestParts<AppState> for TypePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Path(job_type) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::bad_request(ErrorCode::InvalidType, rejection.body_text()))?;
+        validate_job_type(&job_type)
+            .map_err(|error| ApiError::bad_request(ErrorCode::InvalidType, error.to_string()))?;
+        Ok(Self(job_type))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -91,12 +112,10 @@ pub struct UploadForm {
     ))]
 pub async fn upload(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(job_type): Path<String>,
+    Ops(caller): Ops,
+    TypePath(job_type): TypePath,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, axum::Json<UploadedVersion>), ApiError> {
-    require_ops(&caller)?;
-    checked_type(&job_type)?;
     let mut multipart = multipart.map_err(|rejection| {
         ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -225,12 +244,10 @@ pub struct RolloutBody {
     ))]
 pub async fn rollout(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(job_type): Path<String>,
+    _ops: Ops,
+    TypePath(job_type): TypePath,
     body: Result<JsonBody<RolloutBody>, ApiError>,
 ) -> Result<axum::Json<RolloutView>, ApiError> {
-    require_ops(&caller)?;
-    checked_type(&job_type)?;
     let JsonBody(body) = body?;
     let percent = body.percent.unwrap_or(100);
     let Ok(percent @ 0..=100) = u8::try_from(percent) else {
@@ -268,11 +285,9 @@ pub async fn rollout(
     ))]
 pub async fn rollback(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(job_type): Path<String>,
+    _ops: Ops,
+    TypePath(job_type): TypePath,
 ) -> Result<axum::Json<RolloutView>, ApiError> {
-    require_ops(&caller)?;
-    checked_type(&job_type)?;
     let rollout = change(&state, &job_type, &Step::Rollback).await?;
     applied(&state, &rollout).await?;
     Ok(axum::Json(rollout.into()))
@@ -284,10 +299,10 @@ pub async fn rollback(
     responses((status = 200, body = RolloutView), (status = 400, description = "Not a job type name", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn pause(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(job_type): Path<String>,
+    _ops: Ops,
+    TypePath(job_type): TypePath,
 ) -> Result<axum::Json<RolloutView>, ApiError> {
-    set_paused(&state, &caller, &job_type, true).await
+    set_paused(&state, &job_type, true).await
 }
 
 /// Resume a paused type everywhere.
@@ -296,20 +311,13 @@ pub async fn pause(
     responses((status = 200, body = RolloutView), (status = 400, description = "Not a job type name", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn resume(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(job_type): Path<String>,
+    _ops: Ops,
+    TypePath(job_type): TypePath,
 ) -> Result<axum::Json<RolloutView>, ApiError> {
-    set_paused(&state, &caller, &job_type, false).await
+    set_paused(&state, &job_type, false).await
 }
 
-async fn set_paused(
-    state: &AppState,
-    caller: &Caller,
-    job_type: &str,
-    paused: bool,
-) -> Result<axum::Json<RolloutView>, ApiError> {
-    require_ops(caller)?;
-    checked_type(job_type)?;
+async fn set_paused(state: &AppState, job_type: &str, paused: bool) -> Result<axum::Json<RolloutView>, ApiError> {
     let known =
         state.queue.store().rollouts().await?.iter().any(|r| r.job_type == job_type && r.active_version.is_some());
     if !known && state.registry.get(job_type).is_none() {
@@ -414,8 +422,7 @@ pub struct VersionView {
 /// Every type: active and canary versions, the split, and per version completed/failed counts and p95 time.
 #[utoipa::path(get, path = "/v1/handlers", tag = "handlers", security(("bearer" = [])),
     responses((status = 200, body = Vec<HandlerTypeView>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<Vec<HandlerTypeView>>, ApiError> {
-    require_ops(&caller)?;
+pub async fn list(State(state): State<AppState>, _ops: Ops) -> Result<axum::Json<Vec<HandlerTypeView>>, ApiError> {
     let store = state.queue.store();
     let rollouts: BTreeMap<String, Rollout> =
         store.rollouts().await?.into_iter().map(|r| (r.job_type.clone(), r)).collect();

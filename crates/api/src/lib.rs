@@ -412,16 +412,14 @@ async fn openapi_json(
     let mut document = serde_json::Value::clone(&document);
     let types: Vec<serde_json::Value> = state.registry.job_types().into_iter().map(serde_json::Value::from).collect();
     if !types.is_empty() {
-        for schema in ["EnqueueBody", "BatchJob", "StepBody", "AnalysisRequest"] {
+        for schema in ["EnqueueBody", "StepBody", "AnalysisRequest"] {
             if let Some(name) = document.pointer_mut(&format!("/components/schemas/{schema}/properties/type")) {
                 name["enum"] = serde_json::Value::Array(types.clone());
             }
         }
     }
-    for schema in ["EnqueueBody", "BatchJob"] {
-        if let Some(next) = document.pointer_mut(&format!("/components/schemas/{schema}/properties/next")) {
-            next["maxItems"] = state.queue.settings().max_steps.into();
-        }
+    if let Some(next) = document.pointer_mut("/components/schemas/EnqueueBody/properties/next") {
+        next["maxItems"] = state.queue.settings().max_steps.into();
     }
     axum::Json(document)
 }

@@ -5,18 +5,20 @@
 //! proxy added: entries further left are the client's to write.
 
 use crate::error::ErrorCode;
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use super::Gateway;
 use super::auth::Caller;
 use super::error::ApiError;
+use super::{AppState, Gateway};
 
 pub struct IpLimiter {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
@@ -84,9 +86,22 @@ impl std::str::FromStr for TrustProxy {
     }
 }
 
+/// The client's address, as [`client_ip`] takes it; `None` only where the
+/// server was started without connection info (some in-process tests).
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Infallible> {
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+        Ok(Self(client_ip(state, &parts.headers, peer)))
+    }
+}
+
 /// The client's address: the connection's, or behind trusted proxies the
 /// rightmost `X-Forwarded-For` entry a trusted proxy did not add.
-pub fn client_ip(gateway: &Gateway, headers: &HeaderMap, peer: Option<&ConnectInfo<SocketAddr>>) -> Option<IpAddr> {
+fn client_ip(gateway: &Gateway, headers: &HeaderMap, peer: Option<&ConnectInfo<SocketAddr>>) -> Option<IpAddr> {
     let peer = peer.map(|ConnectInfo(addr)| addr.ip())?;
     let forwarded: Vec<IpAddr> = headers
         .get_all("x-forwarded-for")
@@ -124,17 +139,11 @@ pub fn client_address(trust: &TrustProxy, peer: IpAddr, forwarded: &[IpAddr]) ->
 /// Refuses a request that would create `jobs` jobs (a retry, an enqueue and
 /// each of its pipeline steps) past the client address's rate, with
 /// `Retry-After`. Service callers are trusted backends and not limited here.
-pub fn check_rate(
-    gateway: &Gateway,
-    caller: &Caller,
-    headers: &HeaderMap,
-    peer: Option<&ConnectInfo<SocketAddr>>,
-    jobs: u32,
-) -> Result<(), ApiError> {
+pub fn check_rate(gateway: &Gateway, caller: &Caller, client: &ClientIp, jobs: u32) -> Result<(), ApiError> {
     if caller.service {
         return Ok(());
     }
-    let (Some(limiter), Some(ip)) = (&gateway.limiter, client_ip(gateway, headers, peer)) else { return Ok(()) };
+    let (Some(limiter), &ClientIp(Some(ip))) = (&gateway.limiter, client) else { return Ok(()) };
     let per_minute = limiter.per_minute;
     limiter.check(ip, jobs).map_err(|wait| match wait {
         Some(wait) => ApiError::new(

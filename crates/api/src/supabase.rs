@@ -7,11 +7,9 @@
 //! seed's function read it.
 
 use crate::error::ErrorCode;
-use std::net::SocketAddr;
 
-use axum::extract::rejection::ExtensionRejection;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -24,7 +22,7 @@ use super::auth::Caller;
 use super::body::{ApiQuery, JsonBody};
 use super::error::{ApiError, ErrorBody};
 use super::jobs::{EnqueueBody, Enqueued, NOTICE_HEADER, submit};
-use super::limits::check_rate;
+use super::limits::{ClientIp, check_rate};
 use super::types::JobTypeName;
 use quern_store::JobStatus;
 
@@ -114,8 +112,7 @@ pub struct AnalysisEnqueued {
     ))]
 pub async fn enqueue_analysis(
     State(state): State<AppState>,
-    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
-    headers: HeaderMap,
+    client: ClientIp,
     caller: Result<Caller, ApiError>,
     body: Result<JsonBody<Value>, ApiError>,
 ) -> Result<Response, ApiError> {
@@ -137,7 +134,7 @@ pub async fn enqueue_analysis(
     // did with `input.userId`; a user's token always speaks for itself.
     let user_id = request.user_id.or_else(|| input.get("userId").and_then(Value::as_str).map(str::to_string));
     let body = EnqueueBody { job_type, input, priority: request.priority, user_id, next: Vec::new() };
-    check_rate(&state, &caller, &headers, peer.as_ref().ok(), 1)?;
+    check_rate(&state, &caller, &client, 1)?;
     let mut notice = None;
     let answer = match submit(&state, &caller, body, request.use_cache.unwrap_or(true)).await? {
         Enqueued::Cached(result) => (

@@ -11,11 +11,8 @@ pub(crate) use self::submit::{
 };
 pub use self::views::*;
 
-use std::net::SocketAddr;
-
-use axum::extract::rejection::ExtensionRejection;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -26,7 +23,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::body::ApiQuery;
 use super::error::{ApiError, ErrorBody};
-use super::limits::check_rate;
+use super::limits::{ClientIp, check_rate};
 use quern_queue::telemetry::JOBS_CANCELLED;
 use quern_runtime::manifest::validate_job_type;
 use quern_store::{Job, JobFilter, JobStatus};
@@ -170,8 +167,7 @@ pub async fn cancel(
     ))]
 pub async fn retry(
     State(state): State<AppState>,
-    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
-    headers: HeaderMap,
+    client: ClientIp,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -181,7 +177,7 @@ pub async fn retry(
         ensure_allowed(&caller, &handler)?;
     }
     let steps = u32::try_from(job.next_steps.len()).unwrap_or(u32::MAX);
-    check_rate(&state, &caller, &headers, peer.as_ref().ok(), steps.saturating_add(1))?;
+    check_rate(&state, &caller, &client, steps.saturating_add(1))?;
     let attempts = state
         .registry
         .get(&job.job_type)

@@ -3,13 +3,11 @@
 //! `POST /v1/jobs` with its optional `?wait=`.
 
 use crate::error::ErrorCode;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::ExtensionRejection;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
@@ -18,7 +16,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::body::{ApiQuery, JsonBody};
 use crate::error::{ApiError, ErrorBody};
-use crate::limits::check_rate;
+use crate::limits::{ClientIp, check_rate};
 use quern_queue::EnqueueRequest;
 use quern_queue::telemetry::{CACHE_HITS, CACHE_MISSES, JOBS_ENQUEUED};
 use quern_store::{Job, JobStatus, Step};
@@ -186,8 +184,7 @@ pub(crate) fn known_type(
     ))]
 pub async fn enqueue(
     State(state): State<AppState>,
-    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
-    headers: HeaderMap,
+    client: ClientIp,
     caller: Result<Caller, ApiError>,
     query: Result<ApiQuery<WaitQuery>, ApiError>,
     body: Result<JsonBody<EnqueueBody>, ApiError>,
@@ -196,7 +193,7 @@ pub async fn enqueue(
     let ApiQuery(query) = query?;
     let wait = wait_duration(&state, query.wait)?;
     let JsonBody(body) = body?;
-    check_rate(&state, &caller, &headers, peer.as_ref().ok(), jobs_of(&body))?;
+    check_rate(&state, &caller, &client, jobs_of(&body))?;
     match submit(&state, &caller, body, true).await? {
         Enqueued::Cached(result) => Ok((
             StatusCode::OK,
