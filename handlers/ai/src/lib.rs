@@ -214,7 +214,7 @@ pub fn chat_with(chain: &[Provider], request: &ChatRequest) -> Result<ChatReply,
             Ok(reply) => return Ok(reply),
             Err(ProviderError::Refused(failure)) => return Err(failure),
             Err(ProviderError::Unavailable(failure)) => {
-                quern_sdk::warn!("AI provider {} unavailable, trying the next: {}", provider.name, reason(&failure));
+                quern_sdk::warn!("AI provider {} unavailable, trying the next: {}", provider.name, failure.reason());
                 last = Some(failure);
             }
         }
@@ -284,13 +284,6 @@ pub fn conversation(
 /// [`chat_with`] the chain from configuration.
 pub fn chat(request: &ChatRequest) -> Result<ChatReply, Failure> {
     chat_with(&providers_from_config(), request)
-}
-
-fn reason(failure: &Failure) -> &str {
-    match failure {
-        Failure::Fail(reason) => reason,
-        Failure::Retry(retry) => &retry.reason,
-    }
 }
 
 /// One provider, one request.

@@ -87,6 +87,25 @@ pub trait Handler {
     fn handle(job: &JobInfo, input: Self::Input) -> Result<Self::Output, Failure>;
 }
 
+impl Failure {
+    /// Why the job failed, whether it runs again or not.
+    pub fn reason(&self) -> &str {
+        match self {
+            Failure::Fail(reason) => reason,
+            Failure::Retry(retry) => &retry.reason,
+        }
+    }
+
+    /// The reason of a permanent failure; panics on a transient one. For
+    /// unit tests of input checks, which must never ask for a retry.
+    pub fn expect_permanent(self) -> String {
+        match self {
+            Failure::Fail(reason) => reason,
+            Failure::Retry(retry) => panic!("expected a permanent failure, got a retry: {}", retry.reason),
+        }
+    }
+}
+
 /// A permanent failure: the job ends now and is not retried.
 pub fn fail(reason: impl Into<String>) -> Failure {
     Failure::Fail(reason.into())
@@ -219,16 +238,9 @@ mod tests {
         count: u32,
     }
 
-    fn message(failure: Failure) -> String {
-        match failure {
-            Failure::Fail(reason) => reason,
-            Failure::Retry(retry) => panic!("expected a permanent failure, got retry: {}", retry.reason),
-        }
-    }
-
     #[test]
     fn invalid_input_fails_permanently_naming_the_field() {
-        let error = message(parse_input::<Input>(r#"{"count": "three"}"#).unwrap_err());
+        let error = parse_input::<Input>(r#"{"count": "three"}"#).unwrap_err().expect_permanent();
         assert!(error.starts_with("invalid input: field `count`: expected u32, got a string"), "{error}");
     }
 
@@ -278,7 +290,7 @@ mod tests {
             ),
         ];
         for (input, expected, secret) in cases {
-            let error = message(parse_input::<Profile>(input).unwrap_err());
+            let error = parse_input::<Profile>(input).unwrap_err().expect_permanent();
             assert!(error.contains(expected), "{error}");
             assert!(!error.contains(secret), "the value leaked: {error}");
         }
@@ -286,13 +298,13 @@ mod tests {
 
     #[test]
     fn missing_field_is_named() {
-        let error = message(parse_input::<Input>("{}").unwrap_err());
+        let error = parse_input::<Input>("{}").unwrap_err().expect_permanent();
         assert!(error.contains("missing field `count`"), "{error}");
     }
 
     #[test]
     fn malformed_json_names_line_and_column() {
-        let error = message(parse_input::<Input>("{\"count\": 1,").unwrap_err());
+        let error = parse_input::<Input>("{\"count\": 1,").unwrap_err().expect_permanent();
         assert!(error.contains("line 1 column"), "{error}");
     }
 }

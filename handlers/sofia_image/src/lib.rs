@@ -237,13 +237,6 @@ mod tests {
         Input { image_url: url.map(Into::into), image_base64: b64.map(Into::into), meal_type: meal.map(Into::into) }
     }
 
-    fn reason(failure: Failure) -> String {
-        match failure {
-            Failure::Fail(reason) => reason,
-            Failure::Retry(retry) => panic!("expected a permanent failure: {}", retry.reason),
-        }
-    }
-
     #[test]
     fn exactly_one_image_is_required() {
         assert_eq!(
@@ -251,15 +244,27 @@ mod tests {
             Image::Url("https://m/x.jpg".into())
         );
         assert!(
-            reason(checked_image(&input(None, None, None)).unwrap_err())
+            checked_image(&input(None, None, None))
+                .unwrap_err()
+                .expect_permanent()
                 .contains("`imageUrl` or `imageBase64` is required")
         );
-        assert!(reason(checked_image(&input(Some("https://m"), Some("AAAA"), None)).unwrap_err()).contains("not both"));
         assert!(
-            reason(checked_image(&input(Some("file:///etc/passwd"), None, None)).unwrap_err()).contains("`imageUrl`")
+            checked_image(&input(Some("https://m"), Some("AAAA"), None))
+                .unwrap_err()
+                .expect_permanent()
+                .contains("not both")
         );
         assert!(
-            reason(checked_image(&input(None, Some("data:image/png;base64,AA"), None)).unwrap_err())
+            checked_image(&input(Some("file:///etc/passwd"), None, None))
+                .unwrap_err()
+                .expect_permanent()
+                .contains("`imageUrl`")
+        );
+        assert!(
+            checked_image(&input(None, Some("data:image/png;base64,AA"), None))
+                .unwrap_err()
+                .expect_permanent()
                 .contains("`imageBase64`")
         );
     }
@@ -269,7 +274,7 @@ mod tests {
         assert_eq!(checked_meal_type(&input(None, None, Some("lunch"))).unwrap().as_deref(), Some("lunch"));
         assert_eq!(checked_meal_type(&input(None, None, Some("Almoço"))).unwrap().as_deref(), Some("lunch"));
         assert_eq!(checked_meal_type(&input(None, None, Some("jantar"))).unwrap().as_deref(), Some("dinner"));
-        let error = reason(checked_meal_type(&input(None, None, Some("brunch"))).unwrap_err());
+        let error = checked_meal_type(&input(None, None, Some("brunch"))).unwrap_err().expect_permanent();
         assert!(error.contains("`mealType` is not a meal") && !error.contains("brunch"), "{error}");
     }
 

@@ -71,25 +71,18 @@ quern_sdk::export_handler!(SofiaText);
 mod tests {
     use super::*;
 
-    fn reason(failure: Failure) -> String {
-        match failure {
-            Failure::Fail(reason) => reason,
-            Failure::Retry(retry) => panic!("expected a permanent failure, got retry: {}", retry.reason),
-        }
-    }
-
     #[test]
     fn empty_or_huge_text_is_refused_naming_the_field() {
-        let error = reason(checked_text(&Input { text: "   ".into() }).unwrap_err());
+        let error = checked_text(&Input { text: "   ".into() }).unwrap_err().expect_permanent();
         assert!(error.contains("`text` is empty"), "{error}");
-        let error = reason(checked_text(&Input { text: "a".repeat(MAX_TEXT_CHARS + 1) }).unwrap_err());
+        let error = checked_text(&Input { text: "a".repeat(MAX_TEXT_CHARS + 1) }).unwrap_err().expect_permanent();
         assert!(error.contains("4001 characters"), "{error}");
         assert_eq!(checked_text(&Input { text: " pão ".into() }).unwrap(), "pão");
     }
 
     #[test]
     fn a_missing_text_field_is_named_by_the_sdk() {
-        let error = reason(quern_sdk::parse_input::<Input>(r#"{"userId": "u1"}"#).unwrap_err());
+        let error = quern_sdk::parse_input::<Input>(r#"{"userId": "u1"}"#).unwrap_err().expect_permanent();
         assert!(error.contains("missing field `text`"), "{error}");
     }
 

@@ -130,18 +130,11 @@ fn api_error(body: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    fn reason(failure: Failure) -> String {
-        match failure {
-            Failure::Fail(reason) => reason,
-            Failure::Retry(retry) => panic!("expected a permanent failure: {}", retry.reason),
-        }
-    }
-
     #[test]
     fn numbers_must_be_e164() {
         assert_eq!(e164_digits("+5511999998888", "to").unwrap(), "5511999998888");
         for bad in ["5511987654321", "+55 11 98765", "+0123456789", "+12", "+1234567890123456"] {
-            let error = reason(e164_digits(bad, "from").unwrap_err());
+            let error = e164_digits(bad, "from").unwrap_err().expect_permanent();
             assert!(error.contains("`from`") && !error.contains(bad.trim_start_matches('+')), "{error}");
         }
     }
@@ -151,11 +144,13 @@ mod tests {
         let to = json!("5511999998888");
         assert!(matches!(outcome(429, b"{}", Some(2000), &to), Err(Failure::Retry(r)) if r.delay_ms == Some(2000)));
         assert!(matches!(sending_failed(&Error::Connect("refused".into())), Failure::Retry(_)));
-        assert!(reason(sending_failed(&Error::Timeout("15 s".into()))).starts_with("delivery unknown"));
-        assert!(reason(outcome(500, b"oops", None, &to).unwrap_err()).starts_with("delivery unknown"));
+        assert!(sending_failed(&Error::Timeout("15 s".into())).expect_permanent().starts_with("delivery unknown"));
+        assert!(outcome(500, b"oops", None, &to).unwrap_err().expect_permanent().starts_with("delivery unknown"));
         let graph =
             br#"{"error": {"message": "(#131030) Recipient phone number not in allowed list", "code": 131030}}"#;
-        assert!(reason(outcome(400, graph, None, &to).unwrap_err()).contains("(#131030) Recipient phone number"));
+        assert!(
+            outcome(400, graph, None, &to).unwrap_err().expect_permanent().contains("(#131030) Recipient phone number")
+        );
         let ok =
             outcome(200, br#"{"messaging_product": "whatsapp", "messages": [{"id": "wamid.X"}]}"#, None, &to).unwrap();
         assert_eq!(ok, Sent { message_id: "wamid.X".into(), to: "5511999998888".into(), status: "accepted" });

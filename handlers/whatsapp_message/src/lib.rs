@@ -166,13 +166,6 @@ mod tests {
         quern_sdk::parse_input(json).unwrap_or_else(|_| panic!("{json}"))
     }
 
-    fn reason(failure: Failure) -> String {
-        match failure {
-            Failure::Fail(reason) => reason,
-            Failure::Retry(retry) => panic!("expected a permanent failure: {}", retry.reason),
-        }
-    }
-
     #[test]
     fn text_and_template_bodies_follow_the_cloud_api() {
         let to = "5511999998888";
@@ -181,7 +174,7 @@ mod tests {
         assert_eq!(body["text"]["body"], "Olá!");
         let body = message_body(to, &input(r#"{"to": "+5511999998888", "template": {"name": "lembrete"}}"#)).unwrap();
         assert_eq!(body["template"], json!({"name": "lembrete", "language": {"code": "pt_BR"}}));
-        let error = reason(message_body(to, &input(r#"{"to": "+5511999998888"}"#)).unwrap_err());
+        let error = message_body(to, &input(r#"{"to": "+5511999998888"}"#)).unwrap_err().expect_permanent();
         assert!(error.contains("`text`, `template` or `reply_to`"), "{error}");
     }
 
@@ -191,7 +184,10 @@ mod tests {
         let body = message_body(to, &input(r#"{"to": "+55", "previous": {"analysis": "Glicose alta."}}"#)).unwrap();
         assert_eq!(body["text"]["body"], "Glicose alta.");
         assert!(
-            reason(message_body(to, &input(r#"{"to": "+55", "previous": {}}"#)).unwrap_err()).contains("`previous`")
+            message_body(to, &input(r#"{"to": "+55", "previous": {}}"#))
+                .unwrap_err()
+                .expect_permanent()
+                .contains("`previous`")
         );
     }
 }
