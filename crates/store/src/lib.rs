@@ -4,8 +4,8 @@
 //! (workers, the leader lock), [`VersionStore`] (handler builds and
 //! rollouts) and [`StatsStore`]; `use quern_store::prelude::*` brings them
 //! all into scope. What both backends run alike is written once (`shared/`:
-//! cache, fleet, stats, versions); jobs are each backend's own
-//! (`sqlite/jobs.rs`, `postgres/jobs.rs`); rows are mapped once for both
+//! cache, fleet, stats, versions, listing jobs); the rest of jobs is each
+//! backend's own (`sqlite/jobs.rs`, `postgres/jobs.rs`); rows are mapped once for both
 //! (`rows.rs`), and one conformance suite (the `quern-conformance` crate, run
 //! by `tests/queue_conformance.rs`) runs against both.
 //!
