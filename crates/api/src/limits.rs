@@ -103,6 +103,12 @@ impl FromRequestParts<AppState> for ClientIp {
 /// rightmost `X-Forwarded-For` entry a trusted proxy did not add.
 fn client_ip(gateway: &Gateway, headers: &HeaderMap, peer: Option<&ConnectInfo<SocketAddr>>) -> Option<IpAddr> {
     let peer = peer.map(|ConnectInfo(addr)| addr.ip())?;
+    let trust = &gateway.settings.trust_proxy;
+    // Every request that may create a job asks; with no proxy trusted (the
+    // default) the header is not the client's address, so it is not read.
+    if matches!(trust, TrustProxy::Off) {
+        return Some(peer);
+    }
     let forwarded: Vec<IpAddr> = headers
         .get_all("x-forwarded-for")
         .iter()
@@ -110,7 +116,7 @@ fn client_ip(gateway: &Gateway, headers: &HeaderMap, peer: Option<&ConnectInfo<S
         .flat_map(|value| value.split(','))
         .filter_map(|entry| entry.trim().parse().ok())
         .collect();
-    Some(client_address(&gateway.settings.trust_proxy, peer, &forwarded))
+    Some(client_address(trust, peer, &forwarded))
 }
 
 /// The address the client is taken for, from the connection's `peer` and the
