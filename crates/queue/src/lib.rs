@@ -437,14 +437,53 @@ fn next_step(job: &Job, result: &Value, max_attempts: i32, now: DateTime<Utc>) -
 
 /// Where in `value` a string or key holds U+0000, which PostgreSQL's JSON
 /// cannot store (SQLite could, but both databases answer alike).
+///
+/// Every input and result passes through here, and almost none holds one:
+/// the search allocates nothing, and the path is written only when found.
 pub fn nul_at(value: &Value, path: &str) -> Option<String> {
+    let mut steps = Vec::new();
+    if !find_nul(value, &mut steps) {
+        return None;
+    }
+    let mut found = path.to_string();
+    for step in steps.iter().rev() {
+        match step {
+            PathStep::Index(index) => found.push_str(&format!("[{index}]")),
+            PathStep::Key(key) => found.push_str(&format!(".{key}")),
+            PathStep::InTheKey => found.push_str(" (a key)"),
+        }
+    }
+    Some(found)
+}
+
+/// One step on the way to a U+0000.
+enum PathStep<'a> {
+    Index(usize),
+    Key(&'a str),
+    /// The key itself holds it (the last step).
+    InTheKey,
+}
+
+/// Whether `value` holds a U+0000; if so, `steps` has the way to the first
+/// one, innermost step first.
+fn find_nul<'a>(value: &'a Value, steps: &mut Vec<PathStep<'a>>) -> bool {
+    let found = |step, steps: &mut Vec<PathStep<'a>>| {
+        steps.push(step);
+        true
+    };
     match value {
-        Value::String(text) if text.contains('\0') => Some(path.to_string()),
-        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| nul_at(item, &format!("{path}[{i}]"))),
-        Value::Object(map) => map.iter().find_map(|(key, item)| {
-            if key.contains('\0') { Some(format!("{path} (a key)")) } else { nul_at(item, &format!("{path}.{key}")) }
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => {
+            items.iter().enumerate().any(|(index, item)| find_nul(item, steps) && found(PathStep::Index(index), steps))
+        }
+        Value::Object(map) => map.iter().any(|(key, item)| {
+            if key.contains('\0') {
+                found(PathStep::InTheKey, steps)
+            } else {
+                find_nul(item, steps) && found(PathStep::Key(key), steps)
+            }
         }),
-        _ => None,
+        _ => false,
     }
 }
 
@@ -468,6 +507,10 @@ mod tests {
         let value = serde_json::json!({"a": [1, {"b": "x\0y"}], "c": "fine"});
         assert_eq!(nul_at(&value, "input").as_deref(), Some("input.a[1].b"));
         assert_eq!(nul_at(&serde_json::json!({"k\0": 1}), "input").as_deref(), Some("input (a key)"));
+        assert_eq!(nul_at(&serde_json::json!({"a": [{"k\0": 1}]}), "input").as_deref(), Some("input.a[0] (a key)"));
+        assert_eq!(nul_at(&serde_json::json!({"a": [[0, ["\0"]]]}), "result").as_deref(), Some("result.a[0][1][0]"));
+        assert_eq!(nul_at(&serde_json::json!("\0"), "input").as_deref(), Some("input"));
+        assert_eq!(nul_at(&serde_json::json!({"a": [1, {"b": "clean"}], "c": null}), "input"), None);
         assert_eq!(
             nul_at(&serde_json::json!({"a": "\\u0000 is text"}), "input"),
             None,
