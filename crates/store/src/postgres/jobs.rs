@@ -15,7 +15,7 @@ impl JobStore for PostgresStore {
         let max_unfinished_per_user = *max_unfinished_per_user;
         let Some(limit) = max_unfinished_per_user else {
             // One statement, one round trip: the insert and its NOTIFY.
-            insert_query(job, now)?.execute(&self.pool).await?;
+            insert_query(job, now).execute(&self.pool).await?;
             return Ok(Job::pending(job, now));
         };
         let mut tx = self.pool.begin().await?;
@@ -114,7 +114,7 @@ impl JobStore for PostgresStore {
         }
         let mut columns = JobColumns::default();
         for job in jobs {
-            columns.push(job)?;
+            columns.push(job);
         }
         columns.bind(sqlx::query(INSERT_JOBS).bind(now)).execute(&self.pool).await?;
         Ok(())
@@ -154,7 +154,7 @@ impl JobStore for PostgresStore {
         if !admitted.is_empty() {
             let mut columns = JobColumns::default();
             for job in admitted {
-                columns.push(job)?;
+                columns.push(job);
             }
             columns.bind(sqlx::query(INSERT_JOBS).bind(now)).execute(&mut *tx).await?;
         }
@@ -187,9 +187,9 @@ impl JobStore for PostgresStore {
                         cache_expires.push(cache.expires_at);
                     }
                     if let Some(step) = step {
-                        next.push(step)?;
+                        next.push(step);
                     }
-                    (Some(result.clone()), Some(*processing_time_ms), None)
+                    (Some(Json(result)), Some(*processing_time_ms), None)
                 }
                 Transition::Retry { run_at, .. } => (None, None, Some(*run_at)),
                 _ => (None, None, None),

@@ -13,13 +13,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::rows::{FromColumns, JOB_COLUMNS};
 use super::{
     AttemptEnd, AttemptRecord, CancelOutcome, EndWritten, Job, JobChange, JobChanges, JobFilter, JobStatus, NewJob,
-    Progress, PruneCutoffs, RequeueOutcome, Store, StoreError, Transition, Wakeups, cancel_outcome, corrupt,
+    Progress, PruneCutoffs, RequeueOutcome, Step, Store, StoreError, Transition, Wakeups, cancel_outcome, corrupt,
     parse_status, requeueable,
 };
 
@@ -140,31 +141,27 @@ impl PostgresStore {
 }
 
 /// The insert of a job and the NOTIFY that wakes workers (delivered at commit).
-fn insert_query(
-    job: &NewJob,
-    now: DateTime<Utc>,
-) -> Result<sqlx::query::Query<'static, Postgres, PgArguments>, StoreError> {
-    let next_steps = serde_json::to_value(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?;
-    Ok(sqlx::query(
+fn insert_query(job: &NewJob, now: DateTime<Utc>) -> sqlx::query::Query<'static, Postgres, PgArguments> {
+    sqlx::query(
         "INSERT INTO quern_jobs (id, user_id, type, input, priority, max_attempts, run_at, next_steps, parent_id, root_id, \
          created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
          RETURNING pg_notify('quern_jobs', '')::text AS notified",
     )
     .bind(job.id)
-    .bind(job.user_id.clone())
-    .bind(job.job_type.clone())
-    .bind(job.input.clone())
+    .bind(job.user_id.as_str())
+    .bind(job.job_type.as_str())
+    .bind(Json(&job.input))
     .bind(job.priority)
     .bind(job.max_attempts)
     .bind(job.run_at)
-    .bind(next_steps)
+    .bind(Json(&job.next_steps))
     .bind(job.parent_id)
     .bind(job.root_id)
-    .bind(now))
+    .bind(now)
 }
 
 async fn insert_job(tx: &mut Transaction<'_, Postgres>, job: &NewJob, now: DateTime<Utc>) -> Result<Job, StoreError> {
-    insert_query(job, now)?.execute(&mut **tx).await?;
+    insert_query(job, now).execute(&mut **tx).await?;
     Ok(Job::pending(job, now))
 }
 
@@ -302,34 +299,34 @@ SELECT id, status, (SELECT count(notified) FROM next_jobs) AS next_jobs,
         GROUP BY chunk) AS notices) AS notified
 FROM done";
 
-/// New jobs as parallel arrays, for `unnest`.
+/// New jobs as parallel arrays, for `unnest`, borrowed from the jobs (each
+/// value is encoded once, as it is bound).
 #[derive(Default)]
-struct JobColumns {
+struct JobColumns<'a> {
     id: Vec<Uuid>,
-    user_id: Vec<String>,
-    job_type: Vec<String>,
-    input: Vec<Value>,
+    user_id: Vec<&'a str>,
+    job_type: Vec<&'a str>,
+    input: Vec<Json<&'a Value>>,
     priority: Vec<i16>,
     max_attempts: Vec<i32>,
     run_at: Vec<DateTime<Utc>>,
-    next_steps: Vec<Value>,
+    next_steps: Vec<Json<&'a [Step]>>,
     parent_id: Vec<Option<Uuid>>,
     root_id: Vec<Option<Uuid>>,
 }
 
-impl JobColumns {
-    fn push(&mut self, job: &NewJob) -> Result<(), StoreError> {
+impl<'a> JobColumns<'a> {
+    fn push(&mut self, job: &'a NewJob) {
         self.id.push(job.id);
-        self.user_id.push(job.user_id.clone());
-        self.job_type.push(job.job_type.clone());
-        self.input.push(job.input.clone());
+        self.user_id.push(&job.user_id);
+        self.job_type.push(&job.job_type);
+        self.input.push(Json(&job.input));
         self.priority.push(job.priority);
         self.max_attempts.push(job.max_attempts);
         self.run_at.push(job.run_at);
-        self.next_steps.push(serde_json::to_value(&job.next_steps).map_err(|e| corrupt("quern_jobs", e))?);
+        self.next_steps.push(Json(&job.next_steps));
         self.parent_id.push(job.parent_id);
         self.root_id.push(job.root_id);
-        Ok(())
     }
 
     fn bind<'q>(
