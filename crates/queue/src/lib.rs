@@ -467,21 +467,25 @@ enum PathStep<'a> {
 /// Whether `value` holds a U+0000; if so, `steps` has the way to the first
 /// one, innermost step first.
 fn find_nul<'a>(value: &'a Value, steps: &mut Vec<PathStep<'a>>) -> bool {
-    let found = |step, steps: &mut Vec<PathStep<'a>>| {
-        steps.push(step);
-        true
-    };
     match value {
         Value::String(text) => text.contains('\0'),
-        Value::Array(items) => {
-            items.iter().enumerate().any(|(index, item)| find_nul(item, steps) && found(PathStep::Index(index), steps))
-        }
-        Value::Object(map) => map.iter().any(|(key, item)| {
-            if key.contains('\0') {
-                found(PathStep::InTheKey, steps)
-            } else {
-                find_nul(item, steps) && found(PathStep::Key(key), steps)
+        Value::Array(items) => items.iter().enumerate().any(|(index, item)| {
+            let found = find_nul(item, steps);
+            if found {
+                steps.push(PathStep::Index(index));
             }
+            found
+        }),
+        Value::Object(map) => map.iter().any(|(key, item)| {
+            let (found, step) = if key.contains('\0') {
+                (true, PathStep::InTheKey)
+            } else {
+                (find_nul(item, steps), PathStep::Key(key))
+            };
+            if found {
+                steps.push(step);
+            }
+            found
         }),
         _ => false,
     }
