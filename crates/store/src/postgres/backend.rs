@@ -14,7 +14,8 @@ type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 impl PostgresStore {
     fn pool_for(&self, role: Role) -> &PgPool {
         match role {
-            Role::Read | Role::Write => &self.pool,
+            // A lookup that writes nothing runs on `lookups` (see `fetch`).
+            Role::Read | Role::Lookup | Role::Write => &self.pool,
             Role::Relaxed => &self.relaxed,
         }
     }
@@ -40,6 +41,11 @@ impl Backend for PostgresStore {
     type Row = PgRow;
 
     async fn fetch(&self, role: Role, sql: impl Sql, params: &[Param<'_>]) -> Result<Vec<PgRow>, StoreError> {
+        if role == Role::Lookup {
+            // A static statement's text clones for free, should the lookup run again.
+            let sql = sql.into_sql_str();
+            return self.lookups.fetch_all(|| bound(sql.clone(), params)).await;
+        }
         Ok(bound(sql, params).fetch_all(self.pool_for(role)).await?)
     }
 

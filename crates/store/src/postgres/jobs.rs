@@ -29,21 +29,15 @@ impl JobStore for PostgresStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id = $1")))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(Job::from_columns).transpose()
+        let rows = self.lookups.fetch_all(|| sqlx::query(sqlx::AssertSqlSafe(GET.as_str())).bind(id)).await?;
+        rows.first().map(Job::from_columns).transpose()
     }
 
     async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<Job>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id = ANY($1)")))
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = self.lookups.fetch_all(|| sqlx::query(sqlx::AssertSqlSafe(GET_MANY.as_str())).bind(ids)).await?;
         rows.iter().map(Job::from_columns).collect()
     }
 
@@ -323,21 +317,24 @@ impl JobStore for PostgresStore {
     }
 
     async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT attempt, worker_id, handler_version, started_at, ended_at, outcome, error \
-             FROM quern_job_attempts WHERE job_id = $1 ORDER BY attempt",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = self
+            .lookups
+            .fetch_all(|| {
+                sqlx::query(
+                    "SELECT attempt, worker_id, handler_version, started_at, ended_at, outcome, error \
+                     FROM quern_job_attempts WHERE job_id = $1 ORDER BY attempt",
+                )
+                .bind(id)
+            })
+            .await?;
         rows.iter().map(AttemptRecord::from_columns).collect()
     }
 
     async fn get_with_attempts(&self, id: Uuid) -> Result<Option<(Job, Vec<AttemptRecord>)>, StoreError> {
-        let row =
-            sqlx::query(sqlx::AssertSqlSafe(GET_WITH_ATTEMPTS.as_str())).bind(id).fetch_optional(&self.pool).await?;
-        let Some(row) = row else { return Ok(None) };
-        let job = Job::from_columns(&row)?;
+        let rows =
+            self.lookups.fetch_all(|| sqlx::query(sqlx::AssertSqlSafe(GET_WITH_ATTEMPTS.as_str())).bind(id)).await?;
+        let Some(row) = rows.first() else { return Ok(None) };
+        let job = Job::from_columns(row)?;
         let attempts: sqlx::types::Json<Vec<AttemptRecord>> =
             row.try_get("attempt_history").map_err(|e| corrupt("quern_job_attempts", e))?;
         Ok(Some((job, attempts.0)))
@@ -385,6 +382,12 @@ impl JobStore for PostgresStore {
 /// the jobs it moved.
 /// The job and its attempts in one statement: one round trip for
 /// `GET /v1/jobs/{id}` instead of two.
+static GET: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id = $1"));
+
+static GET_MANY: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM quern_jobs WHERE id = ANY($1)"));
+
 static GET_WITH_ATTEMPTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT {JOB_COLUMNS}, (SELECT coalesce(json_agg(json_build_object('attempt', a.attempt, \

@@ -8,6 +8,7 @@
 
 mod backend;
 mod jobs;
+mod lookups;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -67,6 +68,9 @@ pub struct PostgresStore {
     /// The connection this process competes for the maintenance lead on,
     /// kept between tries (one per process, not one per try).
     candidate: tokio::sync::Mutex<Option<PgConnection>>,
+    /// Connections for key lookups, lent without the pool's ping on
+    /// release (see `lookups`).
+    lookups: lookups::Lookups,
 }
 
 /// A connection idle this long is pinged before it is handed out.
@@ -91,6 +95,13 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
         })
 }
 
+/// How many connections key lookups may hold beside a pool of `pool_size`:
+/// a quarter as many, opened only as concurrent lookups need them. A lookup
+/// holds its connection for one round trip.
+fn lookup_connections(pool_size: u32) -> usize {
+    pool_size.div_ceil(4) as usize
+}
+
 impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url.parse()?;
@@ -107,8 +118,9 @@ impl PostgresStore {
     pub async fn connect_pooled(options: PgConnectOptions, pool_size: u32) -> Result<Self, StoreError> {
         let options = options.application_name("quern");
         let pool = pool_options(pool_size).connect_with(options.clone()).await?;
+        let lookups = lookups::Lookups::new(options.clone(), lookup_connections(pool_size));
         let relaxed = pool_options(4).connect_lazy_with(options.options([("synchronous_commit", "off")]));
-        Ok(Self { pool, relaxed, candidate: tokio::sync::Mutex::default() })
+        Ok(Self { pool, relaxed, candidate: tokio::sync::Mutex::default(), lookups })
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -26,7 +26,7 @@ impl<B: Backend> CacheStore for B {
     async fn cache_lookup(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Value>, StoreError> {
         let rows = self
             .fetch(
-                Role::Read,
+                Role::Lookup,
                 "SELECT response FROM quern_cache WHERE cache_key = $1 AND expires_at > $2",
                 &[key.into(), now.into()],
             )

@@ -89,6 +89,9 @@ impl<T: SqlSafeStr + Send> Sql for T {}
 pub(crate) enum Role {
     /// A read.
     Read,
+    /// A read of one key on the request path (a cached result): on
+    /// PostgreSQL it runs on the connections kept for lookups (`lookups`).
+    Lookup,
     /// A write that must survive a crash once it returns.
     Write,
     /// A write whose loss in a database crash is harmless (a hit count, a

@@ -35,7 +35,7 @@ impl Backend for SqliteStore {
     async fn fetch(&self, role: Role, sql: impl Sql, params: &[Param<'_>]) -> Result<Vec<SqliteRow>, StoreError> {
         let query = bound(sql, params);
         Ok(match role {
-            Role::Read => query.fetch_all(&mut *self.readers.get().await?).await?,
+            Role::Read | Role::Lookup => query.fetch_all(&mut *self.readers.get().await?).await?,
             Role::Write | Role::Relaxed => query.fetch_all(&self.writer).await?,
         })
     }
@@ -43,7 +43,7 @@ impl Backend for SqliteStore {
     async fn execute(&self, role: Role, sql: impl Sql, params: &[Param<'_>]) -> Result<u64, StoreError> {
         let query = bound(sql, params);
         let done = match role {
-            Role::Read => query.execute(&mut *self.readers.get().await?).await?,
+            Role::Read | Role::Lookup => query.execute(&mut *self.readers.get().await?).await?,
             Role::Write | Role::Relaxed => query.execute(&self.writer).await?,
         };
         Ok(done.rows_affected())
