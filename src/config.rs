@@ -309,6 +309,10 @@ pub struct GatewayArgs {
     /// The priority of a premium caller's job that asks for none (1 most urgent … 10).
     #[arg(long, env = "QUERN_PREMIUM_PRIORITY", default_value_t = 2, value_parser = clap::value_parser!(i64).range(1..=10))]
     pub premium_priority: i64,
+    /// Event streams (`GET /v1/jobs/{id}/events`) one user may hold open at
+    /// once (0 = no cap); service callers are not capped.
+    #[arg(long, env = "QUERN_MAX_STREAMS_PER_USER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub max_streams_per_user: u32,
     /// A JWKS URL whose keys verify asymmetric tokens (RS256, ES256, …).
     #[arg(long, env = "QUERN_JWKS_URL")]
     pub jwks_url: Option<String>,
@@ -426,6 +430,7 @@ impl GatewayArgs {
             functions_upstream: self.supabase_url.clone(),
             functions_timeout: std::time::Duration::from_secs(self.functions_timeout_s),
             premium_priority: self.premium_priority,
+            max_streams_per_user: (self.max_streams_per_user > 0).then_some(self.max_streams_per_user),
             max_wait: std::time::Duration::from_secs(self.max_wait_s),
         }
     }

@@ -531,3 +531,59 @@ async fn a_final_event_arrives_after_the_event_listener_is_cut_on_postgres() {
     server.finish().await;
     db.cleanup().await;
 }
+
+/// One token cannot hold every connection the gateway has: a user's open
+/// event streams are capped, a closed one frees its place, and neither
+/// another user nor a service caller is counted against it. (The cap lives
+/// in the gateway's memory, so one database shows it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_holds_at_most_so_many_event_streams_open() {
+    let db = Db::sqlite().await;
+    let options = Options { env: vec![("QUERN_MAX_STREAMS_PER_USER", "2".into())], ..Options::default() };
+    let server = Server::start_with(&db, options).await;
+    let (alice, bob, service) = (server.token("alice"), server.token("bob"), server.service_token());
+    let job_of = |answer: support::server::Answer| answer.body["id"].as_str().unwrap().to_string();
+    let long = json!({"mode": "sleep", "ms": 50_000, "tag": "streams"});
+    let alices = job_of(server.enqueue(&alice, "hostile", long.clone()).await);
+    let bobs = job_of(server.enqueue(&bob, "hostile", long).await);
+    let open = |token: &str, id: &str| {
+        server.client.get(format!("{}/v1/jobs/{id}/events", server.base)).bearer_auth(token.to_string()).send()
+    };
+
+    let first = open(&alice, &alices).await.unwrap();
+    let second = open(&alice, &alices).await.unwrap();
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let refused = support::server::read(open(&alice, &alices).await.unwrap()).await;
+    assert_eq!((refused.status.as_u16(), refused.code()), (429, "too_many_streams"), "{}", refused.text);
+    assert!(refused.error().contains("2 jobs by events"), "{}", refused.error());
+    assert!(refused.headers.contains_key("retry-after"), "{:?}", refused.headers);
+
+    let bobs_stream = open(&bob, &bobs).await.unwrap();
+    assert_eq!(bobs_stream.status(), 200, "bob is not counted against alice");
+    let mut services = Vec::new();
+    for _ in 0..3 {
+        let stream = open(&service, &alices).await.unwrap();
+        assert_eq!(stream.status(), 200, "service callers are not capped");
+        services.push(stream);
+    }
+
+    // The gateway notices the closed connection on its own; polled, since
+    // it does so asynchronously.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let _third = loop {
+        let answer = open(&alice, &alices).await.unwrap();
+        if answer.status() == 200 {
+            break answer;
+        }
+        assert_eq!(answer.status(), 429);
+        assert!(Instant::now() < deadline, "the closed stream's place was not freed within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop((second, bobs_stream, services));
+    for (token, id) in [(&alice, &alices), (&bob, &bobs)] {
+        let cancelled = server.post(&format!("/v1/jobs/{id}/cancel"), token, json!({})).await;
+        assert_eq!(cancelled.status, 200, "{}", cancelled.text);
+    }
+    server.finish().await;
+}

@@ -61,6 +61,7 @@ pub enum ErrorCode {
     RolloutContended,
     TooManyActiveJobs,
     TooManySignIns,
+    TooManyStreams,
     TypeDisabled,
     TypeForbidden,
     Unauthorized,

@@ -85,6 +85,8 @@ pub struct GatewaySettings {
     pub functions_timeout: Duration,
     /// The priority of a premium caller's job that asks for none.
     pub premium_priority: i64,
+    /// Event streams one user may hold open at once; `None` for no cap.
+    pub max_streams_per_user: Option<u32>,
 }
 
 impl Default for GatewaySettings {
@@ -103,6 +105,7 @@ impl Default for GatewaySettings {
             functions_upstream: None,
             functions_timeout: Duration::from_secs(55),
             premium_priority: 2,
+            max_streams_per_user: Some(10),
         }
     }
 }
@@ -146,6 +149,8 @@ pub struct Gateway {
     pub events: JobEvents,
     /// Reaches the customer's Supabase functions (the pass-through).
     pub functions: reqwest::Client,
+    /// Event streams open per user (`None`: no cap).
+    pub streams: Option<Arc<jobs::streams::StreamLimit>>,
     sessions: Sessions,
     sign_ins: dashboard::SignInThrottle,
     disabled: RwLock<BTreeSet<String>>,
@@ -174,8 +179,10 @@ impl Gateway {
         let versions = VersionSync::new(queue.store().clone(), registry.clone());
         let events = JobEvents::start(queue.store().clone(), shutdown.clone());
         let functions = functions::client(settings.functions_timeout);
+        let streams = settings.max_streams_per_user.and_then(jobs::streams::StreamLimit::per_user);
         Arc::new(Self {
             functions,
+            streams,
             queue,
             registry,
             auth,

@@ -15,10 +15,11 @@ use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use uuid::Uuid;
 
+use super::streams::{OpenStream, StreamLimit};
 use super::views::*;
 use crate::AppState;
 use crate::auth::StreamCaller;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 use quern_queue::events::Following;
 use quern_store::{Job, JobStatus};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +41,8 @@ use tokio_util::sync::CancellationToken;
             will come (a browser's `EventSource` stops reconnecting)"),
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 429, description = "The user already holds `QUERN_MAX_STREAMS_PER_USER` streams open (10 unless \
+            set); service callers are not capped", body = ErrorBody),
     ))]
 pub async fn events(
     State(state): State<AppState>,
@@ -48,6 +51,11 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let job_id = Uuid::parse_str(&id).map_err(|_| ApiError::job_not_found(&id))?;
+    // Counted before the job is read: a refused stream costs the database nothing.
+    let place = match &state.streams {
+        Some(limit) if !caller.service => Some(limit.open(&caller.user_id).ok_or_else(|| too_many_streams(limit))?),
+        _ => None,
+    };
     // Following reads the job once (after registering, so no change is
     // missed): that read both checks the owner and is the stream's first event.
     let mut following = state.events.follow(job_id).await?.ok_or_else(|| ApiError::job_not_found(&id))?;
@@ -67,6 +75,7 @@ pub async fn events(
         done: false,
         shutdown: state.shutdown.clone(),
         until: tokio::time::Instant::now() + FOLLOW_AT_MOST,
+        _place: place,
     };
     let stream = futures_util::stream::unfold(follow, follow_step);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
@@ -136,6 +145,21 @@ struct Follow {
     /// The stream ends here, job ended or not; a browser's `EventSource`
     /// reconnects by itself.
     until: tokio::time::Instant,
+    /// The stream's place under the user's cap, given back when it ends or
+    /// its client goes away (the stream is dropped either way).
+    _place: Option<OpenStream>,
+}
+
+fn too_many_streams(limit: &StreamLimit) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TooManyStreams,
+        format!(
+            "you already follow {} jobs by events, the most open at once; close one, or poll GET /v1/jobs/{{id}}",
+            limit.limit()
+        ),
+    )
+    .with_retry_after(Duration::from_secs(5))
 }
 
 /// The longest one event stream stays open (a job can wait longer than that

@@ -3,6 +3,7 @@
 
 use crate::error::ErrorCode;
 pub mod events;
+pub mod streams;
 pub mod submit;
 mod views;
 
