@@ -7,7 +7,8 @@
 //!
 //! Without that ping, this module does what the ping was for:
 //! - a connection is opened when first needed, so a process that serves no
-//!   lookups holds none;
+//!   lookups holds none; waiting for one (free or new) gives up after the
+//!   pool's acquire timeout, as the pool does;
 //! - one idle for a while is pinged before it is lent (as the pool's
 //!   `before_acquire` does), and replaced if the ping fails;
 //! - one that fails in use (the server restarted, an operator terminated its
@@ -20,7 +21,7 @@
 //! Dashboard and stats reads stay on the pool: a slow aggregate never holds
 //! up the lookups.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgRow};
 use sqlx::query::Query;
@@ -34,6 +35,8 @@ type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 
 pub(super) struct Lookups {
     options: PgConnectOptions,
+    /// The longest a lookup waits for a connection, free or new.
+    acquire_timeout: Duration,
     slots: Vec<Mutex<Slot>>,
     /// One permit per slot not lent: whoever holds a permit finds one slot
     /// unlocked.
@@ -48,8 +51,9 @@ struct Slot {
 
 impl Lookups {
     /// Up to `count` connections, none opened yet.
-    pub(super) fn new(options: PgConnectOptions, count: usize) -> Self {
-        Self { options, slots: (0..count).map(|_| Mutex::default()).collect(), available: Semaphore::new(count) }
+    pub(super) fn new(options: PgConnectOptions, count: usize, acquire_timeout: Duration) -> Self {
+        let slots = (0..count).map(|_| Mutex::default()).collect();
+        Self { options, acquire_timeout, slots, available: Semaphore::new(count) }
     }
 
     /// The rows `query` reads, on a lent connection. A read that fails
@@ -57,12 +61,17 @@ impl Lookups {
     /// broken connection was itself new (then the database is away, and
     /// saying so is the answer).
     pub(super) async fn fetch_all<'q>(&self, query: impl Fn() -> PgQuery<'q>) -> Result<Vec<PgRow>, StoreError> {
-        let mut lent = self.lend().await?;
-        // Out of its slot while in use: a read dropped midway drops it too.
-        let (mut connection, fresh) = lent.take_ready(&self.options).await?;
+        let acquired = tokio::time::timeout(self.acquire_timeout, async {
+            let mut lent = self.lend().await?;
+            // Out of its slot while in use: a read dropped midway drops it too.
+            let ready = lent.take_ready(&self.options).await?;
+            Ok::<_, StoreError>((lent, ready))
+        });
+        let (mut lent, (mut connection, fresh)) = acquired.await.map_err(|_| timed_out())??;
         let mut answer = query().fetch_all(&mut connection).await;
         if !fresh && answer.as_ref().is_err_and(connection_broke) {
-            connection = self.options.connect().await?;
+            connection =
+                tokio::time::timeout(self.acquire_timeout, self.options.connect()).await.map_err(|_| timed_out())??;
             answer = query().fetch_all(&mut connection).await;
         }
         if !answer.as_ref().is_err_and(connection_broke) {
@@ -102,6 +111,12 @@ impl Lent<'_> {
     }
 }
 
+/// Waiting for a connection took too long: the database is away (or every
+/// lookup connection is stuck behind it), as the pool says in the same case.
+fn timed_out() -> StoreError {
+    StoreError::Database(sqlx::Error::PoolTimedOut)
+}
+
 /// Whether `error` says the connection itself is gone (rather than the
 /// statement failing on a working connection): an I/O or protocol failure,
 /// or the server ending the session (SQLSTATE class 08, connection
@@ -134,7 +149,7 @@ mod tests {
         let name = format!("quern-lookups-{}", uuid::Uuid::now_v7().simple());
         let options = PgConnectOptions::from_str(&url).unwrap().application_name(&name);
         match PgConnection::connect(&url).await {
-            Ok(admin) => Some((Lookups::new(options, count), admin, name)),
+            Ok(admin) => Some((Lookups::new(options, count, Duration::from_secs(10)), admin, name)),
             Err(error) if std::env::var_os("CI").is_some() => panic!("PostgreSQL at {url}: {error}"),
             Err(error) => {
                 eprintln!("skipped: no PostgreSQL at {url} ({error})");
@@ -188,6 +203,20 @@ mod tests {
         let after = tokio::time::timeout(Duration::from_secs(5), backend_pid(&lookups)).await;
         let after = after.expect("the next lookup does not wait behind the abandoned one");
         assert_ne!(after, first, "the abandoned connection went with its read");
+    }
+
+    #[tokio::test]
+    async fn a_database_that_never_answers_fails_the_lookup_after_the_acquire_timeout() {
+        // A listener that accepts and then says nothing, as a hung server would.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let options = PgConnectOptions::new().host("127.0.0.1").port(port).username("quern");
+        let lookups = Lookups::new(options, 1, Duration::from_millis(200));
+        let started = Instant::now();
+        let answer = lookups.fetch_all(|| sqlx::query("SELECT 1")).await;
+        assert!(matches!(answer, Err(StoreError::Database(sqlx::Error::PoolTimedOut))), "{answer:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "gave up at the timeout, not later");
+        drop(silent);
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct PostgresStore {
 /// A connection idle this long is pinged before it is handed out.
 const PING_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The longest a statement waits for a connection (a free one, or a new one
+/// opened) before it fails as the database being away.
+const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// sqlx pings every connection before handing it out (and again when it comes
 /// back): a round trip before each statement. A busy connection has just
 /// proved itself, so only one idle for a while is pinged, as pgx's pool does;
@@ -83,7 +87,7 @@ const PING_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1
 fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
         .before_acquire(|connection, meta| {
             Box::pin(async move {
@@ -118,7 +122,7 @@ impl PostgresStore {
     pub async fn connect_pooled(options: PgConnectOptions, pool_size: u32) -> Result<Self, StoreError> {
         let options = options.application_name("quern");
         let pool = pool_options(pool_size).connect_with(options.clone()).await?;
-        let lookups = lookups::Lookups::new(options.clone(), lookup_connections(pool_size));
+        let lookups = lookups::Lookups::new(options.clone(), lookup_connections(pool_size), ACQUIRE_TIMEOUT);
         let relaxed = pool_options(4).connect_lazy_with(options.options([("synchronous_commit", "off")]));
         Ok(Self { pool, relaxed, candidate: tokio::sync::Mutex::default(), lookups })
     }
