@@ -89,14 +89,13 @@ impl JobStore for PostgresStore {
             1 => &*CLAIM_ONE_TYPE,
             _ => &*CLAIM_TYPES,
         };
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
             .bind(now)
             .bind(i64::from(limit))
             .bind(worker_id)
             .bind(lease_until)
-            .bind(types)
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(types);
+        let rows = self.worker.fetch_all_once(query).await?;
         let mut jobs = rows.iter().map(Job::from_columns).collect::<Result<Vec<_>, _>>()?;
         jobs.sort_by_key(|job| (job.priority, job.run_at, job.created_at));
         Ok(jobs)
@@ -203,10 +202,9 @@ impl JobStore for PostgresStore {
             .bind(cache_key)
             .bind(cache_type)
             .bind(cache_expires);
-        let rows = next
-            .bind(query)
-            .bind(ends.iter().map(|end| end.ended_at).collect::<Vec<_>>())
-            .fetch_all(&self.pool)
+        let rows = self
+            .worker
+            .fetch_all_once(next.bind(query).bind(ends.iter().map(|end| end.ended_at).collect::<Vec<_>>()))
             .await?;
         let mut written = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {

@@ -8,7 +8,7 @@
 
 mod backend;
 mod jobs;
-mod lookups;
+mod lent;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -69,8 +69,11 @@ pub struct PostgresStore {
     /// kept between tries (one per process, not one per try).
     candidate: tokio::sync::Mutex<Option<PgConnection>>,
     /// Connections for key lookups, lent without the pool's ping on
-    /// release (see `lookups`).
-    lookups: lookups::Lookups,
+    /// release (see `lent`).
+    lookups: lent::LentConnections,
+    /// Connections for the worker's claims and attempt ends, lent the same
+    /// way: one round trip per statement on the queue's hottest path.
+    worker: lent::LentConnections,
 }
 
 /// A connection idle this long is pinged before it is handed out.
@@ -99,6 +102,11 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
         })
 }
 
+/// How many connections the worker's claims and attempt ends may hold: one
+/// claim loop and one completion flush are in flight at a time, and a
+/// maintenance pass may requeue beside them.
+const WORKER_CONNECTIONS: usize = 4;
+
 /// How many connections key lookups may hold beside a pool of `pool_size`:
 /// a quarter as many, opened only as concurrent lookups need them. A lookup
 /// holds its connection for one round trip.
@@ -122,9 +130,10 @@ impl PostgresStore {
     pub async fn connect_pooled(options: PgConnectOptions, pool_size: u32) -> Result<Self, StoreError> {
         let options = options.application_name("quern");
         let pool = pool_options(pool_size).connect_with(options.clone()).await?;
-        let lookups = lookups::Lookups::new(options.clone(), lookup_connections(pool_size), ACQUIRE_TIMEOUT);
+        let lookups = lent::LentConnections::new(options.clone(), lookup_connections(pool_size), ACQUIRE_TIMEOUT);
+        let worker = lent::LentConnections::new(options.clone(), WORKER_CONNECTIONS, ACQUIRE_TIMEOUT);
         let relaxed = pool_options(4).connect_lazy_with(options.options([("synchronous_commit", "off")]));
-        Ok(Self { pool, relaxed, candidate: tokio::sync::Mutex::default(), lookups })
+        Ok(Self { pool, relaxed, candidate: tokio::sync::Mutex::default(), lookups, worker })
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -1,22 +1,24 @@
-//! The connections that answer key lookups (a job by its id, with or without
-//! its attempts; a cached result): the app's polling and its repeated
-//! requests, the busiest reads there are. They are lent without sqlx's pool,
-//! because sqlx pings a pooled connection every time it goes back (a `Sync`
-//! and its answer): a second round trip for each one-statement read, on both
-//! sides' CPU.
+//! Connections lent without sqlx's pool, for the statements that run most:
+//! key lookups (a job by its id, with or without its attempts; a cached
+//! result: the app's polling and its repeated requests) and the worker's
+//! claims and attempt ends. sqlx pings a pooled connection every time it
+//! goes back (a `Sync` and its answer): a second round trip for each
+//! one-statement use, on both sides' CPU.
 //!
 //! Without that ping, this module does what the ping was for:
 //! - a connection is opened when first needed, so a process that serves no
-//!   lookups holds none; waiting for one (free or new) gives up after the
-//!   pool's acquire timeout, as the pool does;
+//!   lookups (or runs no worker) holds none; waiting for one (free or new)
+//!   gives up after the pool's acquire timeout, as the pool does;
 //! - one idle for a while is pinged before it is lent (as the pool's
 //!   `before_acquire` does), and replaced if the ping fails;
 //! - one that fails in use (the server restarted, an operator terminated its
-//!   backend) is dropped, and the lookup, which changes nothing, runs once
-//!   more on a new connection;
-//! - a lookup dropped midway (its HTTP client hung up) takes its connection
-//!   with it: the protocol state of a connection left mid-statement is not
-//!   worth reasoning about for the price of one reconnect.
+//!   backend) is dropped; a lookup, which changes nothing, then runs once
+//!   more on a new connection, a write never (its caller decides, as with
+//!   any database error);
+//! - a statement dropped midway (its HTTP client hung up, its task was
+//!   cancelled) takes its connection with it: the protocol state of a
+//!   connection left mid-statement is not worth reasoning about for the
+//!   price of one reconnect.
 //!
 //! Dashboard and stats reads stay on the pool: a slow aggregate never holds
 //! up the lookups.
@@ -33,7 +35,7 @@ use crate::StoreError;
 
 type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 
-pub(super) struct Lookups {
+pub(super) struct LentConnections {
     options: PgConnectOptions,
     /// The longest a lookup waits for a connection, free or new.
     acquire_timeout: Duration,
@@ -49,7 +51,7 @@ struct Slot {
     last_used: Option<Instant>,
 }
 
-impl Lookups {
+impl LentConnections {
     /// Up to `count` connections, none opened yet.
     pub(super) fn new(options: PgConnectOptions, count: usize, acquire_timeout: Duration) -> Self {
         let slots = (0..count).map(|_| Mutex::default()).collect();
@@ -61,24 +63,35 @@ impl Lookups {
     /// broken connection was itself new (then the database is away, and
     /// saying so is the answer).
     pub(super) async fn fetch_all<'q>(&self, query: impl Fn() -> PgQuery<'q>) -> Result<Vec<PgRow>, StoreError> {
-        let acquired = tokio::time::timeout(self.acquire_timeout, async {
-            let mut lent = self.lend().await?;
-            // Out of its slot while in use: a read dropped midway drops it too.
-            let ready = lent.take_ready(&self.options).await?;
-            Ok::<_, StoreError>((lent, ready))
-        });
-        let (mut lent, (mut connection, fresh)) = acquired.await.map_err(|_| timed_out())??;
+        let (mut lent, (mut connection, fresh)) = self.acquire().await?;
         let mut answer = query().fetch_all(&mut connection).await;
         if !fresh && answer.as_ref().is_err_and(connection_broke) {
             connection =
                 tokio::time::timeout(self.acquire_timeout, self.options.connect()).await.map_err(|_| timed_out())??;
             answer = query().fetch_all(&mut connection).await;
         }
-        if !answer.as_ref().is_err_and(connection_broke) {
-            lent.slot.connection = Some(connection);
-            lent.slot.last_used = Some(Instant::now());
-        }
+        lent.give_back(connection, &answer);
         Ok(answer?)
+    }
+
+    /// The rows a statement that writes returns, run once on a lent
+    /// connection: never again, whatever happens.
+    pub(super) async fn fetch_all_once<'q>(&self, query: PgQuery<'q>) -> Result<Vec<PgRow>, StoreError> {
+        let (mut lent, (mut connection, _)) = self.acquire().await?;
+        let answer = query.fetch_all(&mut connection).await;
+        lent.give_back(connection, &answer);
+        Ok(answer?)
+    }
+
+    /// A slot and its connection, taken out of it while in use (a statement
+    /// dropped midway drops it too); true when the connection is new.
+    async fn acquire(&self) -> Result<(Lent<'_>, (PgConnection, bool)), StoreError> {
+        let acquired = tokio::time::timeout(self.acquire_timeout, async {
+            let mut lent = self.lend().await?;
+            let ready = lent.take_ready(&self.options).await?;
+            Ok::<_, StoreError>((lent, ready))
+        });
+        acquired.await.map_err(|_| timed_out())?
     }
 
     async fn lend(&self) -> Result<Lent<'_>, StoreError> {
@@ -98,6 +111,14 @@ struct Lent<'a> {
 }
 
 impl Lent<'_> {
+    /// Puts `connection` back in the slot, unless `answer` says it broke.
+    fn give_back<T>(&mut self, connection: PgConnection, answer: &Result<T, sqlx::Error>) {
+        if !answer.as_ref().is_err_and(connection_broke) {
+            self.slot.connection = Some(connection);
+            self.slot.last_used = Some(Instant::now());
+        }
+    }
+
     /// The slot's connection, taken out of it: the one there if it answers
     /// (pinged first when idle for a while), else a new one. True when new.
     async fn take_ready(&mut self, options: &PgConnectOptions) -> Result<(PgConnection, bool), StoreError> {
@@ -140,16 +161,16 @@ mod tests {
 
     use super::*;
 
-    /// Lookups on the test database under an application name of their own
+    /// LentConnections on the test database under an application name of their own
     /// (so the test can find their backends), or `None` where PostgreSQL is
     /// not there and this is not CI.
-    async fn lookups(count: usize) -> Option<(Lookups, PgConnection, String)> {
+    async fn lookups(count: usize) -> Option<(LentConnections, PgConnection, String)> {
         let url = std::env::var("QUERN_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let name = format!("quern-lookups-{}", uuid::Uuid::now_v7().simple());
         let options = PgConnectOptions::from_str(&url).unwrap().application_name(&name);
         match PgConnection::connect(&url).await {
-            Ok(admin) => Some((Lookups::new(options, count, Duration::from_secs(10)), admin, name)),
+            Ok(admin) => Some((LentConnections::new(options, count, Duration::from_secs(10)), admin, name)),
             Err(error) if std::env::var_os("CI").is_some() => panic!("PostgreSQL at {url}: {error}"),
             Err(error) => {
                 eprintln!("skipped: no PostgreSQL at {url} ({error})");
@@ -158,7 +179,7 @@ mod tests {
         }
     }
 
-    async fn backend_pid(lookups: &Lookups) -> i32 {
+    async fn backend_pid(lookups: &LentConnections) -> i32 {
         let rows = lookups.fetch_all(|| sqlx::query("SELECT pg_backend_pid()")).await.unwrap();
         rows[0].get(0)
     }
@@ -211,7 +232,7 @@ mod tests {
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = silent.local_addr().unwrap().port();
         let options = PgConnectOptions::new().host("127.0.0.1").port(port).username("quern");
-        let lookups = Lookups::new(options, 1, Duration::from_millis(200));
+        let lookups = LentConnections::new(options, 1, Duration::from_millis(200));
         let started = Instant::now();
         let answer = lookups.fetch_all(|| sqlx::query("SELECT 1")).await;
         assert!(matches!(answer, Err(StoreError::Database(sqlx::Error::PoolTimedOut))), "{answer:?}");
