@@ -311,7 +311,7 @@ pub struct GatewayArgs {
     pub premium_priority: i64,
     /// Event streams (`GET /v1/jobs/{id}/events`) one user may hold open at
     /// once (0 = no cap); service callers are not capped.
-    #[arg(long, env = "QUERN_MAX_STREAMS_PER_USER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    #[arg(long, env = "QUERN_MAX_STREAMS_PER_USER", default_value_t = quern_api::DEFAULT_MAX_STREAMS_PER_USER, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     pub max_streams_per_user: u32,
     /// A JWKS URL whose keys verify asymmetric tokens (RS256, ES256, …).
     #[arg(long, env = "QUERN_JWKS_URL")]

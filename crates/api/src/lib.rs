@@ -56,6 +56,7 @@ use quern_queue::worker::WorkerProbe;
 use quern_runtime::registry::Registry;
 
 pub use self::body::MAX_BODY_BYTES;
+pub use self::jobs::streams::DEFAULT_PER_USER as DEFAULT_MAX_STREAMS_PER_USER;
 
 /// Gateway settings (names from the seeds where they have one: PORT).
 #[derive(Debug, Clone)]
@@ -105,7 +106,7 @@ impl Default for GatewaySettings {
             functions_upstream: None,
             functions_timeout: Duration::from_secs(55),
             premium_priority: 2,
-            max_streams_per_user: Some(10),
+            max_streams_per_user: Some(jobs::streams::DEFAULT_PER_USER),
         }
     }
 }

@@ -7,6 +7,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// The cap unless set (`QUERN_MAX_STREAMS_PER_USER`).
+pub const DEFAULT_PER_USER: u32 = 10;
+
 pub struct StreamLimit {
     per_user: u32,
     open: Mutex<HashMap<String, u32>>,

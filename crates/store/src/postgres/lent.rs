@@ -37,7 +37,7 @@ type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 
 pub(super) struct LentConnections {
     options: PgConnectOptions,
-    /// The longest a lookup waits for a connection, free or new.
+    /// The longest a statement waits for a connection, free or new.
     acquire_timeout: Duration,
     slots: Vec<Mutex<Slot>>,
     /// One permit per slot not lent: whoever holds a permit finds one slot
