@@ -376,12 +376,18 @@ pub struct GatewayArgs {
     #[arg(long, env = "QUERN_PUBLIC_URL")]
     pub public_url: Option<url::Url>,
     /// How long a connection may take to send a request's headers, counted
-    /// from when it may send one (so also how long a kept-alive connection
-    /// may sit idle between requests).
+    /// from its opening for its first request and from the first byte of
+    /// each later one.
     #[arg(long, env = "QUERN_HTTP_HEADER_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub http_header_timeout_s: u64,
-    /// A connection with no bytes moving either way this long is closed
-    /// (more than the longest `?wait=`, 30 s; SSE sends a comment every 15 s).
+    /// How long a kept-alive connection may wait for its next request,
+    /// announced to clients in `Keep-Alive: timeout=N` (keep it above the
+    /// idle time of clients' pools, and below a load balancer's in front).
+    #[arg(long, env = "QUERN_HTTP_KEEP_ALIVE_S", default_value_t = quern_api::server::DEFAULT_KEEP_ALIVE.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_keep_alive_s: u64,
+    /// While a request is served, a connection with no bytes moving either
+    /// way this long is closed (more than the longest `?wait=`, 30 s; SSE
+    /// sends a comment every 15 s).
     #[arg(long, env = "QUERN_HTTP_IDLE_TIMEOUT_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(31..=86_400))]
     pub http_idle_timeout_s: u64,
     /// How long a handler has to answer (a `?wait=` request: its wait plus 5 s).
@@ -413,6 +419,7 @@ impl GatewayArgs {
             secure_cookies: self.secure_cookies || self.public_url.as_ref().is_some_and(|url| url.scheme() == "https"),
             server: quern_api::server::ServerSettings {
                 header_timeout: std::time::Duration::from_secs(self.http_header_timeout_s),
+                keep_alive: std::time::Duration::from_secs(self.http_keep_alive_s),
                 idle_timeout: std::time::Duration::from_secs(self.http_idle_timeout_s),
                 request_timeout: std::time::Duration::from_secs(self.http_request_timeout_s),
                 max_connections: self.http_max_connections as usize,

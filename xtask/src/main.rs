@@ -5,8 +5,9 @@
 //! `<type>.toml` side by side in `handlers-dist/` (fixtures, which must never be
 //! deployed, go to `handlers-dist/fixtures/`), which is what quern loads.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
@@ -19,15 +20,106 @@ fn main() -> anyhow::Result<()> {
         Some("build-handlers") => build_handlers(&root),
         Some("test") => {
             build_handlers(&root)?;
-            let mut command = cargo();
-            command.current_dir(&root).args(["test", "--workspace", "--all-features", "--locked"]).args(&args[1..]);
-            run(&mut command)
+            test(&root, &args[1..])
         }
         _ => {
             eprintln!("usage: cargo xtask build-handlers | cargo xtask test [cargo test args]");
             std::process::exit(2);
         }
     }
+}
+
+/// Runs every test binary even after one fails (one flake must not hide the
+/// state of the rest), passes cargo's output through, and ends with one line
+/// of totals over all of them.
+fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    let mut command = cargo();
+    command
+        .current_dir(root)
+        .args(["test", "--workspace", "--all-features", "--locked", "--no-fail-fast"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().with_context(|| format!("cannot start {command:?}"))?;
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let out = std::thread::spawn(move || stdout.map(|s| tally(s, std::io::stdout())).unwrap_or_default());
+    let err = std::thread::spawn(move || stderr.map(|s| tally(s, std::io::stderr())).unwrap_or_default());
+    let status = child.wait()?;
+    let mut totals = out.join().unwrap_or_default();
+    totals.add(err.join().unwrap_or_default());
+    // A binary that crashed or hung up printed no result line of its own:
+    // it counts as one failure, so the totals never read as a pass.
+    let unreported = totals.failed_binaries.len().saturating_sub(totals.failed_results);
+    let failed = totals.failed + unreported;
+    println!();
+    if !totals.failed_binaries.is_empty() {
+        println!("failed test binaries: {}", totals.failed_binaries.join(", "));
+    }
+    if !status.success() && failed == 0 {
+        bail!("cargo test failed with {status} before any test failed (a build error?)");
+    }
+    println!("total: {} passed, {failed} failed, {} skipped", totals.passed, totals.ignored);
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+/// What cargo test's output says, summed over its test binaries.
+#[derive(Default)]
+struct Totals {
+    passed: usize,
+    failed: usize,
+    ignored: usize,
+    /// Result lines that said FAILED.
+    failed_results: usize,
+    /// How cargo names each binary that failed (`--test gateway`).
+    failed_binaries: Vec<String>,
+}
+
+impl Totals {
+    fn add(&mut self, other: Totals) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
+        self.failed_results += other.failed_results;
+        self.failed_binaries.extend(other.failed_binaries);
+    }
+
+    /// `test result: ok. 10 passed; 0 failed; 1 ignored; …` and
+    /// `error: test failed, to rerun pass `--test gateway``.
+    fn read(&mut self, line: &str) {
+        if let Some(result) = line.strip_prefix("test result: ") {
+            self.failed_results += usize::from(result.starts_with("FAILED"));
+            for part in result.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(count)) = (words.next(), words.next()) else { continue };
+                let Ok(count) = count.parse::<usize>() else { continue };
+                match what {
+                    "passed" => self.passed += count,
+                    "failed" => self.failed += count,
+                    "ignored" => self.ignored += count,
+                    _ => {}
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("error: test failed, to rerun pass ") {
+            self.failed_binaries.push(rest.trim_matches('`').to_string());
+        }
+    }
+}
+
+/// Copies `from` to `to` line by line while reading each line into totals.
+fn tally(from: impl Read, mut to: impl Write) -> Totals {
+    let mut totals = Totals::default();
+    let mut reader = BufReader::new(from);
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+        let _ = to.write_all(&line);
+        let _ = to.flush();
+        totals.read(String::from_utf8_lossy(&line).trim_end());
+        line.clear();
+    }
+    totals
 }
 
 struct HandlerCrate {
@@ -133,4 +225,25 @@ fn workspace_root() -> PathBuf {
 
 fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_add_up_result_lines_and_count_a_binary_that_printed_none() {
+        let output = "\
+running 3 tests
+test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s
+test result: FAILED. 9 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 4.20s
+error: test failed, to rerun pass `--test gateway`
+error: test failed, to rerun pass `--test chaos`
+";
+        let totals = tally(output.as_bytes(), std::io::sink());
+        assert_eq!((totals.passed, totals.failed, totals.ignored), (12, 2, 1));
+        assert_eq!(totals.failed_binaries, ["--test gateway", "--test chaos"]);
+        // `chaos` crashed before its result line: one more failure than lines say.
+        assert_eq!(totals.failed_binaries.len() - totals.failed_results, 1);
+    }
 }

@@ -1,22 +1,36 @@
 //! The HTTP server under the router: accepts connections up to a cap that
 //! stays below the process's descriptor limit, and bounds every way a client
-//! can hold one open. A request's headers must arrive within the header
-//! timeout (which also closes a kept-alive connection that sends nothing
-//! more); a connection with no bytes moving either way for the idle timeout
-//! is closed (a slow reader, a stalled body); a handler has the request
-//! timeout to answer (`?wait=` has its own bound). Past the cap, new
-//! connections wait in the kernel's backlog until one of these frees a slot.
+//! can hold one open, by where the connection is in its exchange:
+//! - a request's headers must arrive within the header timeout, counted from
+//!   the connection's opening for its first request and from the first byte
+//!   of each later one (a slow or half-sent request: slowloris);
+//! - between requests a kept-alive connection may sit idle for the keep-alive
+//!   time, announced in `Keep-Alive: timeout=N`. It is far longer than the
+//!   header timeout on purpose: clients keep idle connections in pools
+//!   (reqwest 90 s, undici up to the announced time) and a POST sent on a
+//!   connection the server is closing fails without a retry, so the server
+//!   must not be the first to give up on a connection a client still holds;
+//! - while a request is served, a connection with no bytes moving either way
+//!   for the idle timeout is closed (a slow reader, a stalled body), and a
+//!   handler has the request timeout to answer (`?wait=` has its own bound).
+//!
+//! Past the cap, new connections wait in the kernel's backlog until one of
+//! these frees a slot.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::http::HeaderValue;
+use axum::http::header::{CONNECTION, HeaderName};
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -29,11 +43,15 @@ use tower::ServiceExt;
 /// How the server bounds connections (`QUERN_HTTP_*`).
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    /// A request's headers must arrive within this, counted from when the
-    /// connection may send one (QUERN_HTTP_HEADER_TIMEOUT_S).
+    /// A request's headers must arrive within this, counted from the
+    /// connection's opening for its first request and from the first byte
+    /// of each later one (QUERN_HTTP_HEADER_TIMEOUT_S).
     pub header_timeout: Duration,
-    /// A connection with no bytes moving either way this long is closed
-    /// (QUERN_HTTP_IDLE_TIMEOUT_S).
+    /// A kept-alive connection may wait this long for its next request
+    /// (QUERN_HTTP_KEEP_ALIVE_S).
+    pub keep_alive: Duration,
+    /// While a request is served, a connection with no bytes moving either
+    /// way this long is closed (QUERN_HTTP_IDLE_TIMEOUT_S).
     pub idle_timeout: Duration,
     /// A handler must answer within this (QUERN_HTTP_REQUEST_TIMEOUT_S).
     pub request_timeout: Duration,
@@ -42,10 +60,15 @@ pub struct ServerSettings {
     pub max_connections: usize,
 }
 
+/// Between requests, how long a kept-alive connection stays open by default:
+/// nginx's `keepalive_timeout`, longer than most clients keep an idle one.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(75);
+
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             header_timeout: Duration::from_secs(10),
+            keep_alive: DEFAULT_KEEP_ALIVE,
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             max_connections: 1024,
@@ -79,7 +102,11 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(cap));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(settings.header_timeout).keep_alive(true);
+    // hyper's own header timeout also runs while a kept-alive connection
+    // waits for its next request; `Exchange` tells the two apart instead.
+    http.timer(TokioTimer::new()).header_read_timeout(None).keep_alive(true);
+    let keep_alive_hint = HeaderValue::try_from(format!("timeout={}", settings.keep_alive.as_secs()))
+        .unwrap_or(HeaderValue::from_static("timeout=5"));
     loop {
         let slot = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -101,11 +128,30 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = router.clone().map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            request.map(axum::body::Body::new)
-        });
-        let io = TokioIo::new(Watched::new(stream, settings.idle_timeout));
+        let exchange = Arc::new(Exchange::new(&settings));
+        let (started, ended, hint) = (exchange.clone(), exchange.clone(), keep_alive_hint.clone());
+        let service = router
+            .clone()
+            .map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                started.request_started();
+                request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                request.map(Body::new)
+            })
+            .map_response(move |mut response: axum::response::Response| {
+                if !response.headers().contains_key(CONNECTION) {
+                    response.headers_mut().insert(KEEP_ALIVE, hint.clone());
+                }
+                let written = ResponseWritten(ended.clone());
+                // The body is dropped once hyper has written it whole (or
+                // the connection ended): then the connection waits again.
+                response.map(move |body| {
+                    Body::new(body.map_frame(move |frame| {
+                        let _ = &written;
+                        frame
+                    }))
+                })
+            });
+        let io = TokioIo::new(Watched::new(stream, exchange));
         let connection = http.serve_connection(io, TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -125,35 +171,120 @@ pub async fn serve(
     Ok(())
 }
 
-/// A connection that ends with an error once no byte has moved either way
-/// for the idle timeout.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Marks a head that has not started.
+const NOT_STARTED: u64 = u64::MAX;
+
+/// Where one connection is in its exchange of requests and responses, in
+/// milliseconds since its opening; shared by its reader and its service.
+struct Exchange {
+    opened: Instant,
+    header_timeout: Duration,
+    keep_alive: Duration,
+    idle_timeout: Duration,
+    /// The last byte moved either way.
+    last_moved: AtomicU64,
+    /// When the head being received began: the opening for the first
+    /// request, the first byte for a later one; `NOT_STARTED` between
+    /// requests and while one is served.
+    head_started: AtomicU64,
+    /// When the last response was written whole.
+    waiting_since: AtomicU64,
+    /// Requests received whose response is not yet written whole.
+    serving: AtomicU32,
+}
+
+impl Exchange {
+    fn new(settings: &ServerSettings) -> Self {
+        Self {
+            opened: Instant::now(),
+            header_timeout: settings.header_timeout,
+            keep_alive: settings.keep_alive,
+            idle_timeout: settings.idle_timeout,
+            last_moved: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
+            waiting_since: AtomicU64::new(0),
+            serving: AtomicU32::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// A request's head arrived whole.
+    fn request_started(&self) {
+        self.serving.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(NOT_STARTED, Ordering::Relaxed);
+    }
+
+    /// Its response was written whole (or abandoned).
+    fn response_written(&self) {
+        self.waiting_since.store(self.now(), Ordering::Relaxed);
+        self.serving.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Bytes arrived: between requests, they begin the next one's head.
+    fn received(&self) {
+        let now = self.now();
+        self.last_moved.store(now, Ordering::Relaxed);
+        if self.serving.load(Ordering::Relaxed) == 0 && self.head_started.load(Ordering::Relaxed) == NOT_STARTED {
+            self.head_started.store(now, Ordering::Relaxed);
+        }
+    }
+
+    fn sent(&self) {
+        self.last_moved.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// When the connection is closed unless something changes.
+    fn deadline(&self) -> Instant {
+        let (since, allowed) = if self.serving.load(Ordering::Relaxed) > 0 {
+            (self.last_moved.load(Ordering::Relaxed), self.idle_timeout)
+        } else {
+            match self.head_started.load(Ordering::Relaxed) {
+                NOT_STARTED => (self.waiting_since.load(Ordering::Relaxed), self.keep_alive),
+                started => (started, self.header_timeout),
+            }
+        };
+        self.opened + Duration::from_millis(since) + allowed
+    }
+}
+
+/// Dropped with a response's body: the response is done.
+struct ResponseWritten(Arc<Exchange>);
+
+impl Drop for ResponseWritten {
+    fn drop(&mut self) {
+        self.0.response_written();
+    }
+}
+
+/// A connection that ends with an error once its exchange's deadline passes
+/// with nothing read.
 struct Watched {
     stream: TcpStream,
-    idle: Duration,
-    /// Milliseconds since `epoch` at the last byte moved.
-    last: AtomicU64,
-    epoch: Instant,
+    exchange: Arc<Exchange>,
     deadline: Pin<Box<Sleep>>,
 }
 
 impl Watched {
-    fn new(stream: TcpStream, idle: Duration) -> Self {
-        let epoch = Instant::now();
-        Self { stream, idle, last: AtomicU64::new(0), epoch, deadline: Box::pin(tokio::time::sleep(idle)) }
+    fn new(stream: TcpStream, exchange: Arc<Exchange>) -> Self {
+        let deadline = Box::pin(tokio::time::sleep_until(exchange.deadline()));
+        Self { stream, exchange, deadline }
     }
 
-    fn moved(&self) {
-        self.last.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// `Err` once idle too long; else arms the timer to wake at the deadline.
-    fn check_idle(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
-        let due = self.epoch + Duration::from_millis(self.last.load(Ordering::Relaxed)) + self.idle;
+    /// `Err` once past the deadline; else arms the timer to wake at it.
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        let due = self.exchange.deadline();
         if self.deadline.deadline() != due {
             self.deadline.as_mut().reset(due);
         }
         match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle connection closed")),
+            Poll::Ready(()) => {
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connection closed at its deadline"))
+            }
             Poll::Pending => Ok(()),
         }
     }
@@ -165,11 +296,11 @@ impl AsyncRead for Watched {
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
-                    self.moved();
+                    self.exchange.received();
                 }
                 Poll::Ready(result)
             }
-            Poll::Pending => match self.check_idle(cx) {
+            Poll::Pending => match self.check_deadline(cx) {
                 Ok(()) => Poll::Pending,
                 Err(error) => Poll::Ready(Err(error)),
             },
@@ -182,11 +313,11 @@ impl AsyncWrite for Watched {
         match Pin::new(&mut self.stream).poll_write(cx, data) {
             Poll::Ready(result) => {
                 if matches!(result, Ok(n) if n > 0) {
-                    self.moved();
+                    self.exchange.sent();
                 }
                 Poll::Ready(result)
             }
-            Poll::Pending => match self.check_idle(cx) {
+            Poll::Pending => match self.check_deadline(cx) {
                 Ok(()) => Poll::Pending,
                 Err(error) => Poll::Ready(Err(error)),
             },
