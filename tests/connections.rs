@@ -117,11 +117,9 @@ async fn keep_alive_and_header_timeout_hold(server: &Server) {
     assert_eq!(kept.post_job(&token).await.0, 202, "the kept-alive connection answered after 3 s idle");
     let answered = std::time::Instant::now();
     kept.closed_within(Duration::from_secs(60)).await;
-    assert!(
-        answered.elapsed() >= Duration::from_millis(11_500),
-        "closed before the keep-alive: {:?}",
-        answered.elapsed()
-    );
+    // Closed at the keep-alive, not at the header timeout: half of it is a
+    // bound that a slow read of the last answer cannot cross by itself.
+    assert!(answered.elapsed() >= Duration::from_secs(6), "closed before the keep-alive: {:?}", answered.elapsed());
     // The pooled connection, older still, was closed too; the client saw it.
     assert_eq!(post_job(server, &pooled, &token).await, 202);
 
