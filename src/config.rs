@@ -301,6 +301,13 @@ pub struct GatewayArgs {
     /// idle connection is closed after that).
     #[arg(long, env = "QUERN_FUNCTIONS_TIMEOUT_S", default_value_t = 55, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub functions_timeout_s: u64,
+    /// Serve the legacy functions that handlers' manifests claim
+    /// (`function = "…"`) in quern. Off, they go to SUPABASE_URL, the
+    /// customer's own functions; on, they still go there whenever quern
+    /// could not answer them in time (no live worker, the type disabled or
+    /// paused, or an estimated run longer than QUERN_MAX_WAIT_S).
+    #[arg(long, env = "QUERN_SERVE_LEGACY_FUNCTIONS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub serve_legacy_functions: bool,
     /// The longest a request waits for its job: `?wait=` at most, and a
     /// legacy function served by quern before it answers 202 with the job
     /// (at most 30 s: less than the idle timeout, which would cut a wait).
@@ -436,6 +443,7 @@ impl GatewayArgs {
             },
             functions_upstream: self.supabase_url.clone(),
             functions_timeout: std::time::Duration::from_secs(self.functions_timeout_s),
+            serve_legacy_functions: self.serve_legacy_functions,
             premium_priority: self.premium_priority,
             max_streams_per_user: (self.max_streams_per_user > 0).then_some(self.max_streams_per_user),
             max_wait: std::time::Duration::from_secs(self.max_wait_s),

@@ -1,6 +1,7 @@
 //! quern as a drop-in for the customer's Supabase functions URL: every other
 //! function passed through to their project, a legacy function a manifest
-//! claims served by quern, CORS as the seed's functions answer it, service
+//! claims reaching the customer's own function (or served by quern when ops
+//! ask and it can answer), CORS as the seed's functions answer it, service
 //! callers speaking for a user, premium priority, and health in the seed's shape.
 
 mod support;
@@ -65,6 +66,10 @@ async fn functions_quern_does_not_serve_are_passed_through_to_the_supabase_proje
     assert_eq!(header("apikey"), Some("anon-key"));
     assert_eq!(header("x-client-info"), Some("supabase-js/2.55.0"));
     assert_eq!(header("content-type"), Some("application/json"));
+    // Seed 000's functions read `await req.json()`: a body sent with its
+    // length keeps it, rather than arriving chunked.
+    assert_eq!(header("content-length"), Some(body.to_string().len().to_string().as_str()));
+    assert_eq!(header("transfer-encoding"), None, "re-sent chunked");
     for withheld in ["cookie", "x-internal", "origin"] {
         assert_eq!(header(withheld), None, "{withheld} is not passed on");
     }
@@ -125,6 +130,8 @@ async fn the_pass_through_names_its_setting_and_contacts_only_its_upstream() {
     db.cleanup().await;
 }
 
+/// With no SUPABASE_URL there is no old function to reach: quern answers a
+/// legacy function a manifest claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_function_a_manifest_claims_is_served_by_quern() {
     let db = Db::sqlite().await;
@@ -165,16 +172,94 @@ async fn a_legacy_function_a_manifest_claims_is_served_by_quern() {
     let slow =
         invoke(&server, Method::POST, "/functions/v1/slow-sync", &token, Some(json!({"mode": "sleep", "ms": 8000})))
             .await;
-    assert_eq!(slow.status, 202, "past the wait bound the job is handed over: {}", slow.text);
-    let job_id = slow.body["jobId"].as_str().unwrap();
-    assert_eq!(slow.body["pollUrl"], format!("/functions/v1/get-analysis-status?jobId={job_id}"));
-    let status = server.get(&format!("/functions/v1/get-analysis-status?jobId={job_id}"), &token).await;
-    assert_eq!(status.status, 200, "{}", status.text);
+    // Never a job handle, which the hook would take for the analysis: an
+    // error that names the job, which goes on.
+    assert_eq!(slow.status, 504, "past the wait bound: {}", slow.text);
+    assert!(slow.body.get("jobId").is_none() && slow.body.get("pollUrl").is_none(), "{}", slow.text);
+    let job_id = slow.error().split_whitespace().find(|word| word.len() == 36).expect("the job's id");
+    let status = server.get(&format!("/v1/jobs/{job_id}"), &token).await;
+    assert_eq!((status.status.as_u16(), status.body["status"].as_str()), (200, Some("processing")), "{}", status.text);
 
     let get = invoke(&server, Method::GET, "/functions/v1/echo-sync", &token, None).await;
     assert_eq!(get.status, 405, "{}", get.text);
     server.finish().await;
     db.cleanup().await;
+}
+
+/// Seed 001, AC-1.6: "Se worker estiver offline, usa fluxo síncrono antigo
+/// (fallback)"; AC-2.3: "Rollback instantâneo desligando flags"; seed 003:
+/// "Set all flags to `false` → Instant rollback". A legacy function a
+/// manifest claims reaches the customer's own function unless ops serve it in
+/// quern, and even then whenever quern could not answer it now: workers
+/// stopped, the type's flag off, a run longer than the wait. No job is made
+/// for a call passed through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hook_s_fallback_and_rollback_reach_the_customer_s_functions() {
+    let functions = Upstream::start(
+        Vec::new(),
+        Reply::new(200, r#"{"from": "customer-functions"}"#).header("content-type", "application/json"),
+    )
+    .await;
+    let legacy = |extra: &str| {
+        vec![
+            ("echo_sync", "echo.wasm", "type = \"echo_sync\"\nfunction = \"echo-sync\"\n".to_string()),
+            ("slow_sync", "echo.wasm", format!("type = \"slow_sync\"\nfunction = \"slow-sync\"\n{extra}")),
+        ]
+    };
+    let options = |serve_here: bool, command: &'static str| Options {
+        command,
+        components: legacy("estimated_time_s = 45\n"),
+        env: vec![("SUPABASE_URL", functions.url("")), ("QUERN_SERVE_LEGACY_FUNCTIONS", serve_here.to_string())],
+        ..Options::default()
+    };
+    let call = async |server: &Server, name: &str| {
+        let token = server.token("3f1c2a9e-0000-4000-8000-00000000a11c");
+        invoke(server, Method::POST, &format!("/functions/v1/{name}"), &token, Some(json!({"imageUrl": "x"}))).await
+    };
+    let from_customer = |answer: &Answer| answer.status == 200 && answer.body["from"] == "customer-functions";
+    let from_quern = |answer: &Answer| answer.status == 200 && answer.body["echo"]["imageUrl"] == "x";
+
+    // The default: the customer's function answers, quern makes no job.
+    let db = Db::sqlite().await;
+    let server = Server::start_with(&db, options(false, "serve")).await;
+    let answer = call(&server, "echo-sync").await;
+    assert!(from_customer(&answer), "{}", answer.text);
+    let jobs = server.get("/v1/jobs", &server.service_token()).await;
+    assert_eq!(jobs.body["jobs"].as_array().map(Vec::len), Some(0), "no job for a passed-through call: {}", jobs.text);
+    server.finish().await;
+    db.cleanup().await;
+
+    // Served in quern while it can answer; the type's flag off is the rollback.
+    let db = Db::sqlite().await;
+    let server = Server::start_with(&db, options(true, "serve")).await;
+    let answer = call(&server, "echo-sync").await;
+    assert!(from_quern(&answer), "served by quern with a live worker: {}", answer.text);
+    let slow = call(&server, "slow-sync").await;
+    assert!(from_customer(&slow), "an estimated 45 s is past the 30 s wait: {}", slow.text);
+    let ops = server.service_token();
+    assert_eq!(server.post("/v1/types/echo_sync/disable", &ops, json!({})).await.status, 204);
+    let answer = call(&server, "echo-sync").await;
+    assert!(from_customer(&answer), "flags off: {}", answer.text);
+    assert_eq!(server.post("/v1/types/echo_sync/enable", &ops, json!({})).await.status, 204);
+    assert!(from_quern(&call(&server, "echo-sync").await), "flags on again");
+    server.finish().await;
+
+    // The workers stopped (a gateway alone: the serve process's worker row
+    // went with its clean stop): the customer's function answers at once.
+    let gateway = Server::start_with(&db, options(true, "gateway")).await;
+    let started = std::time::Instant::now();
+    let answer = call(&gateway, "echo-sync").await;
+    assert!(from_customer(&answer), "worker offline: {}", answer.text);
+    assert!(started.elapsed() < Duration::from_secs(25), "it did not wait for a job: {:?}", started.elapsed());
+    gateway.finish().await;
+    db.cleanup().await;
+
+    let paths: Vec<String> = functions.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(
+        paths,
+        ["echo-sync", "slow-sync", "echo-sync", "echo-sync"].map(|name| format!("/functions/v1/{name}")),
+        "each passed-through call reached the customer's function once"
+    );
 }
 
 async fn preflight(server: &Server, path: &str, origin: &str) -> reqwest::Response {

@@ -1,6 +1,7 @@
 // The customer's app against quern, through @supabase/supabase-js itself:
 // the useAsyncAnalysis hook's two async routes, the seed's 400 answer, the
-// hook's sync fallback (passed through to the customer's functions) and a
+// hook's sync fallback (reaching the customer's functions, also with quern's
+// workers stopped) and a
 // browser's CORS preflight. Prints one JSON line of what it saw; exits 1 on
 // the first thing that is not as the app expects.
 import http from "node:http";
@@ -46,13 +47,26 @@ const body = await missing.error.context.json();
 check(body.error === "Missing required fields: type, input", "the seed's words", body);
 seen.missing = body;
 
-// 3. The hook's sync fallback: a function quern does not serve, passed through.
+// 3. The hook's sync fallback (callSyncFunction), as with its flags off: a
+// function a manifest claims still reaches the customer's own.
 const fallback = await supabase.functions.invoke("sofia-image-analysis", {
   body: { imageUrl: "https://media.example/lunch.jpg", userId: "ignored" },
 });
 check(!fallback.error, "the sync fallback answered", fallback.error?.message);
 check(fallback.data.from === "customer-functions", "the customer's function answered it", fallback.data);
 seen.fallback = fallback.data;
+
+// 3b. The same through a quern whose workers are stopped: the old sync flow.
+const stopped = createClient(process.env.WORKERS_STOPPED_URL, ANON_KEY, {
+  global: { headers: { Authorization: `Bearer ${USER_TOKEN}` } },
+  auth: { persistSession: false, autoRefreshToken: false },
+});
+const offline = await stopped.functions.invoke("sofia-image-analysis", {
+  body: { imageUrl: "https://media.example/lunch.jpg" },
+});
+check(!offline.error, "the fallback answered with the workers stopped", offline.error?.message);
+check(offline.data.from === "customer-functions", "the customer's function answered it", offline.data);
+seen.workers_stopped = offline.data;
 
 // 4. A browser's preflight from the app's origin.
 const preflight = await new Promise((resolve, reject) => {

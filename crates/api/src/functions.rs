@@ -1,9 +1,14 @@
 //! Every other `/functions/v1/<name>` of the customer's Supabase project, so
 //! the app can point its one functions URL at quern:
 //! - a name a loaded handler's manifest claims (`function = "…"`, the legacy
-//!   synchronous function the type replaces) is served here: the body is the
-//!   job's input, the answer is the result once the job ends within the wait
-//!   bound, or 202 with the job to poll when it does not;
+//!   synchronous function the type replaces) is the app's way back (seed 001:
+//!   "Se worker estiver offline, usa fluxo síncrono antigo (fallback)";
+//!   seed 003: "Set all flags to `false` → Instant rollback"). It reaches the
+//!   customer's own function at SUPABASE_URL unless ops chose to serve it in
+//!   quern (`QUERN_SERVE_LEGACY_FUNCTIONS`), and even then whenever quern
+//!   could not answer it now ([`LegacyRoute`]). Served here, the body is the
+//!   job's input and the answer the result, as the function answered: never
+//!   a job handle, which the app would take for the analysis;
 //! - any other name is forwarded to `SUPABASE_URL/functions/v1/<name>`, body
 //!   and answer streamed, with only the headers a function reads passed on.
 //!   That configured upstream is the only host ever contacted (redirects are
@@ -14,6 +19,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
+use axum::http::header::CONTENT_LENGTH;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -63,10 +69,87 @@ pub async fn serve(
     check_path(&path)?;
     let name = path.split('/').next().unwrap_or_default();
     if let Some(handler) = state.registry.all().into_iter().find(|h| h.manifest.function.as_deref() == Some(name)) {
-        let job_type = handler.manifest.job_type.clone();
-        return run_sync(&state, client, caller?, job_type, request).await;
+        let manifest = &handler.manifest;
+        match legacy_route(&state, &manifest.job_type, manifest.estimated_time_s).await {
+            LegacyRoute::Quern => return run_sync(&state, client, caller?, manifest.job_type.clone(), request).await,
+            LegacyRoute::Customer(why) => {
+                tracing::info!(function = name, job_type = %manifest.job_type, why = why.as_str(), "a legacy function goes to the customer's own");
+            }
+        }
     }
     forward(&state, &path, request).await
+}
+
+/// Where a legacy function is answered.
+#[derive(Debug, PartialEq)]
+enum LegacyRoute {
+    /// By a job in quern, waited for.
+    Quern,
+    /// By the customer's own function at SUPABASE_URL, and why.
+    Customer(PassedThrough),
+}
+
+/// Why a legacy function goes to the customer's own.
+#[derive(Debug, PartialEq)]
+enum PassedThrough {
+    /// QUERN_SERVE_LEGACY_FUNCTIONS is off (the default).
+    NotServedHere,
+    /// The type's flag is off or it is paused: the rollback.
+    Disabled,
+    /// No worker has been seen within a lease: the job would only wait.
+    NoLiveWorker,
+    /// The type's estimated run is longer than the wait: the app would get
+    /// no answer in time.
+    TooSlowForTheWait,
+}
+
+impl PassedThrough {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Self::NotServedHere => "QUERN_SERVE_LEGACY_FUNCTIONS is off",
+            Self::Disabled => "the type is disabled or paused",
+            Self::NoLiveWorker => "no live worker",
+            Self::TooSlowForTheWait => "its estimated run is longer than QUERN_MAX_WAIT_S",
+        }
+    }
+}
+
+/// The rule: with no SUPABASE_URL there is nothing to pass to, so quern
+/// answers (and says why it cannot, when it cannot); with one, quern answers
+/// only when ops asked it to and it can answer now. Checked before a job is
+/// made, so a passed-through call never also runs in quern (a WhatsApp reply
+/// sent twice, a model paid twice).
+async fn legacy_route(state: &AppState, job_type: &str, estimated_time_s: u32) -> LegacyRoute {
+    if state.settings.functions_upstream.is_none() {
+        return LegacyRoute::Quern;
+    }
+    let why = if !state.settings.serve_legacy_functions {
+        PassedThrough::NotServedHere
+    } else if state.is_disabled(job_type) {
+        PassedThrough::Disabled
+    } else if Duration::from_secs(u64::from(estimated_time_s)) > state.settings.max_wait {
+        PassedThrough::TooSlowForTheWait
+    } else if !a_worker_is_live(state).await {
+        PassedThrough::NoLiveWorker
+    } else {
+        return LegacyRoute::Quern;
+    };
+    LegacyRoute::Customer(why)
+}
+
+/// Whether a worker has beaten its heart within one lease (it beats three
+/// times a lease; one that stops cleanly removes its row at once). A store
+/// that cannot say counts as none: the customer's function still answers.
+async fn a_worker_is_live(state: &AppState) -> bool {
+    let lease = chrono::TimeDelta::from_std(state.queue.settings().lease).unwrap_or(chrono::TimeDelta::seconds(30));
+    let since = chrono::Utc::now() - lease;
+    match state.queue.store().workers().await {
+        Ok(workers) => workers.iter().any(|worker| worker.last_heartbeat_at >= since),
+        Err(error) => {
+            tracing::warn!(%error, "reading the workers failed; the legacy function goes to the customer's own");
+            false
+        }
+    }
 }
 
 /// Each segment a plain name: nothing that could reach another path upstream.
@@ -89,8 +172,9 @@ fn check_path(path: &str) -> Result<(), ApiError> {
 
 /// The legacy synchronous function a type replaces: enqueue the body as the
 /// job's input, wait up to the wait bound, answer the result as the function
-/// did (200 with the result; 500 `{"error"}` when the job failed), or 202
-/// `{jobId, status, pollUrl}` when it is still running.
+/// did (200 with the result; 500 `{"error"}` when the job failed), or 504
+/// `{"error"}` naming the job when it is still running (it goes on and
+/// stays readable at `/v1/jobs/{id}`).
 async fn run_sync(
     state: &AppState,
     client: ClientIp,
@@ -125,15 +209,15 @@ async fn run_sync(
             let error = job.error.unwrap_or_else(|| format!("the job {}", job.status.as_str()));
             (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": error }))).into_response()
         }
-        JobStatus::Pending | JobStatus::Processing => (
-            StatusCode::ACCEPTED,
-            axum::Json(json!({
-                "jobId": job.id,
-                "status": job.status,
-                "pollUrl": format!("/functions/v1/get-analysis-status?jobId={}", job.id),
-            })),
-        )
-            .into_response(),
+        JobStatus::Pending | JobStatus::Processing => {
+            let error = format!(
+                "the analysis did not finish within {} s; it goes on as job {} (GET /v1/jobs/{})",
+                state.settings.max_wait.as_secs(),
+                job.id,
+                job.id
+            );
+            (StatusCode::GATEWAY_TIMEOUT, axum::Json(json!({ "error": error }))).into_response()
+        }
     })
 }
 
@@ -159,6 +243,11 @@ async fn forward(state: &AppState, path: &str, request: Request) -> Result<Respo
         if let Some(value) = request.headers().get(name) {
             outgoing = outgoing.header(name, value.as_bytes());
         }
+    }
+    // A body sent with its length goes on with it (hyper already holds the
+    // incoming body to that length), not re-framed as chunked.
+    if let Some(length) = request.headers().get(CONTENT_LENGTH) {
+        outgoing = outgoing.header(CONTENT_LENGTH, length.as_bytes());
     }
     let body = reqwest::Body::wrap_stream(request.into_body().into_data_stream());
     let host = url.host_str().unwrap_or_default().to_string();

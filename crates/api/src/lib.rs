@@ -84,6 +84,9 @@ pub struct GatewaySettings {
     pub functions_upstream: Option<url::Url>,
     /// How long a passed-through function may take.
     pub functions_timeout: Duration,
+    /// Serve a legacy function a manifest claims in quern, rather than pass
+    /// it through to `functions_upstream` (QUERN_SERVE_LEGACY_FUNCTIONS).
+    pub serve_legacy_functions: bool,
     /// The priority of a premium caller's job that asks for none.
     pub premium_priority: i64,
     /// Event streams one user may hold open at once; `None` for no cap.
@@ -105,6 +108,7 @@ impl Default for GatewaySettings {
             server: server::ServerSettings::default(),
             functions_upstream: None,
             functions_timeout: Duration::from_secs(55),
+            serve_legacy_functions: false,
             premium_priority: 2,
             max_streams_per_user: Some(jobs::streams::DEFAULT_PER_USER),
         }
