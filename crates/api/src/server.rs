@@ -30,6 +30,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::HeaderValue;
 use axum::http::header::{CONNECTION, HeaderName};
+use futures_util::task::AtomicWaker;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -193,6 +194,10 @@ struct Exchange {
     waiting_since: AtomicU64,
     /// Requests received whose response is not yet written whole.
     serving: AtomicU32,
+    /// The connection's task, as last seen waiting on the socket: woken when
+    /// a response ends, since the deadline it armed (the idle timeout) no
+    /// longer holds.
+    task: AtomicWaker,
 }
 
 impl Exchange {
@@ -206,6 +211,7 @@ impl Exchange {
             head_started: AtomicU64::new(0),
             waiting_since: AtomicU64::new(0),
             serving: AtomicU32::new(0),
+            task: AtomicWaker::new(),
         }
     }
 
@@ -223,6 +229,9 @@ impl Exchange {
     fn response_written(&self) {
         self.waiting_since.store(self.now(), Ordering::Relaxed);
         self.serving.fetch_sub(1, Ordering::Relaxed);
+        // hyper may already wait on a read armed with the idle timeout; a
+        // keep-alive shorter than it would otherwise be kept late.
+        self.task.wake();
     }
 
     /// Bytes arrived: between requests, they begin the next one's head.
@@ -277,6 +286,7 @@ impl Watched {
 
     /// `Err` once past the deadline; else arms the timer to wake at it.
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        self.exchange.task.register(cx.waker());
         let due = self.exchange.deadline();
         if self.deadline.deadline() != due {
             self.deadline.as_mut().reset(due);
