@@ -81,7 +81,6 @@ pub async fn serve(
 }
 
 /// Where a legacy function is answered.
-#[derive(Debug, PartialEq)]
 enum LegacyRoute {
     /// By a job in quern, waited for.
     Quern,
@@ -90,7 +89,6 @@ enum LegacyRoute {
 }
 
 /// Why a legacy function goes to the customer's own.
-#[derive(Debug, PartialEq)]
 enum PassedThrough {
     /// QUERN_SERVE_LEGACY_FUNCTIONS is off (the default).
     NotServedHere,

@@ -107,7 +107,7 @@ pub async fn serve(
     // waits for its next request; `Exchange` tells the two apart instead.
     http.timer(TokioTimer::new()).header_read_timeout(None).keep_alive(true);
     let keep_alive_hint = HeaderValue::try_from(format!("timeout={}", settings.keep_alive.as_secs()))
-        .unwrap_or(HeaderValue::from_static("timeout=5"));
+        .expect("`timeout=` and digits are a valid header value");
     loop {
         let slot = tokio::select! {
             () = shutdown.cancelled() => break,
