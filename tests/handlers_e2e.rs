@@ -1,4 +1,4 @@
-//! The customer's nine job types end to end: `quern serve` running the built
+//! The customer's ten job types end to end: `quern serve` running the built
 //! handler components, with YOLO, Ollama, Gemini and the WhatsApp Cloud API
 //! played by loopback fakes that speak their wire formats.
 
@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use support::db::Db;
 use support::server::{Options, Server};
 
-const TYPES: [&str; 9] = [
+const TYPES: [&str; 10] = [
     "sofia_image",
     "sofia_text",
     "medical_exam",
@@ -21,6 +21,7 @@ const TYPES: [&str; 9] = [
     "dr_vital",
     "whatsapp_nutrition_webhook",
     "google_fit_analysis",
+    "whatsapp_ai_assistant",
 ];
 const GEMINI_KEY: &str = "gemini-secret-key-e2e";
 const WHATSAPP_TOKEN: &str = "whatsapp-secret-token-e2e";
@@ -90,7 +91,7 @@ async fn run_to_end(server: &Server, token: &str, job_type: &str, input: Value) 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_nine_job_types_run_end_to_end_through_quern_serve() {
+async fn all_ten_job_types_run_end_to_end_through_quern_serve() {
     let db = Db::sqlite().await;
     let up = Upstreams::start().await;
     let server = serve(&db, &up, &[]).await;
@@ -115,6 +116,7 @@ async fn all_nine_job_types_run_end_to_end_through_quern_serve() {
             "google_fit_analysis",
             json!({"steps": [{"date": "2026-01-01", "steps": 7000}, {"date": "2026-01-02", "steps": "9000"}]}),
         ),
+        ("whatsapp_ai_assistant", json!({"from": "5511977776666", "text": {"body": "O que comer no jantar?"}})),
     ];
     // Messages go out from the app's backend only (`[access]` of its manifest).
     let service = server.service_token();
@@ -149,6 +151,10 @@ async fn all_nine_job_types_run_end_to_end_through_quern_serve() {
                 assert_eq!(result["stats"]["steps"]["total"], 16000.0);
                 assert!(result["narrative"].is_string(), "{result}");
             }
+            "whatsapp_ai_assistant" => {
+                assert!(result["response"].as_str().unwrap().starts_with("Olá"), "{result}");
+                assert_eq!(result["to"], "5511977776666");
+            }
             _ => unreachable!(),
         }
         if job_type != "whatsapp_message" {
@@ -156,7 +162,7 @@ async fn all_nine_job_types_run_end_to_end_through_quern_serve() {
         }
     }
     let sent = up.whatsapp.seen();
-    assert_eq!(sent.len(), 2, "the message and the webhook's reply, once each");
+    assert_eq!(sent.len(), 3, "the message, the webhook's reply and the assistant's answer, once each");
     assert_eq!(sent[0].path, "/v21.0/1234567890/messages");
     assert_eq!(sent[0].authorization.as_deref(), Some(&*format!("Bearer {WHATSAPP_TOKEN}")));
     let vision = up.ollama.seen().into_iter().find(|s| s.body["model"] == "llava").expect("a vision request");
@@ -225,6 +231,20 @@ async fn the_legacy_functions_answer_with_the_seed_s_fields_and_the_assistant_s_
     let seen = up.whatsapp.seen();
     assert_eq!(seen.len(), 1, "sent once");
     assert!(seen[0].body["text"]["body"].as_str().unwrap().starts_with("Olá"), "{:?}", seen[0].body);
+
+    // Seed 001's P1 function `whatsapp-ai-assistant` (~800 calls a day),
+    // called by the app's backend: answered and sent by quern.
+    let request = server
+        .client
+        .post(format!("{}/functions/v1/whatsapp-ai-assistant", server.base))
+        .bearer_auth(&service)
+        .header("content-type", "application/json")
+        .body(json!({"phone": "+5511955554444", "message": "Quantas calorias tem uma banana?"}).to_string());
+    let reply = support::server::read(request.send().await.unwrap()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert!(reply.body["response"].as_str().unwrap().starts_with("Olá"), "{}", reply.text);
+    assert_eq!(reply.body["to"], "5511955554444", "{}", reply.text);
+    assert_eq!(up.whatsapp.seen().len(), 2, "and sent once");
     server.finish().await;
     db.cleanup().await;
 }

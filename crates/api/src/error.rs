@@ -70,6 +70,7 @@ pub enum ErrorCode {
     UnreadableBody,
     UnsupportedMediaType,
     VersionNotFound,
+    WebhookSecretMissing,
     WrongWorld,
 }
 

@@ -68,16 +68,27 @@ pub async fn serve(
 ) -> Result<Response, ApiError> {
     check_path(&path)?;
     let name = path.split('/').next().unwrap_or_default();
+    let mut signature = None;
     if let Some(handler) = state.registry.all().into_iter().find(|h| h.manifest.function.as_deref() == Some(name)) {
         let manifest = &handler.manifest;
-        match legacy_route(&state, &manifest.job_type, manifest.estimated_time_s).await {
-            LegacyRoute::Quern => return run_sync(&state, client, caller?, manifest.job_type.clone(), request).await,
+        // A webhook's answer never waits for its job: how long one runs is
+        // no reason to pass it through.
+        let waits = manifest.webhook.is_none();
+        match legacy_route(&state, &manifest.job_type, manifest.estimated_time_s, waits).await {
+            LegacyRoute::Quern => {
+                return match &manifest.webhook {
+                    Some(webhook) => Ok(super::webhooks::serve(&state, manifest, webhook, request).await),
+                    None => run_sync(&state, client, caller?, manifest.job_type.clone(), request).await,
+                };
+            }
             LegacyRoute::Customer(why) => {
                 tracing::info!(function = name, job_type = %manifest.job_type, why = why.as_str(), "a legacy function goes to the customer's own");
             }
         }
+        // The customer's own webhook checks the provider's signature itself.
+        signature = manifest.webhook.as_ref().map(|webhook| webhook.header.to_ascii_lowercase());
     }
-    forward(&state, &path, request).await
+    forward(&state, &path, signature.as_deref(), request).await
 }
 
 /// Where a legacy function is answered.
@@ -117,7 +128,7 @@ impl PassedThrough {
 /// only when ops asked it to and it can answer now. Checked before a job is
 /// made, so a passed-through call never also runs in quern (a WhatsApp reply
 /// sent twice, a model paid twice).
-async fn legacy_route(state: &AppState, job_type: &str, estimated_time_s: u32) -> LegacyRoute {
+async fn legacy_route(state: &AppState, job_type: &str, estimated_time_s: u32, waits: bool) -> LegacyRoute {
     if state.settings.functions_upstream.is_none() {
         return LegacyRoute::Quern;
     }
@@ -125,7 +136,7 @@ async fn legacy_route(state: &AppState, job_type: &str, estimated_time_s: u32) -
         PassedThrough::NotServedHere
     } else if state.is_disabled(job_type) {
         PassedThrough::Disabled
-    } else if Duration::from_secs(u64::from(estimated_time_s)) > state.settings.max_wait {
+    } else if waits && Duration::from_secs(u64::from(estimated_time_s)) > state.settings.max_wait {
         PassedThrough::TooSlowForTheWait
     } else if !a_worker_is_live(state).await {
         PassedThrough::NoLiveWorker
@@ -219,8 +230,14 @@ async fn run_sync(
     })
 }
 
-/// Streams the request to the customer's function and its answer back.
-async fn forward(state: &AppState, path: &str, request: Request) -> Result<Response, ApiError> {
+/// Streams the request to the customer's function and its answer back;
+/// `signature` names one more header to pass on (a webhook's proof).
+async fn forward(
+    state: &AppState,
+    path: &str,
+    signature: Option<&str>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let Some(upstream) = &state.settings.functions_upstream else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -237,7 +254,7 @@ async fn forward(state: &AppState, path: &str, request: Request) -> Result<Respo
     let method = reqwest::Method::from_bytes(request.method().as_str().as_bytes())
         .map_err(|_| ApiError::bad_request(ErrorCode::InvalidMethod, "an unknown HTTP method"))?;
     let mut outgoing = state.functions.request(method, url.clone());
-    for name in PASSED_ON {
+    for name in PASSED_ON.into_iter().chain(signature) {
         if let Some(value) = request.headers().get(name) {
             outgoing = outgoing.header(name, value.as_bytes());
         }

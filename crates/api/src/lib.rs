@@ -27,6 +27,7 @@ pub mod server;
 mod stats;
 mod supabase;
 mod types;
+mod webhooks;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};

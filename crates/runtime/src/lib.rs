@@ -24,6 +24,7 @@ pub mod registry;
 mod state;
 mod stdio;
 pub mod telemetry;
+pub mod webhook;
 mod world;
 
 use std::collections::HashSet;

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use std::time::Duration;
 
 use crate::http::{HostRule, RuleError};
+use crate::webhook::Webhook;
 
 /// Configuration keys no handler may be granted: they would hand it the
 /// database, the ability to mint tokens, or the service role.
@@ -49,6 +50,8 @@ pub struct Manifest {
     /// The legacy synchronous Edge Function this type replaces: quern serves
     /// `/functions/v1/<function>` itself (enqueue, wait, answer the result).
     pub function: Option<String>,
+    /// A provider calls that function itself, without a user's token.
+    pub webhook: Option<Webhook>,
     /// The text it was read from: with the component, it names the version.
     pub source: String,
 }
@@ -178,6 +181,8 @@ pub enum ManifestError {
     FunctionName(String),
     #[error("allowed host `{{{{ {0} }}}}` names a setting the manifest does not read: add \"{0}\" to [config] keys")]
     HostSetting(String),
+    #[error("invalid [webhook]: {0}")]
+    Webhook(String),
     #[error("rollout.{name} = {value} is out of range: {range}")]
     Rollout { name: &'static str, value: f64, range: &'static str },
 }
@@ -214,6 +219,7 @@ struct RawManifest {
     limits: LimitOverrides,
     rollout: Option<RawRollout>,
     function: Option<String>,
+    webhook: Option<Webhook>,
 }
 
 #[derive(Deserialize, Default)]
@@ -257,6 +263,7 @@ impl Manifest {
             limits: LimitOverrides::default(),
             auto_rollback: None,
             function: None,
+            webhook: None,
         }
     }
 
@@ -282,6 +289,9 @@ impl Manifest {
         }
         if let Some(function) = &raw.function {
             validate_function_name(function)?;
+        }
+        if let Some(webhook) = &raw.webhook {
+            webhook.check(raw.function.as_deref())?;
         }
         let auto_rollback = match raw.rollout {
             Some(rollout) if rollout.auto_rollback => {
@@ -314,6 +324,7 @@ impl Manifest {
             limits: raw.limits,
             auto_rollback,
             function: raw.function,
+            webhook: raw.webhook,
             source: text.to_string(),
         })
     }

@@ -370,7 +370,7 @@ fn pair_content_hash(bytes: &[u8], manifest: &Manifest) -> String {
     let mut hasher = Sha256::new();
     hasher.update(bytes);
     hasher.update(manifest.source.as_bytes());
-    format!("{:x}", hasher.finalize())
+    hex::encode(hasher.finalize())
 }
 
 /// Whether an event can have changed a file's content. Opening, reading and

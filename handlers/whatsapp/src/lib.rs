@@ -9,7 +9,8 @@
 //! the job fails as "delivery unknown" instead of sending again. A 4xx fails
 //! with the API's own error message.
 
-use quern_sdk::http::{Error, post, retry_after_ms, snippet};
+use base64::Engine as _;
+use quern_sdk::http::{Error, check_status, failure_from_error, get, post, retry_after_ms, snippet};
 use quern_sdk::serde_json::{Value, json};
 use quern_sdk::{Failure, fail, required_config, retry, retry_after};
 use serde::Serialize;
@@ -52,6 +53,38 @@ pub fn text_body(to: &str, text: &str, field: &str) -> Result<Value, Failure> {
     }
     Ok(json!({"messaging_product": "whatsapp", "recipient_type": "individual", "to": to, "type": "text",
               "text": {"preview_url": false, "body": text}}))
+}
+
+/// The largest photo read from Meta's media host (WhatsApp caps images at 5 MB).
+pub const MAX_MEDIA_BYTES: usize = 5 << 20;
+
+/// A photo a user sent (`{"image": {"id": …}}` in a webhook message) as a
+/// `data:` URL a vision model reads: its URL from the Graph API
+/// (`GET {WHATSAPP_API_URL}/{media id}`), then its bytes, both with the
+/// token (Meta's media URLs need it, so a model could not fetch them).
+pub fn media_data_url(media_id: &str) -> Result<String, Failure> {
+    if media_id.is_empty() || !media_id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+        return Err(fail("invalid input: `image.id` is not a WhatsApp media id"));
+    }
+    let base = quern_sdk::config("WHATSAPP_API_URL").unwrap_or_else(|| DEFAULT_API_URL.into());
+    let token = required_config("WHATSAPP_TOKEN")?;
+    #[derive(serde::Deserialize)]
+    struct Media {
+        url: String,
+        mime_type: Option<String>,
+    }
+    let media: Media = get(format!("{}/{media_id}", base.trim_end_matches('/')))
+        .bearer(&token)
+        .timeout_ms(timeout_ms())
+        .send_json()?;
+    let download = get(media.url).bearer(&token).timeout_ms(timeout_ms()).build();
+    let response = quern_sdk::http::send(&download).map_err(|error| failure_from_error(&download, &error))?;
+    check_status(&download, &response)?;
+    if response.body.len() > MAX_MEDIA_BYTES {
+        return Err(fail(format!("the photo is larger than {} MB", MAX_MEDIA_BYTES >> 20)));
+    }
+    let mime = media.mime_type.unwrap_or_else(|| "image/jpeg".into());
+    Ok(format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(&response.body)))
 }
 
 /// How long to wait for the API (`WHATSAPP_TIMEOUT_MS`, default 15 s): past

@@ -8,19 +8,29 @@
 use quern_ai::{ChatRequest, Message, Part, chat_json};
 use quern_nutrition::{Food, ModelFoods, SYSTEM_PROMPT, Totals, check, totals};
 use quern_sdk::{Failure, Handler, JobInfo, fail};
-use quern_whatsapp::{e164_digits, send, text_body};
+use quern_whatsapp::{e164_digits, media_data_url, send, text_body};
 use serde::{Deserialize, Serialize};
 
 pub const MAX_TEXT_CHARS: usize = 4000;
 
-/// `{from, text}` or `{from, imageUrl}`; `text` may be the Cloud API's
-/// `{"body": …}` and `from` its digits without `+`. Other fields are ignored.
+/// `{from, text}` or `{from, imageUrl}`, or a message of Meta's webhook as
+/// it comes (`{from, id, type, text: {body}}` or `{…, image: {id, caption}}`:
+/// the photo is fetched by its media id). `from` may be digits without `+`.
+/// Other fields (`id`, `timestamp`, `type`) say nothing about the meal.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Input {
     pub from: String,
     pub text: Option<Text>,
     pub image_url: Option<String>,
+    pub image: Option<Media>,
+}
+
+/// A photo by its WhatsApp media id, with the words sent beside it.
+#[derive(Debug, Deserialize)]
+pub struct Media {
+    pub id: String,
+    pub caption: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +70,12 @@ impl Handler for WhatsappNutritionWebhook {
     fn handle(_job: &JobInfo, input: Input) -> Result<Output, Failure> {
         let from = input.from.trim();
         let to = e164_digits(&if from.starts_with('+') { from.to_string() } else { format!("+{from}") }, "from")?;
+        let mut input = input;
+        if let Some(media) = input.image.take() {
+            quern_sdk::progress(5, "fetching the photo");
+            input.image_url = Some(media_data_url(&media.id)?);
+            input.text = input.text.or(media.caption.map(Text::Plain));
+        }
         let request = request(&input)?;
         quern_sdk::progress(10, "analysing the meal");
         let (answer, reply) = chat_json::<ModelFoods>(&request, check)?;
@@ -82,7 +98,18 @@ impl Handler for WhatsappNutritionWebhook {
 
 /// The analysis request for the meal in the message, or a permanent failure.
 pub fn request(input: &Input) -> Result<ChatRequest, Failure> {
+    let is_data = |url: &str| url.starts_with("data:image/");
     let user = match (&input.text, &input.image_url) {
+        (text, Some(url)) if url.starts_with("https://") || url.starts_with("http://") || is_data(url) => {
+            let mut words = String::from(
+                "Analyse the foods in this meal photo. No object detector results are available; rely on the image.",
+            );
+            if let Some(text) = text.as_ref().map(|text| text.as_str().trim()).filter(|text| !text.is_empty()) {
+                // The caption the user wrote beside the photo.
+                words.push_str(&format!("\nThe user wrote: {}", text.chars().take(MAX_TEXT_CHARS).collect::<String>()));
+            }
+            Message::user_parts(vec![Part::text(words), Part::image(url.clone())])
+        }
         (Some(text), None) => {
             let text = text.as_str().trim();
             if text.is_empty() {
@@ -93,14 +120,7 @@ pub fn request(input: &Input) -> Result<ChatRequest, Failure> {
             }
             Message::user(format!("Meal: {text}"))
         }
-        (None, Some(url)) if url.starts_with("https://") || url.starts_with("http://") => Message::user_parts(vec![
-            Part::text(
-                "Analyse the foods in this meal photo. No object detector results are available; rely on the image.",
-            ),
-            Part::image(url.clone()),
-        ]),
-        (None, Some(_)) => return Err(fail("invalid input: `imageUrl` must be an http or https URL")),
-        (Some(_), Some(_)) => return Err(fail("invalid input: give `text` or `imageUrl`, not both")),
+        (_, Some(_)) => return Err(fail("invalid input: `imageUrl` must be an http or https URL")),
         (None, None) => return Err(fail("invalid input: `text` or `imageUrl` is required")),
     };
     Ok(ChatRequest { temperature: Some(0.2), ..ChatRequest::new(vec![Message::system(SYSTEM_PROMPT), user]) })

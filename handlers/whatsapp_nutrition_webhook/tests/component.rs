@@ -77,3 +77,33 @@ async fn invalid_input_fails_permanently_naming_the_field() {
         assert_eq!(sends(&run), 0);
     }
 }
+
+/// Meta's webhook carries a photo as a media id (its URL needs the token, so
+/// the model could not fetch it): fetched here, handed to the model as data,
+/// the caption beside it.
+#[tokio::test]
+async fn a_photo_sent_to_the_number_is_fetched_by_its_media_id_and_analysed_with_its_caption() {
+    let harness = harness();
+    harness.respond(
+        "GET",
+        "http://graph.test/v21.0/1093847561",
+        CannedResponse::json(
+            200,
+            json!({"url": "http://graph.test/media/1093847561", "mime_type": "image/png",
+                                         "id": "1093847561", "messaging_product": "whatsapp"}),
+        ),
+    );
+    harness.respond("GET", "http://graph.test/media/1093847561", CannedResponse::text(200, "PNGDATA"));
+    harness.respond("POST", OLLAMA, CannedResponse::chat_completion("llava", &foods()));
+    harness.respond("POST", API, accepted());
+    let message = json!({"from": "5511999998888", "id": "wamid.IMG", "timestamp": "1760000000", "type": "image",
+                         "image": {"id": "1093847561", "mime_type": "image/png", "caption": "meu almoço"}});
+    let run = harness.run(message).await;
+    assert_eq!(run.output()["totals"]["kcal"], 268.0);
+    let fetches: Vec<_> = run.requests.iter().filter(|r| r.method == "GET").collect();
+    assert_eq!(fetches.len(), 2, "the media's URL, then its bytes");
+    assert!(fetches.iter().all(|r| r.header("authorization") == Some("Bearer wa-token")), "both with the token");
+    let chat = run.requests.iter().find(|r| r.url == OLLAMA).unwrap().json().unwrap().to_string();
+    assert!(chat.contains("data:image/png;base64,UE5HREFUQQ=="), "the photo as data: {chat}");
+    assert!(chat.contains("The user wrote: meu almoço"), "the caption kept: {chat}");
+}
