@@ -1,11 +1,12 @@
 // The customer's app against quern, through @supabase/supabase-js itself:
 // the useAsyncAnalysis hook's two async routes, the seed's 400 answer, the
 // hook's sync fallback (reaching the customer's functions, also with quern's
-// workers stopped) and a
-// browser's CORS preflight. Prints one JSON line of what it saw; exits 1 on
+// workers stopped), a browser's CORS preflight, and the rest of the app's
+// Supabase (sign-in, tables, storage, Realtime) through the same URL. Prints one JSON line of what it saw; exits 1 on
 // the first thing that is not as the app expects.
 import http from "node:http";
 import { createClient } from "@supabase/supabase-js";
+import WebSocket from "ws";
 
 const { QUERN_URL, USER_TOKEN, ANON_KEY } = process.env;
 const supabase = createClient(QUERN_URL, ANON_KEY, {
@@ -92,5 +93,51 @@ for (const name of ["authorization", "x-client-info", "apikey", "content-type"])
   check(allowed.includes(name), `the preflight allows ${name}`, allowed);
 }
 seen.preflight = preflight.status;
+
+// 5. One URL for the whole app: the hook's one client signs in, reads and
+// cancels through `analysis_jobs`, uploads a photo and hears the change on
+// Realtime, all at quern's URL (seed 000's hook cancels with
+// `supabase.from('analysis_jobs').update({ status: 'cancelled' })`).
+// Node 20 has no WebSocket of its own: realtime-js asks for `ws` there (a
+// browser uses its native one).
+const app = createClient(QUERN_URL, ANON_KEY, {
+  auth: { persistSession: false, autoRefreshToken: false },
+  realtime: { transport: WebSocket },
+});
+const signedIn = await app.auth.signInWithPassword({ email: "ana@example.com", password: "senha-de-teste" });
+check(!signedIn.error && signedIn.data.session?.access_token, "signed in", signedIn.error?.message);
+const job = await app.functions.invoke("enqueue-analysis", {
+  body: { type: "echo", input: { imageUrl: "https://media.example/dinner.jpg" } },
+});
+check(!job.error && job.data.jobId, "enqueued with the session's token", job.error?.message ?? job.data);
+const jobId = job.data.jobId;
+let subscribed;
+const ready = new Promise((resolve) => { subscribed = resolve; });
+const heard = new Promise((resolve, reject) => {
+  const timer = setTimeout(() => reject(new Error("no Realtime event within 10 s")), 10_000);
+  app.channel(`job-${jobId}`)
+    .on("postgres_changes", { event: "UPDATE", schema: "public", table: "analysis_jobs", filter: `id=eq.${jobId}` },
+      (change) => { clearTimeout(timer); resolve(change); })
+    .subscribe((state, error) => {
+      if (state === "SUBSCRIBED") subscribed();
+      else if (error) reject(error);
+    });
+});
+await ready;
+const cancelled = await app.from("analysis_jobs").update({ status: "cancelled" }).eq("id", jobId);
+check(!cancelled.error && cancelled.status === 204, "the cancel reached analysis_jobs", cancelled);
+const change = await heard;
+check(change.eventType === "UPDATE" && change.new.status === "cancelled" && change.new.id === jobId,
+      "Realtime told of the cancel", change);
+const read = await app.from("analysis_jobs").select("*").eq("id", jobId);
+check(!read.error && read.data?.[0]?.status === "cancelled", "the table read", read);
+const photo = new Uint8Array([0xff, 0xd8, 0xff, 0xe0, 1, 2, 3]);
+const uploaded = await app.storage.from("meal-photos").upload(`${signedIn.data.user.id}/dinner.jpg`, photo, {
+  contentType: "image/jpeg",
+});
+check(!uploaded.error && uploaded.data?.fullPath === `meal-photos/${signedIn.data.user.id}/dinner.jpg`,
+      "the photo uploaded", uploaded.error?.message ?? uploaded.data);
+seen.one_url = { jobId, realtime: change.new.status, uploaded: uploaded.data.fullPath };
+await app.removeAllChannels();
 
 console.log(JSON.stringify(seen));

@@ -9,18 +9,14 @@
 //!   could not answer it now ([`LegacyRoute`]). Served here, the body is the
 //!   job's input and the answer the result, as the function answered: never
 //!   a job handle, which the app would take for the analysis;
-//! - any other name is forwarded to `SUPABASE_URL/functions/v1/<name>`, body
-//!   and answer streamed, with only the headers a function reads passed on.
-//!   That configured upstream is the only host ever contacted (redirects are
-//!   not followed).
+//! - any other name is forwarded to `SUPABASE_URL/functions/v1/<name>` by
+//!   the rule every passed-through API follows (passthrough.rs).
 
 use crate::error::ErrorCode;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::header::CONTENT_LENGTH;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -30,33 +26,8 @@ use super::body::parse;
 use super::error::ApiError;
 use super::jobs::{EnqueueBody, Enqueued, submit, wait_for_end};
 use super::limits::{ClientIp, check_rate};
+use super::passthrough::{Api, forward};
 use quern_store::JobStatus;
-
-/// The request headers an Edge Function reads; no other is passed on.
-const PASSED_ON: [&str; 4] = ["authorization", "apikey", "x-client-info", "content-type"];
-
-/// Connection-level headers, which belong to one hop and are never relayed.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// The client that reaches the customer's functions: no redirects followed,
-/// so no host but the configured one is ever contacted.
-pub fn client(timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(timeout)
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .expect("a TLS backend is compiled in")
-}
 
 /// `ANY /functions/v1/{*path}` that no route of quern's own matched.
 pub async fn serve(
@@ -88,7 +59,7 @@ pub async fn serve(
         // The customer's own webhook checks the provider's signature itself.
         signature = manifest.webhook.as_ref().map(|webhook| webhook.header.to_ascii_lowercase());
     }
-    forward(&state, &path, signature.as_deref(), request).await
+    forward(&state, Api::Functions, &path, signature.as_deref(), request).await
 }
 
 /// Where a legacy function is answered.
@@ -228,83 +199,4 @@ async fn run_sync(
             (StatusCode::GATEWAY_TIMEOUT, axum::Json(json!({ "error": error }))).into_response()
         }
     })
-}
-
-/// Streams the request to the customer's function and its answer back;
-/// `signature` names one more header to pass on (a webhook's proof).
-async fn forward(
-    state: &AppState,
-    path: &str,
-    signature: Option<&str>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    let Some(upstream) = &state.settings.functions_upstream else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NoFunction,
-            format!(
-                "quern does not serve /functions/v1/{path}: set SUPABASE_URL to pass the functions it does not \
-                 serve through to your Supabase project"
-            ),
-        ));
-    };
-    let mut url = upstream.clone();
-    url.set_path(&format!("{}/functions/v1/{path}", upstream.path().trim_end_matches('/')));
-    url.set_query(request.uri().query());
-    let method = reqwest::Method::from_bytes(request.method().as_str().as_bytes())
-        .map_err(|_| ApiError::bad_request(ErrorCode::InvalidMethod, "an unknown HTTP method"))?;
-    let mut outgoing = state.functions.request(method, url.clone());
-    for name in PASSED_ON.into_iter().chain(signature) {
-        if let Some(value) = request.headers().get(name) {
-            outgoing = outgoing.header(name, value.as_bytes());
-        }
-    }
-    // A body sent with its length goes on with it (hyper already holds the
-    // incoming body to that length), not re-framed as chunked.
-    if let Some(length) = request.headers().get(CONTENT_LENGTH) {
-        outgoing = outgoing.header(CONTENT_LENGTH, length.as_bytes());
-    }
-    let body = reqwest::Body::wrap_stream(request.into_body().into_data_stream());
-    let host = url.host_str().unwrap_or_default().to_string();
-    let answer = outgoing.body(body).send().await.map_err(|error| {
-        let (status, code, what) = if error.is_timeout() {
-            (StatusCode::GATEWAY_TIMEOUT, ErrorCode::FunctionTimeout, "timed out")
-        } else {
-            (StatusCode::BAD_GATEWAY, ErrorCode::FunctionUnreachable, "could not be reached")
-        };
-        tracing::warn!(%host, function = %path, error = %error, "a passed-through function did not answer");
-        ApiError::new(
-            status,
-            code,
-            format!("the Supabase function {path} at {host} did not answer ({what}); try again"),
-        )
-    })?;
-    let mut response = Response::builder().status(answer.status().as_u16());
-    if let Some(headers) = response.headers_mut() {
-        relay_headers(answer.headers(), headers);
-    }
-    response
-        .body(Body::from_stream(answer.bytes_stream()))
-        .map_err(|error| ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::FunctionUnreadable, error.to_string()))
-}
-
-/// The upstream's answer headers minus hop-by-hop ones and its CORS headers
-/// (quern answers CORS itself, by its own settings).
-fn relay_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) {
-    for (name, value) in from {
-        let name = name.as_str();
-        if HOP_BY_HOP.contains(&name) || name.starts_with("access-control-") {
-            continue;
-        }
-        if let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value.as_bytes()))
-        {
-            to.append(name, value);
-        }
-    }
-}
-
-/// Whether a path is one CORS answers for (the APIs, never the dashboard).
-pub fn is_api_path(path: &str) -> bool {
-    path.starts_with("/v1/") || path.starts_with("/functions/v1/")
 }

@@ -22,6 +22,7 @@ mod health;
 mod jobs;
 pub mod limits;
 pub mod metrics;
+mod passthrough;
 mod records;
 pub mod server;
 mod stats;
@@ -184,7 +185,7 @@ impl Gateway {
         let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), leader, shutdown.clone());
         let versions = VersionSync::new(queue.store().clone(), registry.clone());
         let events = JobEvents::start(queue.store().clone(), shutdown.clone());
-        let functions = functions::client(settings.functions_timeout);
+        let functions = passthrough::client(settings.functions_timeout);
         let streams = settings.max_streams_per_user.and_then(jobs::streams::StreamLimit::per_user);
         Arc::new(Self {
             functions,
@@ -280,6 +281,11 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
     let cors_layer = cors(&state.settings.cors_origins);
     let router = api
         .route("/functions/v1/{*path}", axum::routing::any(functions::serve))
+        // The rest of the customer's Supabase project, for one URL (passthrough.rs).
+        .route("/rest/v1/{*path}", axum::routing::any(passthrough::serve))
+        .route("/auth/v1/{*path}", axum::routing::any(passthrough::serve))
+        .route("/storage/v1/{*path}", axum::routing::any(passthrough::serve))
+        .route("/realtime/v1/{*path}", axum::routing::any(passthrough::serve))
         .fallback(no_route)
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_time))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
@@ -348,8 +354,8 @@ async fn limit_time(
 ) -> axum::response::Response {
     let waits = request.uri().query().is_some_and(|query| query.split('&').any(|pair| pair.starts_with("wait=")));
     let settings = &state.settings;
-    let limit = if request.uri().path().starts_with("/functions/v1/") {
-        // A legacy function waits for its job; a passed-through one has its own timeout.
+    let limit = if passthrough::is_supabase_path(request.uri().path()) {
+        // A legacy function waits for its job; a passed-through call has its own timeout.
         settings.functions_timeout.max(settings.max_wait) + Duration::from_secs(5)
     } else if waits {
         settings.max_wait + Duration::from_secs(5)
@@ -445,7 +451,7 @@ async fn no_route(method: Method, uri: axum::http::Uri) -> error::ApiError {
     )
 }
 
-/// CORS on the APIs only (`/v1`, `/functions/v1`): the dashboard, which
+/// CORS on the APIs only (`/v1`, and Supabase's, `/functions/v1`, `/rest/v1`, …): the dashboard, which
 /// signs in with a cookie, never answers another origin.
 async fn api_cors(
     cors: CorsLayer,
@@ -453,7 +459,7 @@ async fn api_cors(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use tower::{Layer, ServiceExt};
-    if !functions::is_api_path(request.uri().path()) {
+    if !(request.uri().path().starts_with("/v1/") || passthrough::is_supabase_path(request.uri().path())) {
         return next.run(request).await;
     }
     match cors.layer(next).oneshot(request).await {
@@ -471,14 +477,25 @@ fn cors(origins: &[String]) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS])
-        // The seed's functions allow exactly these.
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            HeaderName::from_static("apikey"),
-            HeaderName::from_static("x-client-info"),
+        // The seed's functions allow exactly the first four; the rest are
+        // what supabase-js sends to the APIs passed through.
+        .allow_headers(
+            [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT]
+                .into_iter()
+                .chain(
+                    ["apikey", "x-client-info"]
+                        .into_iter()
+                        .chain(passthrough::Api::browser_headers())
+                        .map(HeaderName::from_static),
+                )
+                .collect::<Vec<_>>(),
+        )
+        // supabase-js reads a count from PostgREST's `Content-Range`.
+        .expose_headers([
+            HeaderName::from_static(jobs::NOTICE_HEADER),
+            HeaderName::from_static("x-request-id"),
+            header::CONTENT_RANGE,
         ])
-        .expose_headers([HeaderName::from_static(jobs::NOTICE_HEADER), HeaderName::from_static("x-request-id")])
         .max_age(Duration::from_secs(600))
 }
 

@@ -21,15 +21,15 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::http::HeaderValue;
 use axum::http::header::{CONNECTION, HeaderName};
+use axum::http::{HeaderValue, StatusCode};
 use futures_util::task::AtomicWaker;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -101,7 +101,6 @@ pub async fn serve(
         tracing::warn!(cap, wanted = settings.max_connections, "the descriptor limit caps open connections lower");
     }
     let slots = Arc::new(Semaphore::new(cap));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // hyper's own header timeout also runs while a kept-alive connection
     // waits for its next request; `Exchange` tells the two apart instead.
@@ -139,7 +138,9 @@ pub async fn serve(
                 request.map(Body::new)
             })
             .map_response(move |mut response: axum::response::Response| {
-                if !response.headers().contains_key(CONNECTION) {
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    ended.upgraded.store(true, Ordering::Relaxed);
+                } else if !response.headers().contains_key(CONNECTION) {
                     response.headers_mut().insert(KEEP_ALIVE, hint.clone());
                 }
                 let written = ResponseWritten(ended.clone());
@@ -153,21 +154,31 @@ pub async fn serve(
                 })
             });
         let io = TokioIo::new(Watched::new(stream, exchange));
-        let connection = http.serve_connection(io, TowerToHyperService::new(service));
-        let connection = graceful.watch(connection);
+        // Upgrades: the Realtime websocket passed through (passthrough.rs).
+        let connection = http.serve_connection(io, TowerToHyperService::new(service)).with_upgrades();
+        let stopping = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            // On shutdown a connection finishes the request it serves and
+            // takes no other.
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = stopping.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
                 tracing::debug!(%error, "connection ended with an error");
             }
             drop(slot);
         });
     }
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(Duration::from_secs(30)) => {
-            tracing::warn!("open connections did not finish within 30 s of shutdown; closing them");
-        }
+    // Every slot back is every connection closed.
+    let all = u32::try_from(cap).unwrap_or(u32::MAX);
+    if tokio::time::timeout(Duration::from_secs(30), slots.acquire_many(all)).await.is_err() {
+        tracing::warn!("open connections did not finish within 30 s of shutdown; closing them");
     }
     Ok(())
 }
@@ -194,6 +205,9 @@ struct Exchange {
     waiting_since: AtomicU64,
     /// Requests received whose response is not yet written whole.
     serving: AtomicU32,
+    /// Switched to another protocol (a websocket): no more heads, only
+    /// frames, held to the idle timeout.
+    upgraded: AtomicBool,
     /// The connection's task, as last seen waiting on the socket: woken when
     /// a response ends, since the deadline it armed (the idle timeout) no
     /// longer holds.
@@ -211,6 +225,7 @@ impl Exchange {
             head_started: AtomicU64::new(0),
             waiting_since: AtomicU64::new(0),
             serving: AtomicU32::new(0),
+            upgraded: AtomicBool::new(false),
             task: AtomicWaker::new(),
         }
     }
@@ -249,7 +264,7 @@ impl Exchange {
 
     /// When the connection is closed unless something changes.
     fn deadline(&self) -> Instant {
-        let (since, allowed) = if self.serving.load(Ordering::Relaxed) > 0 {
+        let (since, allowed) = if self.serving.load(Ordering::Relaxed) > 0 || self.upgraded.load(Ordering::Relaxed) {
             (self.last_moved.load(Ordering::Relaxed), self.idle_timeout)
         } else {
             match self.head_started.load(Ordering::Relaxed) {
