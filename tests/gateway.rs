@@ -23,6 +23,7 @@ on_both_databases!(
     a_running_job_is_cancelled,
     a_failed_job_is_retried,
     the_list_pages_newest_first_with_a_cursor,
+    a_pipeline_s_jobs_are_listed_by_its_first_job,
     bad_requests_get_400s_that_say_what_is_wrong,
     bad_tokens_get_401_and_other_users_jobs_404,
     limits_answer_429,
@@ -278,6 +279,36 @@ async fn the_list_pages_newest_first_with_a_cursor(db: &Db) {
     assert_eq!((bad.status.as_u16(), bad.code()), (400, "invalid_limit"));
     let bad = server.get("/v1/jobs?status=done", &token).await;
     assert_eq!((bad.status.as_u16(), bad.code()), (400, "invalid_status"));
+    server.finish().await;
+}
+
+/// Seed 004's `GET /api/jobs?action=by_brief&brief_id=…`: a pipeline's jobs
+/// by its first job.
+async fn a_pipeline_s_jobs_are_listed_by_its_first_job(db: &Db) {
+    let server = Server::start(db).await;
+    let token = server.token("alice");
+    let body = json!({"type": "echo", "input": {"n": 1},
+                      "next": [{"type": "echo", "input": {"n": 2}}, {"type": "echo", "input": {"n": 3}}]});
+    let root = server.post("/v1/jobs", &token, body).await.body["id"].as_str().unwrap().to_string();
+    server.enqueue(&token, "echo", json!({"n": "elsewhere"})).await;
+    let path = format!("/v1/jobs?pipeline={root}");
+    let started = std::time::Instant::now();
+    let jobs = loop {
+        let jobs = server.get(&path, &token).await.body["jobs"].as_array().cloned().unwrap_or_default();
+        if jobs.len() == 3 && jobs.iter().all(|job| job["status"] == "completed") {
+            break jobs;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the pipeline did not complete: {jobs:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ns: Vec<&Value> = jobs.iter().map(|job| &job["result"]["echo"]["n"]).collect();
+    assert_eq!(ns, [&json!(3), &json!(2), &json!(1)], "newest first");
+    assert!(jobs[..2].iter().all(|job| job["root_id"] == root.as_str()), "each step names its first job");
+    assert_eq!(jobs[2]["id"], root.as_str());
+    let bad = server.get("/v1/jobs?pipeline=nonsense", &token).await;
+    assert_eq!((bad.status.as_u16(), bad.code()), (400, "invalid_query"));
+    let theirs = server.get(&path, &server.token("bob")).await;
+    assert_eq!(theirs.body["jobs"].as_array().map(Vec::len), Some(0), "another user's pipeline is not listed");
     server.finish().await;
 }
 

@@ -237,3 +237,75 @@ async fn the_service_role_enqueues_through_analysis_jobs_reads_the_cache_and_del
     assert!(db.store.attempts(carols).await.unwrap().is_empty(), "carol's job took its attempt along");
     db.cleanup().await;
 }
+
+/// Seed 004's job-system views (`job_stats`, `active_jobs`,
+/// `pending_jobs_queue`: "Check that the following objects were created")
+/// over quern's jobs, and its monitoring queries as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_004_s_job_views_and_monitoring_queries_run_over_quern_s_jobs() {
+    let db = Db::postgres().await;
+    let Raw::Postgres(admin) = &db.raw else { unreachable!() };
+    stand_in_for_supabase(admin).await;
+    let output = migrate_supabase(&db.url);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(migrate_supabase(&db.url).status.success(), "applying it twice is harmless");
+    let queue = Queue::new(db.store.clone(), QueueSettings::default());
+    let mut ids = Vec::new();
+    for (job_type, priority) in [("sofia_image", 5), ("sofia_image", 1), ("sofia_text", 5)] {
+        let request = EnqueueRequest {
+            user_id: Uuid::new_v4().to_string(),
+            job_type: job_type.into(),
+            input: json!({"text": "arroz"}),
+            priority: Some(priority),
+            ..Default::default()
+        };
+        ids.push(queue.enqueue(request).await.unwrap().id);
+    }
+    let schema = db.url.split("search_path%3D").nth(1).unwrap().to_string();
+    let mut conn = admin.acquire().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}"))).execute(&mut *conn).await.unwrap();
+    // One has been running for eleven minutes (a stuck job, in 004's words).
+    sqlx::query(
+        "UPDATE quern_jobs SET status = 'processing', worker_id = 'w1', started_at = now() - interval '11 minutes' \
+         WHERE id = $1",
+    )
+    .bind(ids[0])
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+
+    let stats: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT type, status, count FROM job_stats ORDER BY count DESC, type, status")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        stats,
+        [
+            ("sofia_image".to_string(), "pending".to_string(), 1),
+            ("sofia_image".into(), "processing".into(), 1),
+            ("sofia_text".into(), "pending".into(), 1)
+        ]
+    );
+    let by_type: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT type, status, COUNT(*) FROM jobs GROUP BY type, status ORDER BY 1, 2")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(by_type, stats, "004's `jobs` query counts the same");
+    let stuck: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE status = 'processing' AND started_at < NOW() - INTERVAL '10 minutes'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(stuck, [ids[0]]);
+    let active: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, worker_id FROM active_jobs").fetch_all(&mut *conn).await.unwrap();
+    assert_eq!(active, [(ids[0], "w1".to_string())]);
+    let queued: Vec<(i64, Uuid)> =
+        sqlx::query_as("SELECT position, id FROM pending_jobs_queue").fetch_all(&mut *conn).await.unwrap();
+    assert_eq!(queued, [(1, ids[1]), (2, ids[2])], "in the order workers claim them: priority 1 first");
+    drop(conn);
+    db.cleanup().await;
+}

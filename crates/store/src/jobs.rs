@@ -237,6 +237,8 @@ pub struct JobFilter {
     pub user_id: Option<String>,
     pub status: Option<JobStatus>,
     pub job_type: Option<String>,
+    /// Only the jobs of the pipeline whose first job this is (it included).
+    pub pipeline: Option<Uuid>,
     /// Keyset cursor: only jobs older than this `(created_at, id)`.
     pub before: Option<(DateTime<Utc>, Uuid)>,
     pub limit: u32,

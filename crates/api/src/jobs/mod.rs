@@ -98,7 +98,16 @@ pub async fn list(
     }
     // An empty cursor is the first page, as an absent one.
     let before = query.cursor.as_deref().filter(|cursor| !cursor.is_empty()).map(decode_cursor).transpose()?;
-    let filter = JobFilter { user_id, status, job_type: query.job_type, before, limit: limit + 1 };
+    let pipeline = query
+        .pipeline
+        .as_deref()
+        .map(|id| {
+            Uuid::parse_str(id).map_err(|_| {
+                ApiError::bad_request(ErrorCode::InvalidQuery, "pipeline is a job id: the first job of the pipeline")
+            })
+        })
+        .transpose()?;
+    let filter = JobFilter { user_id, status, job_type: query.job_type, pipeline, before, limit: limit + 1 };
     let mut jobs = state.queue.store().list_jobs(&filter).await?;
     let next_cursor = if jobs.len() > limit as usize {
         jobs.truncate(limit as usize);

@@ -137,6 +137,8 @@ pub struct JobView {
     pub handler_version: Option<String>,
     pub processing_time_ms: Option<i32>,
     pub parent_id: Option<Uuid>,
+    /// A pipeline step's first job: list the pipeline with `?pipeline=`.
+    pub root_id: Option<Uuid>,
     pub run_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -167,6 +169,7 @@ impl JobView {
             handler_version: job.handler_version,
             processing_time_ms: job.processing_time_ms,
             parent_id: job.parent_id,
+            root_id: job.root_id,
             run_at: job.run_at,
             created_at: job.created_at,
             updated_at: job.updated_at,
@@ -201,6 +204,10 @@ pub struct ListQuery {
     pub cursor: Option<String>,
     /// Another user's jobs (service role only).
     pub user_id: Option<String>,
+    /// Only the jobs of one pipeline: the id of its first job (seed 004's
+    /// `by_brief`). Each step's `root_id` names it.
+    #[param(value_type = Option<String>, format = Uuid)]
+    pub pipeline: Option<String>,
 }
 
 pub fn poll_url(id: Uuid) -> String {

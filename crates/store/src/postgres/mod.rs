@@ -141,7 +141,7 @@ impl PostgresStore {
     }
 
     /// Applies `migrations/supabase/`: the seed's `analysis_jobs` view with
-    /// its row-level security. Refuses, naming what is missing, on a
+    /// its row-level security, and seed 004's job views. Refuses, naming what is missing, on a
     /// database without Supabase's `auth.uid()` and roles.
     pub async fn apply_supabase_compat(&self) -> Result<(), StoreError> {
         let missing: Vec<String> = sqlx::query_scalar(
@@ -160,6 +160,7 @@ impl PostgresStore {
         }
         let mut tx = self.pool.begin().await?;
         sqlx::raw_sql(include_str!("../../../../migrations/supabase/analysis_jobs.sql")).execute(&mut *tx).await?;
+        sqlx::raw_sql(include_str!("../../../../migrations/supabase/job_views.sql")).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -25,6 +25,10 @@ pub(crate) async fn list_jobs<'f, B: Backend>(backend: &B, filter: &'f JobFilter
     if let Some(job_type) = &filter.job_type {
         and("type", job_type.into());
     }
+    if let Some(root) = filter.pipeline {
+        params.extend([Param::Uuid(root), Param::Uuid(root)]);
+        let _ = write!(sql, " AND (id = ${} OR root_id = ${})", params.len() - 1, params.len());
+    }
     if let Some((created_at, id)) = filter.before {
         params.extend([Param::Time(created_at), Param::Uuid(id)]);
         let _ = write!(sql, " AND (created_at, id) < (${}, ${})", params.len() - 1, params.len());
