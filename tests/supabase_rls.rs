@@ -10,35 +10,8 @@ use std::process::Command;
 use quern_queue::{EnqueueRequest, Queue, QueueSettings};
 use quern_store::{Claim, JobStatus};
 use serde_json::json;
-use support::db::{Db, Raw};
+use support::db::{Db, Raw, stand_in_for_supabase};
 use uuid::Uuid;
-
-/// Supabase's roles, `auth.uid()` and `auth.users` (roles are cluster-wide:
-/// created once).
-async fn stand_in_for_supabase(pool: &sqlx::PgPool) {
-    sqlx::raw_sql(
-        "DO $$ BEGIN
-             CREATE ROLE anon NOLOGIN;
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         DO $$ BEGIN
-             CREATE ROLE authenticated NOLOGIN;
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         DO $$ BEGIN
-             CREATE ROLE service_role NOLOGIN BYPASSRLS;
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         CREATE SCHEMA IF NOT EXISTS auth;
-         CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
-             SELECT nullif(current_setting('request.jwt.claims', true)::jsonb ->> 'sub', '')::uuid
-         $$;
-         DO $$ BEGIN
-             CREATE TABLE IF NOT EXISTS auth.users (id uuid PRIMARY KEY, email text);
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
-}
 
 fn migrate_supabase(url: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_quern")).args(["migrate", "--supabase"]).env("DATABASE_URL", url).output().unwrap()

@@ -4,6 +4,7 @@ mod handlers;
 mod jobs;
 mod new;
 mod run;
+mod seed_schema;
 mod serve;
 mod token;
 

@@ -69,9 +69,19 @@ pub struct MigrateArgs {
     #[command(flatten)]
     database: DatabaseArgs,
     /// Also apply the Supabase compatibility set (PostgreSQL on Supabase):
-    /// the seed's `analysis_jobs` view with its row-level security.
+    /// the seed's `analysis_jobs` view with its row-level security. Where the
+    /// seed's own `analysis_jobs` table is, says how it would be moved in
+    /// place (its rows imported, the table kept aside) and changes nothing
+    /// without --apply.
     #[arg(long)]
     supabase: bool,
+    /// Move the seed's tables (or, with --revert, move them back).
+    #[arg(long, requires = "supabase")]
+    apply: bool,
+    /// Bring back the seed's tables that --apply moved aside, with what quern
+    /// did meanwhile (a dry run without --apply).
+    #[arg(long, requires = "supabase")]
+    revert: bool,
 }
 
 /// The queue and the loaded handlers, shared by every serving command.
@@ -265,9 +275,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             }
             let store = quern_store::PostgresStore::connect(&url).await.context("cannot open the database")?;
             store.migrate().await?;
-            store.apply_supabase_compat().await?;
-            eprintln!("migrations applied (postgres), with the Supabase analysis_jobs view and row-level security");
-            return Ok(ExitCode::SUCCESS);
+            return super::seed_schema::migrate_supabase(&store, args.apply, args.revert).await;
         }
         let store = quern_store::connect(&url).await.context("cannot open the database")?;
         store.migrate().await?;

@@ -82,3 +82,33 @@ impl Db {
         }
     }
 }
+
+/// Supabase's roles, `auth.uid()`, `auth.role()` and `auth.users` (roles are cluster-wide:
+/// created once).
+pub async fn stand_in_for_supabase(pool: &sqlx::PgPool) {
+    sqlx::raw_sql(
+        "DO $$ BEGIN
+             CREATE ROLE anon NOLOGIN;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN
+             CREATE ROLE authenticated NOLOGIN;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN
+             CREATE ROLE service_role NOLOGIN BYPASSRLS;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         CREATE SCHEMA IF NOT EXISTS auth;
+         CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
+             SELECT nullif(current_setting('request.jwt.claims', true)::jsonb ->> 'sub', '')::uuid
+         $$;
+         CREATE OR REPLACE FUNCTION auth.role() RETURNS text LANGUAGE sql STABLE AS $$
+             SELECT nullif(current_setting('request.jwt.claims', true)::jsonb ->> 'role', '')::text
+         $$;
+         DO $$ BEGIN
+             CREATE TABLE IF NOT EXISTS auth.users (id uuid PRIMARY KEY, email text);
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}

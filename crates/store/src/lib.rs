@@ -38,7 +38,7 @@ pub use self::jobs::{
     PruneCutoffs, Requeue, RequeueOutcome, Step, Wakeups,
 };
 pub(crate) use self::jobs::{cancel_outcome, limited_owners, within_limits};
-pub use self::postgres::PostgresStore;
+pub use self::postgres::{PostgresStore, RevertPlan, SeedRows, SeedSchema};
 pub use self::sqlite::SqliteStore;
 pub use self::stats::{DepthRow, EndedInSlice, FailedJob, OutcomeCount, RunTimes, StatsStore};
 pub use self::versions::{Rollout, StoredVersion, VersionInfo, VersionStore};

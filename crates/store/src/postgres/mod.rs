@@ -9,6 +9,9 @@
 mod backend;
 mod jobs;
 mod lent;
+mod seed_schema;
+
+pub use self::seed_schema::{RevertPlan, SeedRows, SeedSchema};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -159,11 +162,17 @@ impl PostgresStore {
             return Err(StoreError::NotSupabase(missing.join(", ")));
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::raw_sql(include_str!("../../../../migrations/supabase/analysis_jobs.sql")).execute(&mut *tx).await?;
-        sqlx::raw_sql(include_str!("../../../../migrations/supabase/job_views.sql")).execute(&mut *tx).await?;
+        apply_compat_sql(&mut tx).await?;
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// The compatibility set's statements, in `tx`.
+async fn apply_compat_sql(tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+    sqlx::raw_sql(include_str!("../../../../migrations/supabase/analysis_jobs.sql")).execute(&mut **tx).await?;
+    sqlx::raw_sql(include_str!("../../../../migrations/supabase/job_views.sql")).execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// The insert of a job and the NOTIFY that wakes workers (delivered at commit).
