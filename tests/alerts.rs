@@ -23,6 +23,8 @@ async fn finished(db: &Db, job_type: &str, completed: usize, failed: usize, ran_
             .unwrap();
     }
     let now = Utc::now();
+    // They end `ran_s` from now, as jobs enqueued now that ran that long.
+    let ended = now + TimeDelta::seconds(ran_s);
     let types = [job_type.to_string()];
     let jobs = db
         .store
@@ -47,11 +49,11 @@ async fn finished(db: &Db, job_type: &str, completed: usize, failed: usize, ran_
             worker_id: "w".into(),
             attempt: job.attempts,
             handler_version: None,
-            started_at: now - TimeDelta::seconds(ran_s),
-            ended_at: now,
+            started_at: now,
+            ended_at: ended,
             transition,
         };
-        assert!(db.store.finish_attempt(&end, now).await.unwrap());
+        assert!(db.store.finish_attempt(&end, ended).await.unwrap());
     }
 }
 
@@ -77,7 +79,11 @@ async fn the_seed_s_alert_plan_is_the_default(db: Db) {
         [(FAILURE_RATE.to_string(), "quick".to_string()), (SLOW_JOBS.to_string(), "sluggish".to_string())]
     );
     let slow = alerts.active().into_iter().find(|a| a.kind == SLOW_JOBS).unwrap();
-    assert!(slow.message.contains("31.0 s at the 95th percentile"), "{}", slow.message);
+    assert!(
+        slow.message.contains("31.0 s from enqueue to end at the 95th percentile, of which running 31.0 s"),
+        "{}",
+        slow.message
+    );
 
     // 51 pending jobs, and a worker silent for 6 minutes.
     let queue =
@@ -116,4 +122,92 @@ async fn the_seed_s_alert_plan_is_the_default_sqlite() {
 #[tokio::test]
 async fn the_seed_s_alert_plan_is_the_default_postgres() {
     the_seed_s_alert_plan_is_the_default(Db::postgres().await).await;
+}
+
+/// Seeds 001/002 mean by latency the time a user waits: a job that waited
+/// 40 s in the queue and ran 1 s is slow; the run time is said beside it.
+async fn latency_is_enqueue_to_end_and_the_run_time_is_said_beside_it(db: Db) {
+    let alerts = Alerts::new(AlertSettings::default());
+    let queue = Queue::new(db.store.clone(), QueueSettings::default());
+    let request =
+        EnqueueRequest { user_id: "u".into(), job_type: "queued".into(), input: json!({}), ..Default::default() };
+    queue.enqueue(request).await.unwrap();
+    // Claimed and run 40 s after it was enqueued, for 1 s.
+    let later = Utc::now() + TimeDelta::seconds(40);
+    let types = ["queued".to_string()];
+    let claim =
+        Claim { worker_id: "w", limit: 1, now: later, lease_until: later + TimeDelta::seconds(60), types: &types };
+    let job = db.store.claim(&claim).await.unwrap().remove(0);
+    let end = AttemptEnd {
+        job_id: job.id,
+        worker_id: "w".into(),
+        attempt: job.attempts,
+        handler_version: None,
+        started_at: later,
+        ended_at: later + TimeDelta::seconds(1),
+        transition: Transition::Complete { result: json!({}), processing_time_ms: 1000, next: None, cache: None },
+    };
+    assert!(db.store.finish_attempt(&end, later + TimeDelta::seconds(1)).await.unwrap());
+    alerts.check(db.store.as_ref(), later + TimeDelta::seconds(2)).await.unwrap();
+    let slow = alerts.active().into_iter().find(|a| a.kind == SLOW_JOBS).expect("slow by what the user waited");
+    assert!(
+        slow.message.contains("41.0 s from enqueue to end") && slow.message.contains("running 1.0 s"),
+        "{}",
+        slow.message
+    );
+    db.cleanup().await;
+}
+
+/// The seed's "worker offline" however the workers stopped: a worker that
+/// stops cleanly removes its row, and the alert still fires once none has
+/// been seen for the set time; it resolves when one beats again.
+async fn worker_offline_fires_when_no_worker_is_seen_however_they_stopped(db: Db) {
+    let alerts = Alerts::new(AlertSettings::default());
+    let start = Utc::now();
+    let worker = |at| WorkerRow {
+        id: "ai-worker-1".into(),
+        host: "vps".into(),
+        started_at: at,
+        last_heartbeat_at: at,
+        active_jobs: 0,
+        concurrency: 5,
+        version: "0.1.0".into(),
+    };
+    db.store.upsert_worker(&worker(start)).await.unwrap();
+    alerts.check(db.store.as_ref(), start).await.unwrap();
+    assert_eq!(kinds(&alerts), Vec::<(String, String)>::new());
+    // It stops cleanly: its row goes.
+    db.store.remove_worker("ai-worker-1").await.unwrap();
+    alerts.check(db.store.as_ref(), start + TimeDelta::minutes(4)).await.unwrap();
+    assert_eq!(kinds(&alerts), Vec::<(String, String)>::new(), "4 minutes is under the 5 of the seed's plan");
+    alerts.check(db.store.as_ref(), start + TimeDelta::minutes(6)).await.unwrap();
+    assert_eq!(kinds(&alerts), [(WORKER_OFFLINE.to_string(), String::new())]);
+    let alert = alerts.active().remove(0);
+    assert!(alert.message.contains("no worker has been seen for 360 s (threshold 300 s)"), "{}", alert.message);
+    // One beats again: resolved.
+    let back = start + TimeDelta::minutes(7);
+    db.store.upsert_worker(&worker(back)).await.unwrap();
+    alerts.check(db.store.as_ref(), back).await.unwrap();
+    assert_eq!(kinds(&alerts), Vec::<(String, String)>::new());
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn latency_is_enqueue_to_end_sqlite() {
+    latency_is_enqueue_to_end_and_the_run_time_is_said_beside_it(Db::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn latency_is_enqueue_to_end_postgres() {
+    latency_is_enqueue_to_end_and_the_run_time_is_said_beside_it(Db::postgres().await).await;
+}
+
+#[tokio::test]
+async fn worker_offline_however_they_stopped_sqlite() {
+    worker_offline_fires_when_no_worker_is_seen_however_they_stopped(Db::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn worker_offline_however_they_stopped_postgres() {
+    worker_offline_fires_when_no_worker_is_seen_however_they_stopped(Db::postgres().await).await;
 }

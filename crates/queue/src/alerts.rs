@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use crate::leader::Leader;
 use crate::stats;
 use crate::telemetry::{ALERTS_ACTIVE, ALERTS_FIRED, WORKERS_OFFLINE};
-use quern_store::{JobStatus, Store, StoreError};
+use quern_store::{JobStatus, Store, StoreError, WorkerRow};
 
 /// The kinds of alert, as named in metrics, webhooks and the rules file.
 pub const QUEUE_BACKLOG: &str = "queue_backlog";
@@ -32,15 +32,16 @@ pub const SLOW_JOBS: &str = "slow_jobs";
 pub struct AlertSettings {
     /// Fires when more jobs than this are pending.
     pub queue_pending: i64,
-    /// Fires for a worker whose last heartbeat is older than this.
+    /// Fires when no worker has been seen beating for this long (however
+    /// they stopped), or, while others run, for each worker silent this long.
     pub worker_offline: Duration,
     /// Fires for a type whose error rate over `failure_window` is above this…
     pub failure_rate: f64,
     pub failure_window: Duration,
     /// …once at least this many of its jobs ended in the window.
     pub failure_min_jobs: u64,
-    /// Fires for a type whose completed jobs' p95 run time over
-    /// `failure_window` is above this.
+    /// Fires for a type whose completed jobs' p95 time from enqueue to end
+    /// over `failure_window` is above this.
     pub p95_latency: Duration,
     /// How often the conditions are judged.
     pub check_every: Duration,
@@ -88,6 +89,10 @@ struct Notice {
 pub struct Alerts {
     settings: AlertSettings,
     active: Mutex<BTreeMap<(String, String), Alert>>,
+    /// When judging began, and the newest worker heartbeat ever read. A
+    /// worker that stops cleanly removes its row, so the rows alone cannot
+    /// say how long the fleet has been without one.
+    worker_last_seen: Mutex<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)>,
     notices: Option<mpsc::UnboundedSender<Notice>>,
     /// Only the leader posts to the webhook: every process judges (each
     /// shows the alerts), one pages.
@@ -97,7 +102,13 @@ pub struct Alerts {
 impl Alerts {
     /// Without a runtime's webhook sender; [`Alerts::start`] adds one.
     pub fn new(settings: AlertSettings) -> Self {
-        Self { settings, active: Mutex::default(), notices: None, leader: Leader::always() }
+        Self {
+            settings,
+            active: Mutex::default(),
+            worker_last_seen: Mutex::default(),
+            notices: None,
+            leader: Leader::always(),
+        }
     }
 
     /// Starts judging every `check_every` until `stop`, posting to the
@@ -197,26 +208,49 @@ impl Alerts {
                 since: now,
             });
         }
-        let mut offline = 0;
-        for worker in store.workers().await? {
-            let silent = (now - worker.last_heartbeat_at).to_std().unwrap_or_default();
-            if silent > settings.worker_offline {
-                offline += 1;
+        let workers = store.workers().await?;
+        let silent = |worker: &WorkerRow| (now - worker.last_heartbeat_at).to_std().unwrap_or_default();
+        let offline = workers.iter().filter(|worker| silent(worker) > settings.worker_offline).count();
+        let last_seen = {
+            let mut seen = self.worker_last_seen.lock().unwrap_or_else(|e| e.into_inner());
+            let (judging_since, heartbeat) = &mut *seen;
+            let newest = workers.iter().map(|worker| worker.last_heartbeat_at).max();
+            *heartbeat = [*heartbeat, newest].into_iter().flatten().max();
+            // Never a worker: counted from when judging began.
+            heartbeat.unwrap_or(*judging_since.get_or_insert(now))
+        };
+        let unseen = (now - last_seen).to_std().unwrap_or_default();
+        if offline < workers.len() {
+            // Some worker runs: each silent one is its own alert.
+            for worker in workers.iter().filter(|worker| silent(worker) > settings.worker_offline) {
                 firing.push(Alert {
                     kind: WORKER_OFFLINE.into(),
                     message: format!(
                         "worker {} on {} has not sent a heartbeat for {} s (threshold {} s)",
                         worker.id,
                         worker.host,
-                        silent.as_secs(),
+                        silent(worker).as_secs(),
                         settings.worker_offline.as_secs()
                     ),
-                    subject: worker.id,
+                    subject: worker.id.clone(),
                     since: now,
                 });
             }
+        } else if unseen > settings.worker_offline {
+            // None runs, however they stopped (killed, or gone cleanly): the
+            // seed's "worker offline", one alert for the fleet.
+            firing.push(Alert {
+                kind: WORKER_OFFLINE.into(),
+                message: format!(
+                    "no worker has been seen for {} s (threshold {} s): jobs wait until one runs",
+                    unseen.as_secs(),
+                    settings.worker_offline.as_secs()
+                ),
+                subject: String::new(),
+                since: now,
+            });
         }
-        metrics::gauge!(WORKERS_OFFLINE).set(f64::from(offline));
+        metrics::gauge!(WORKERS_OFFLINE).set(offline as f64);
         let window = chrono::TimeDelta::from_std(settings.failure_window).unwrap_or(chrono::TimeDelta::MAX);
         let counts = store.outcome_counts(now - window).await?;
         for stats in stats::by_type(&counts, &[]) {
@@ -240,19 +274,26 @@ impl Alerts {
                 _ => {}
             }
         }
+        // Latency as the seeds mean it: from enqueue to end, waiting included;
+        // the run time is said beside it.
         let limit_ms = settings.p95_latency.as_secs_f64() * 1e3;
-        for times in store.run_times(now - window, false).await? {
-            if times.p95_ms > limit_ms {
+        let run_times = store.run_times(now - window, false).await?;
+        for latency in store.latencies(now - window).await? {
+            if latency.p95_ms > limit_ms {
+                let ran = run_times
+                    .iter()
+                    .find(|times| times.job_type == latency.job_type)
+                    .map_or(String::new(), |times| format!(", of which running {:.1} s", times.p95_ms / 1e3));
                 firing.push(Alert {
                     kind: SLOW_JOBS.into(),
                     message: format!(
-                        "{} jobs took {:.1} s at the 95th percentile over {} s (threshold {} s)",
-                        times.job_type,
-                        times.p95_ms / 1e3,
+                        "{} jobs took {:.1} s from enqueue to end at the 95th percentile{ran} over {} s (threshold {} s)",
+                        latency.job_type,
+                        latency.p95_ms / 1e3,
                         settings.failure_window.as_secs(),
                         settings.p95_latency.as_secs()
                     ),
-                    subject: times.job_type,
+                    subject: latency.job_type,
                     since: now,
                 });
             }

@@ -72,6 +72,10 @@ pub trait StatsStore: Send + Sync {
     /// `per_version` (computed in the database: no rows are loaded).
     async fn run_times(&self, since: DateTime<Utc>, per_version: bool) -> Result<Vec<RunTimes>, StoreError>;
 
+    /// Mean and 95th percentile time from enqueue to end of the jobs
+    /// completed since `since`, by type (`handler_version` is `None`).
+    async fn latencies(&self, since: DateTime<Utc>) -> Result<Vec<RunTimes>, StoreError>;
+
     /// Completed and failed attempts that ended within `since..=until`,
     /// counted per `slice`-wide slice of it; slices without any are left out.
     async fn ended_per_slice(

@@ -60,6 +60,11 @@ impl Backend for PostgresStore {
          AS p95_ms FROM quern_job_attempts a JOIN quern_jobs j ON j.id = a.job_id \
          WHERE a.ended_at >= $1 AND a.outcome = 'completed' GROUP BY 1, 2";
 
+    const LATENCIES: &'static str = "SELECT type, NULL::text AS handler_version, \
+         avg(EXTRACT(EPOCH FROM completed_at - created_at) * 1000)::float8 AS avg_ms, \
+         (percentile_disc(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM completed_at - created_at) * 1000))::float8 \
+         AS p95_ms FROM quern_jobs WHERE status = 'completed' AND completed_at >= $1 GROUP BY 1";
+
     const ENDED_PER_SLICE: &'static str = "SELECT floor(EXTRACT(EPOCH FROM a.ended_at - $1) * 1000000 / $3)::int8 AS slice, \
          count(*) FILTER (WHERE a.outcome = 'completed') AS completed, \
          count(*) FILTER (WHERE a.outcome = 'failed') AS failed FROM quern_job_attempts a \

@@ -116,6 +116,12 @@ pub(crate) trait Backend: Send + Sync {
     /// columns `type`, `handler_version`, `avg_ms`, `p95_ms`.
     const RUN_TIMES: &'static str;
 
+    /// The same figures for the time from enqueue to end (`completed_at -
+    /// created_at`) of jobs completed at or after `$1`, by type (what the
+    /// seeds mean by latency): columns `type`, `handler_version` (null),
+    /// `avg_ms`, `p95_ms`.
+    const LATENCIES: &'static str;
+
     /// Completed and failed attempts ended within `$1..=$2`, counted per
     /// slice `$3` microseconds wide: columns `slice`, `completed`, `failed`.
     const ENDED_PER_SLICE: &'static str;

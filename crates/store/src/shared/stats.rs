@@ -41,6 +41,11 @@ impl<B: Backend> StatsStore for B {
         mapped(&rows)
     }
 
+    async fn latencies(&self, since: DateTime<Utc>) -> Result<Vec<RunTimes>, StoreError> {
+        let rows = self.fetch(Role::Read, B::LATENCIES, &[since.into()]).await?;
+        mapped(&rows)
+    }
+
     async fn ended_per_slice(
         &self,
         since: DateTime<Utc>,

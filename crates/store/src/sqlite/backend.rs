@@ -62,6 +62,13 @@ impl Backend for SqliteStore {
          max(CASE WHEN rank = (95 * n + 99) / 100 THEN us END) / 1000.0 AS p95_ms \
          FROM ranked GROUP BY type, handler_version";
 
+    const LATENCIES: &'static str = "WITH completed AS (SELECT type, completed_at - created_at AS us \
+         FROM quern_jobs WHERE status = 'completed' AND completed_at >= $1), \
+         ranked AS (SELECT type, us, row_number() OVER (PARTITION BY type ORDER BY us) AS rank, \
+         count(*) OVER (PARTITION BY type) AS n FROM completed) \
+         SELECT type, NULL AS handler_version, avg(us) / 1000.0 AS avg_ms, \
+         max(CASE WHEN rank = (95 * n + 99) / 100 THEN us END) / 1000.0 AS p95_ms FROM ranked GROUP BY type";
+
     // Times are microseconds already: a slice is an integer division.
     const ENDED_PER_SLICE: &'static str = "SELECT (a.ended_at - $1) / $3 AS slice, \
          sum(a.outcome = 'completed') AS completed, sum(a.outcome = 'failed') AS failed \
