@@ -75,6 +75,13 @@ pub struct Alert {
     pub since: DateTime<Utc>,
 }
 
+/// When judging began, and the newest worker heartbeat ever read.
+#[derive(Debug, Default)]
+struct WorkersSeen {
+    judging_since: Option<DateTime<Utc>>,
+    heartbeat: Option<DateTime<Utc>>,
+}
+
 /// What the webhook receives.
 #[derive(Debug, Clone, Serialize)]
 struct Notice {
@@ -92,7 +99,7 @@ pub struct Alerts {
     /// When judging began, and the newest worker heartbeat ever read. A
     /// worker that stops cleanly removes its row, so the rows alone cannot
     /// say how long the fleet has been without one.
-    worker_last_seen: Mutex<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)>,
+    worker_last_seen: Mutex<WorkersSeen>,
     notices: Option<mpsc::UnboundedSender<Notice>>,
     /// Only the leader posts to the webhook: every process judges (each
     /// shows the alerts), one pages.
@@ -213,11 +220,11 @@ impl Alerts {
         let offline = workers.iter().filter(|worker| silent(worker) > settings.worker_offline).count();
         let last_seen = {
             let mut seen = self.worker_last_seen.lock().unwrap_or_else(|e| e.into_inner());
-            let (judging_since, heartbeat) = &mut *seen;
             let newest = workers.iter().map(|worker| worker.last_heartbeat_at).max();
-            *heartbeat = [*heartbeat, newest].into_iter().flatten().max();
+            seen.heartbeat = [seen.heartbeat, newest].into_iter().flatten().max();
             // Never a worker: counted from when judging began.
-            heartbeat.unwrap_or(*judging_since.get_or_insert(now))
+            let since = *seen.judging_since.get_or_insert(now);
+            seen.heartbeat.unwrap_or(since)
         };
         let unseen = (now - last_seen).to_std().unwrap_or_default();
         if offline < workers.len() {
