@@ -62,6 +62,15 @@ async fn a_worker_process_is_observable_and_a_database_outage_fails_readiness_no
     assert!(completed.ends_with(" 3"), "{completed}");
     assert_eq!(status_of(&client, &format!("{admin}/health/live")).await, 200);
     assert_eq!(status_of(&client, &format!("{admin}/health/ready")).await, 200);
+    // The seed's worker answers `GET /health` (its Dockerfile's HEALTHCHECK,
+    // EasyPanel's probe): `{status: "healthy", uptime, version}`, this
+    // worker's id and load beside it.
+    let health: serde_json::Value =
+        serde_json::from_slice(&client.get(format!("{admin}/health")).send().await.unwrap().bytes().await.unwrap())
+            .unwrap();
+    assert_eq!(health["status"], "healthy", "{health}");
+    assert_eq!(health["worker_id"], "observed", "{health}");
+    assert!(health["uptime"].is_f64() && health["version"].is_string(), "{health}");
 
     // The container's own health check, as the image runs it.
     let port = admin.rsplit(':').next().unwrap();

@@ -214,16 +214,17 @@ pub fn worker(args: WorkerOnlyArgs) -> anyhow::Result<ExitCode> {
         let shutdown = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
         let host = start_host(&args.runtime, &args.database, &args.worker, &args.maintenance, &shutdown).await?;
+        let worker = Worker::new(host.queue.clone(), host.registry.clone(), args.worker.worker_settings());
         let probes = Arc::new(Probes {
             store: host.queue.store().clone(),
             registry: host.registry.clone(),
             metrics: if args.enable_metrics { Metrics::install() } else { None },
             metrics_token: args.admin.metrics_token(),
             started: std::time::Instant::now(),
+            worker: Some(worker.probe()),
         });
         let port = args.admin.admin_port.unwrap_or(args.port);
         let admin = serve_admin(args.bind, port, probes, &shutdown).await?;
-        let worker = Worker::new(host.queue, host.registry, args.worker.worker_settings());
         worker.run(shutdown).await?;
         admin.await??;
         Ok(ExitCode::SUCCESS)

@@ -22,6 +22,7 @@ use utoipa::ToSchema;
 use super::auth::same_secret;
 use super::error::ApiError;
 use super::metrics::Metrics;
+use quern_queue::worker::WorkerProbe;
 use quern_runtime::registry::Registry;
 use quern_store::Store;
 
@@ -37,6 +38,25 @@ pub struct Probes {
     /// (QUERN_METRICS_TOKEN).
     pub metrics_token: Option<String>,
     pub started: Instant,
+    /// The worker in this process, if any.
+    pub worker: Option<WorkerProbe>,
+}
+
+/// `GET /health` in the seed's shape (its worker's `/health`, which EasyPanel
+/// and its Dockerfile probe), with quern's fields beside it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `healthy` (the seed's word), or `unhealthy` when the database does not answer.
+    pub status: String,
+    /// This process's worker, when it runs one.
+    pub worker_id: Option<String>,
+    pub active_jobs: usize,
+    /// Seconds since the process started (the seed's `process.uptime()`).
+    pub uptime: f64,
+    pub uptime_s: u64,
+    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -58,6 +78,32 @@ pub struct Readiness {
 }
 
 impl Probes {
+    /// 200 `healthy`, or 503 `unhealthy` when the database does not answer
+    /// within [`DB_TIMEOUT`].
+    pub async fn health(&self) -> (StatusCode, Health) {
+        let error = match tokio::time::timeout(DB_TIMEOUT, self.store.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(format!("database: {error}")),
+            Err(_) => Some(format!("database: no answer within {} s", DB_TIMEOUT.as_secs())),
+        };
+        let status = if error.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+        (status, self.health_of(error))
+    }
+
+    /// The health figures, with the database's error if any.
+    pub fn health_of(&self, error: Option<String>) -> Health {
+        let uptime = self.started.elapsed();
+        Health {
+            status: if error.is_some() { "unhealthy" } else { "healthy" }.to_string(),
+            worker_id: self.worker.as_ref().map(|w| w.id().to_string()),
+            active_jobs: self.worker.as_ref().map_or(0, |w| w.active_jobs()),
+            uptime: uptime.as_secs_f64(),
+            uptime_s: uptime.as_secs(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            error,
+        }
+    }
+
     pub fn live(&self) -> Liveness {
         Liveness {
             status: "ok".into(),
@@ -112,6 +158,13 @@ impl Probes {
 /// The admin routes alone, for a listener of their own.
 pub fn router(probes: Arc<Probes>) -> Router {
     Router::new()
+        .route(
+            "/health",
+            get(|State(probes): State<Arc<Probes>>| async move {
+                let (status, health) = probes.health().await;
+                (status, axum::Json(health))
+            }),
+        )
         .route("/health/live", get(|State(probes): State<Arc<Probes>>| async move { axum::Json(probes.live()) }))
         .route(
             "/health/ready",

@@ -2,7 +2,7 @@
 //! `/health/ready` (see [`super::admin`]) for load balancers and container
 //! health checks, and `/health/detailed` for operators.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -12,39 +12,16 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::admin::{Liveness, Readiness};
-use super::auth::{Caller, require_service};
+use super::admin::{Health, Liveness, Readiness};
 use super::error::{ApiError, ErrorBody};
 use crate::records::{DepthView, WorkerRowView};
-
-const DB_TIMEOUT: Duration = Duration::from_secs(2);
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct Health {
-    /// `healthy` (the seed's word), or `unhealthy` when the database does not answer.
-    pub status: String,
-    /// This process's worker, when it runs one.
-    pub worker_id: Option<String>,
-    pub active_jobs: usize,
-    /// Seconds since the process started (the seed's `process.uptime()`).
-    pub uptime: f64,
-    pub uptime_s: u64,
-    pub version: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
 
 /// Liveness and database reachability: 200, or 503 when the database does not answer.
 #[utoipa::path(get, path = "/health", tag = "meta",
     responses((status = 200, body = Health), (status = 503, description = "The database does not answer", body = Health)))]
 pub async fn health(State(state): State<AppState>) -> Response {
-    let error = match tokio::time::timeout(DB_TIMEOUT, state.queue.store().ping()).await {
-        Ok(Ok(())) => None,
-        Ok(Err(error)) => Some(format!("database: {error}")),
-        Err(_) => Some(format!("database: no answer within {} s", DB_TIMEOUT.as_secs())),
-    };
-    let status = if error.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
-    (status, axum::Json(basic(&state, error))).into_response()
+    let (status, health) = state.probes.health().await;
+    (status, axum::Json(health)).into_response()
 }
 
 /// Liveness: the process answers. Asks nothing of the database, so a
@@ -60,18 +37,6 @@ pub async fn live(State(state): State<AppState>) -> axum::Json<Liveness> {
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
     let (status, readiness) = state.probes.ready().await;
     (status, axum::Json(readiness))
-}
-
-fn basic(state: &AppState, error: Option<String>) -> Health {
-    Health {
-        status: if error.is_some() { "unhealthy" } else { "healthy" }.to_string(),
-        worker_id: state.worker.as_ref().map(|w| w.id().to_string()),
-        active_jobs: state.worker.as_ref().map_or(0, |w| w.active_jobs()),
-        uptime: state.uptime().as_secs_f64(),
-        uptime_s: state.uptime().as_secs(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        error,
-    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -149,16 +114,14 @@ pub struct CacheView {
     pub hits: i64,
 }
 
-/// Database latency, queue depth, workers, handler versions, cache (service role).
-#[utoipa::path(get, path = "/health/detailed", tag = "meta", security(("bearer" = [])),
+/// Database latency, queue depth, workers, handler versions, cache: public,
+/// as the seed's `/health/detailed` (no secret and no user's data in it).
+#[utoipa::path(get, path = "/health/detailed", tag = "meta",
     responses(
         (status = 200, body = DetailedHealth),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
         (status = 503, description = "The database does not answer", body = ErrorBody),
     ))]
-pub async fn detailed(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<DetailedHealth>, ApiError> {
-    require_service(&caller)?;
+pub async fn detailed(State(state): State<AppState>) -> Result<axum::Json<DetailedHealth>, ApiError> {
     let store = state.queue.store();
     let started = Instant::now();
     store.ping().await?;
@@ -169,7 +132,7 @@ pub async fn detailed(State(state): State<AppState>, caller: Caller) -> Result<a
     let pending = queue.iter().filter(|row| row.status == quern_store::JobStatus::Pending).map(|row| row.count).sum();
     let worker = state.worker.as_ref();
     Ok(axum::Json(DetailedHealth {
-        basic: basic(&state, None),
+        basic: state.probes.health_of(None),
         worker: SeedWorker {
             id: worker.map(|w| w.id().to_string()),
             concurrency: worker.map_or(0, |w| w.concurrency()),

@@ -179,7 +179,14 @@ impl Gateway {
         let InProcess { worker, metrics, metrics_token, leader } = process;
         let started = Instant::now();
         let store = queue.store().clone();
-        let probes = Arc::new(admin::Probes { store, registry: registry.clone(), metrics, metrics_token, started });
+        let probes = Arc::new(admin::Probes {
+            store,
+            registry: registry.clone(),
+            metrics,
+            metrics_token,
+            started,
+            worker: worker.clone(),
+        });
         let disabled = settings.disabled_types.iter().cloned().collect();
         let limiter = settings.rate_limit_per_min.and_then(IpLimiter::per_minute);
         let alerts = Alerts::start(settings.alerts.clone(), queue.store().clone(), leader, shutdown.clone());
