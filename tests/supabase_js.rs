@@ -53,8 +53,14 @@ async fn the_customer_s_app_works_through_supabase_js() {
     // sofia_image claims the hook's sync function, as its real manifest does.
     let claimed = || vec![("sofia_image", "type = \"sofia_image\"\nfunction = \"sofia-image-analysis\"\n".to_string())];
     let db = Db::sqlite().await;
-    let options =
-        Options { env: vec![("SUPABASE_URL", supabase.url.clone())], handlers: claimed(), ..Options::default() };
+    // Told to serve the legacy functions, with the type's flag off: the
+    // rollback (seed 003: "Set all flags to `false` → Instant rollback").
+    let env = vec![
+        ("SUPABASE_URL", supabase.url.clone()),
+        ("QUERN_SERVE_LEGACY_FUNCTIONS", "true".into()),
+        ("QUERN_DISABLED_TYPES", "sofia_image".into()),
+    ];
+    let options = Options { env, handlers: claimed(), ..Options::default() };
     let server = Server::start_with(&db, options).await;
     // A gateway whose workers are all stopped (none ever ran on its
     // database), though told to serve the legacy functions itself.

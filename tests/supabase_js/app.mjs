@@ -48,8 +48,8 @@ const body = await missing.error.context.json();
 check(body.error === "Missing required fields: type, input", "the seed's words", body);
 seen.missing = body;
 
-// 3. The hook's sync fallback (callSyncFunction), as with its flags off: a
-// function a manifest claims still reaches the customer's own.
+// 3. The hook's sync fallback (callSyncFunction) with the type's flag off on
+// a quern told to serve it: the customer's own function answers (rollback).
 const fallback = await supabase.functions.invoke("sofia-image-analysis", {
   body: { imageUrl: "https://media.example/lunch.jpg", userId: "ignored" },
 });
