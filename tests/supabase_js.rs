@@ -1,10 +1,13 @@
 //! The customer's app, for real: `@supabase/supabase-js` itself (Node) drives
 //! `quern serve` through `functions.invoke`, with the hook's sync fallback
-//! (a function a manifest claims) reaching a loopback stand-in for the
-//! customer's functions: by default (the flags-off rollback, seed 003: "Set
-//! all flags to `false` → Instant rollback"), and from a gateway told to
-//! serve it whose workers are stopped (seed 001, AC-1.6: "Se worker estiver
-//! offline, usa fluxo síncrono antigo (fallback)").
+//! (a function a manifest claims) reaching the customer's own: with the
+//! type's flag off on a quern told to serve it (the rollback, seed 003: "Set
+//! all flags to `false` → Instant rollback"), and from a gateway whose
+//! workers are stopped (seed 001, AC-1.6: "Se worker estiver offline, usa
+//! fluxo síncrono antigo (fallback)"). The same client then signs in,
+//! cancels through `analysis_jobs`, uploads and hears the change on Realtime,
+//! all at quern's URL, against a stand-in for the customer's Supabase project
+//! (fake_supabase.mjs, which speaks PostgREST, GoTrue, Storage and Realtime).
 
 mod support;
 
