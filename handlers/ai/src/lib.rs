@@ -234,7 +234,39 @@ pub const MAX_HISTORY: usize = 40;
 #[derive(Debug, Clone, Deserialize)]
 pub struct Turn {
     pub role: String,
+    #[serde(alias = "text", alias = "message")]
     pub content: String,
+}
+
+/// A turn's role as apps spell it: `user` (also `human`, `usuario`), or
+/// `assistant` (also `bot`, `sofia`, `model`, `ai`, `assistente`), any case.
+pub fn turn_role(role: &str) -> Option<&'static str> {
+    match role.trim().to_lowercase().as_str() {
+        "user" | "human" | "usuario" | "usuário" => Some("user"),
+        "assistant" | "bot" | "sofia" | "model" | "ai" | "assistente" => Some("assistant"),
+        _ => None,
+    }
+}
+
+/// Fields that say nothing to a model about the user: ids.
+pub const IDS: [&str; 4] = ["userId", "user_id", "id", "jobId"];
+
+/// What the app sent about the user, as facts for the model: an object as
+/// it is; words (or any other value) as `{"notes": …}`; nothing for null.
+/// Then every field of `rest` not read elsewhere, ids left out: nothing the
+/// caller sent is dropped.
+pub fn facts(context: Option<&Value>, rest: &serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
+    let mut facts = match context {
+        Some(Value::Object(object)) => object.clone(),
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(other) => serde_json::Map::from_iter([("notes".to_string(), other.clone())]),
+    };
+    for (key, value) in rest {
+        if !IDS.contains(&key.as_str()) && !value.is_null() {
+            facts.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
+    facts
 }
 
 /// Facts about the user given to the model with the instructions: what
@@ -271,10 +303,10 @@ pub fn conversation(
     };
     let mut messages = vec![Message::system(system)];
     for (i, turn) in history.iter().enumerate() {
-        messages.push(match turn.role.as_str() {
-            "user" => Message::user(turn.content.clone()),
-            "assistant" => Message::assistant(turn.content.clone()),
-            _ => return Err(fail(format!("invalid input: `history[{i}].role` must be `user` or `assistant`"))),
+        messages.push(match turn_role(&turn.role) {
+            Some("user") => Message::user(turn.content.clone()),
+            Some(_) => Message::assistant(turn.content.clone()),
+            None => return Err(fail(format!("invalid input: `history[{i}].role` must be `user` or `assistant`"))),
         });
     }
     messages.push(Message::user(message));
@@ -363,11 +395,30 @@ pub fn chat_json_with<T: DeserializeOwned>(
     request: &ChatRequest,
     check: impl Fn(&T) -> Result<(), String>,
 ) -> Result<(T, ChatReply), Failure> {
+    match chat_json_or_text_with(chain, request, check)? {
+        (Ok(value), reply) => Ok((value, reply)),
+        (Err(error), reply) => Err(fail(format!(
+            "the model's output is not the expected JSON, twice ({error}); it starts: {}",
+            snippet(reply.content.as_bytes())
+        ))),
+    }
+}
+
+/// [`chat_json_with`] for a handler whose result keeps the model's words
+/// anyway (seed 000's `foods: choices[0].message.content`): when the answer
+/// is still not the JSON asked for after the one repair, the reply comes
+/// back with what is wrong with it, rather than a failed job.
+#[allow(clippy::type_complexity)] // (the value or why not, the reply): read at once by the caller
+pub fn chat_json_or_text_with<T: DeserializeOwned>(
+    chain: &[Provider],
+    request: &ChatRequest,
+    check: impl Fn(&T) -> Result<(), String>,
+) -> Result<(Result<T, String>, ChatReply), Failure> {
     let read = |content: &str| parse_json::<T>(content).map_err(|e| e.to_string()).and_then(|v| check(&v).map(|()| v));
     let mut request = ChatRequest { json: true, ..request.clone() };
     let reply = chat_with(chain, &request)?;
     let error = match read(&reply.content) {
-        Ok(value) => return Ok((value, reply)),
+        Ok(value) => return Ok((Ok(value), reply)),
         Err(error) => error,
     };
     request.messages.push(Message::assistant(reply.content.clone()));
@@ -376,12 +427,18 @@ pub fn chat_json_with<T: DeserializeOwned>(
     )));
     let repaired = chat_with(chain, &request)?;
     match read(&repaired.content) {
-        Ok(value) => Ok((value, repaired)),
-        Err(error) => Err(fail(format!(
-            "the model's output is not the expected JSON, twice ({error}); it starts: {}",
-            snippet(repaired.content.as_bytes())
-        ))),
+        Ok(value) => Ok((Ok(value), repaired)),
+        Err(error) => Ok((Err(error), repaired)),
     }
+}
+
+/// [`chat_json_or_text_with`] the chain from configuration.
+#[allow(clippy::type_complexity)] // as chat_json_or_text_with
+pub fn chat_json_or_text<T: DeserializeOwned>(
+    request: &ChatRequest,
+    check: impl Fn(&T) -> Result<(), String>,
+) -> Result<(Result<T, String>, ChatReply), Failure> {
+    chat_json_or_text_with(&providers_from_config(), request, check)
 }
 
 /// [`chat_json_with`] the chain from configuration.

@@ -4,7 +4,7 @@
 //! A message that reads as an emergency is not sent to a model at all: the
 //! answer tells the user to seek care now.
 
-use quern_ai::{ChatRequest, Turn, chat, conversation};
+use quern_ai::{ChatRequest, Turn, chat, conversation, facts};
 use quern_sdk::serde_json::{Map, Value};
 use quern_sdk::{Failure, Handler, JobInfo, retry};
 use serde::{Deserialize, Serialize};
@@ -43,8 +43,8 @@ pub const EMERGENCY_SIGNS: &[&str] = &[
     "kill myself",
 ];
 
-/// `{message, history?, healthContext?}`; the app's other fields (`userId`,
-/// a turn's `timestamp`) are ignored.
+/// `{message, history?, healthContext?}`: a context of words is read as
+/// notes, and the app's other fields go to the model with it (ids aside).
 #[derive(Debug, Deserialize)]
 pub struct Input {
     pub message: String,
@@ -52,7 +52,10 @@ pub struct Input {
     pub history: Vec<Turn>,
     /// What the app knows of the user's health: measurements, exams, goals…
     #[serde(alias = "healthContext", alias = "health_context")]
-    pub context: Option<Map<String, Value>>,
+    pub context: Option<Value>,
+    /// Everything else the app sent goes to the model as context (ids aside).
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -80,7 +83,7 @@ impl Handler for DrVital {
     type Output = Output;
 
     fn handle(_job: &JobInfo, input: Input) -> Result<Output, Failure> {
-        let context_used = input.context.as_ref().map(|c| c.keys().cloned().collect()).unwrap_or_default();
+        let context_used = facts(input.context.as_ref(), &input.rest).keys().cloned().collect();
         if is_emergency(&input.message) {
             return Ok(Output {
                 response: EMERGENCY_ANSWER.to_string(),
@@ -138,7 +141,8 @@ fn unaccented(c: char) -> char {
 
 /// The chat request, or a permanent failure naming the bad field.
 pub fn request(input: &Input) -> Result<ChatRequest, Failure> {
-    let context = input.context.as_ref().map(|facts| ("The user's health data", facts));
+    let facts = facts(input.context.as_ref(), &input.rest);
+    let context = (!facts.is_empty()).then_some(("The user's health data", &facts));
     let messages = conversation(PROMPT, context, &input.history, &input.message)?;
     Ok(ChatRequest { temperature: Some(0.4), ..ChatRequest::new(messages) })
 }

@@ -50,11 +50,9 @@ async fn an_emergency_is_told_to_seek_care_without_asking_a_model() {
 #[tokio::test]
 async fn invalid_input_fails_permanently_naming_the_field() {
     let harness = harness();
-    for (input, needle) in [
-        (json!({"history": []}), "missing field `message`"),
-        (json!({"message": " "}), "`message` is empty"),
-        (json!({"message": "oi", "healthContext": "diabético"}), "field `healthContext`: expected a map"),
-    ] {
+    for (input, needle) in
+        [(json!({"history": []}), "missing field `message`"), (json!({"message": " "}), "`message` is empty")]
+    {
         let run = harness.run(input).await;
         assert!(run.failure().contains(needle), "{}", run.failure());
         assert!(!run.failure().contains("diabético"), "never quoted: {}", run.failure());

@@ -5,6 +5,7 @@
 //! a day's target is sent back once to be fixed.
 
 use quern_ai::{ChatRequest, Message, chat_json};
+use quern_sdk::serde_json::{Map, Value};
 use quern_sdk::{Failure, Handler, JobInfo, fail};
 use serde::{Deserialize, Serialize};
 
@@ -12,14 +13,21 @@ use serde::{Deserialize, Serialize};
 pub const TOLERANCE: f64 = 0.20;
 
 /// The app's input: a profile in English or Portuguese, numbers as numbers
-/// or as the strings a form sends; other fields (`userId`, the profile's
-/// name, …) are ignored.
+/// or as the strings a form sends, words in any case. Nothing the app sends
+/// is dropped: fields not read here (preferences, a condition, …) go to the
+/// model as what is known about the person; only ids are left out.
 #[derive(Debug, Deserialize)]
 pub struct Input {
+    #[serde(alias = "perfil")]
     pub profile: Profile,
-    #[serde(default = "default_days", deserialize_with = "quern_sdk::input::number")]
+    #[serde(default = "default_days", alias = "dias", deserialize_with = "quern_sdk::input::number")]
     pub days: u32,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
+
+/// Fields that say nothing about the person.
+const IDS: [&str; 4] = ["userId", "user_id", "id", "jobId"];
 
 fn default_days() -> u32 {
     7
@@ -30,7 +38,7 @@ pub struct Profile {
     #[serde(alias = "idade")]
     #[serde(deserialize_with = "quern_sdk::input::number")]
     pub age: u32,
-    #[serde(alias = "sexo")]
+    #[serde(alias = "sexo", alias = "genero", alias = "gênero", deserialize_with = "quern_sdk::input::word")]
     pub sex: Sex,
     #[serde(alias = "peso", alias = "weight")]
     #[serde(deserialize_with = "quern_sdk::input::number")]
@@ -38,12 +46,25 @@ pub struct Profile {
     #[serde(alias = "altura", alias = "height")]
     #[serde(deserialize_with = "quern_sdk::input::number")]
     pub height_cm: f64,
-    #[serde(alias = "nivel_atividade", alias = "activity_level")]
+    #[serde(alias = "nivel_atividade", alias = "activity_level", deserialize_with = "quern_sdk::input::word")]
     pub activity: Activity,
-    #[serde(alias = "objetivo")]
+    #[serde(alias = "objetivo", deserialize_with = "quern_sdk::input::word")]
     pub goal: Goal,
-    #[serde(default)]
+    /// A list, or one string of them (`"lactose, glúten"`).
+    #[serde(
+        default,
+        alias = "restricoes",
+        alias = "restrições",
+        alias = "restricoes_alimentares",
+        alias = "dietary_restrictions",
+        deserialize_with = "quern_sdk::input::list"
+    )]
     pub restrictions: Vec<String>,
+    #[serde(default, alias = "alergias", deserialize_with = "quern_sdk::input::list")]
+    pub allergies: Vec<String>,
+    /// Everything else the app knows about the person.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -156,8 +177,9 @@ impl Handler for MealPlan {
         let targets = targets(&input.profile);
         quern_sdk::progress(10, "planning meals");
         let days = input.days;
-        let (plan, reply) =
-            chat_json::<ModelPlan>(&request(&input.profile, days, &targets), |plan| check_plan(plan, days, &targets))?;
+        let (plan, reply) = chat_json::<ModelPlan>(&request(&input.profile, days, &targets, &input.other), |plan| {
+            check_plan(plan, days, &targets)
+        })?;
         quern_sdk::progress(100, "done");
         Ok(Output { days: summarise(plan, &targets), targets, provider: reply.provider.into(), model: reply.model })
     }
@@ -285,15 +307,24 @@ pub fn summarise(plan: ModelPlan, targets: &Targets) -> Vec<Day> {
         .collect()
 }
 
-pub fn request(profile: &Profile, days: u32, targets: &Targets) -> ChatRequest {
-    let restrictions =
-        if profile.restrictions.is_empty() { "none".to_string() } else { profile.restrictions.join(", ") };
+pub fn request(profile: &Profile, days: u32, targets: &Targets, extra: &Map<String, Value>) -> ChatRequest {
+    let listed = |items: &[String]| if items.is_empty() { "none".to_string() } else { items.join(", ") };
+    let (restrictions, allergies) = (listed(&profile.restrictions), listed(&profile.allergies));
+    let mut known: Map<String, Value> = profile.other.clone();
+    known.extend(extra.iter().map(|(key, value)| (key.clone(), value.clone())));
+    known.retain(|key, value| !IDS.contains(&key.as_str()) && !value.is_null());
+    let known = if known.is_empty() {
+        String::new()
+    } else {
+        format!(" Also known about the person (as the app sent it, JSON): {}.", Value::Object(known))
+    };
     let system = "You are a dietitian planning Brazilian home meals (TACO food-composition values). Answer with only a \
 JSON object: {\"days\": [{\"day\": number, \"meals\": [{\"name\": string, \"foods\": [{\"name\": string, \
 \"portion_g\": number, \"kcal\": number, \"protein_g\": number, \"carbs_g\": number, \"fat_g\": number}]}]}]}.";
     let user = format!(
         "Plan {days} day(s), numbered from 1, each with breakfast, lunch, snack and dinner. Each day's foods must add up \
-to about {:.0} kcal (protein {:.0} g, carbohydrate {:.0} g, fat {:.0} g). Dietary restrictions: {restrictions}.",
+to about {:.0} kcal (protein {:.0} g, carbohydrate {:.0} g, fat {:.0} g). Dietary restrictions: {restrictions}. \
+Allergies: {allergies}.{known}",
         targets.kcal, targets.protein_g, targets.carbs_g, targets.fat_g
     );
     ChatRequest { temperature: Some(0.4), ..ChatRequest::new(vec![Message::system(system), Message::user(user)]) }
@@ -314,6 +345,8 @@ mod tests {
             activity: Activity::Moderate,
             goal: Goal::LoseWeight,
             restrictions: vec!["lactose".into()],
+            allergies: Vec::new(),
+            other: Map::new(),
         }
     }
 
@@ -359,7 +392,7 @@ mod tests {
 
     #[test]
     fn out_of_range_fields_are_named() {
-        let mut input = Input { profile: profile(), days: 15 };
+        let mut input = Input { profile: profile(), days: 15, other: Map::new() };
         let reason = |input: &Input| match check_input(input) {
             Err(Failure::Fail(reason)) => reason,
             other => panic!("{other:?}"),
@@ -368,5 +401,33 @@ mod tests {
         input.days = 7;
         input.profile.height_cm = 17.0;
         assert!(reason(&input).contains("`profile.height_cm` is outside 120 to 230") && !reason(&input).contains("17"));
+    }
+
+    /// Issue: a profile with `restricoes: ["lactose"]` left the prompt
+    /// saying "Dietary restrictions: none": for a nutrition app, a safety
+    /// defect. Portuguese names, any case, and nothing dropped.
+    #[test]
+    fn a_brazilian_form_s_profile_reaches_the_prompt_whole() {
+        let input: Input = quern_sdk::parse_input(
+            r#"{"perfil": {"idade": "30", "sexo": "Feminino", "peso": "70,5", "altura": 165,
+                "nivel_atividade": "Moderado", "objetivo": "Perder Peso", "restricoes": ["lactose"],
+                "alergias": "amendoim, camarão", "condicao": "diabetes tipo 2"}, "dias": 2,
+                "preferencias": {"cozinha": "nordestina"}, "userId": "u-1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (input.profile.sex, input.profile.activity, input.profile.goal),
+            (Sex::Female, Activity::Moderate, Goal::LoseWeight)
+        );
+        let request = request(&input.profile, input.days, &targets(&input.profile), &input.other);
+        let user = request.body("m")["messages"][1]["content"].as_str().unwrap().to_string();
+        assert!(user.contains("Dietary restrictions: lactose."), "{user}");
+        assert!(user.contains("Allergies: amendoim, camarão."), "{user}");
+        assert!(
+            user.contains(r#""condicao":"diabetes tipo 2""#) && user.contains(r#""cozinha":"nordestina""#),
+            "{user}"
+        );
+        assert!(!user.contains("u-1"), "ids say nothing about the person: {user}");
+        assert!(user.starts_with("Plan 2 day(s)"), "{user}");
     }
 }

@@ -35,6 +35,52 @@ where
     })
 }
 
+/// A word from a closed set, as a form may spell it: any case, spaces or
+/// `-` for `_` (`"Feminino"`, `"Moderado"`, `"perder peso"`). Use with
+/// `#[serde(deserialize_with = "quern_sdk::input::word")]` on an enum whose
+/// names and aliases are lowercase snake_case. The error lists what is
+/// expected, never the value.
+pub fn word<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    let value = match Value::deserialize(deserializer)? {
+        Value::String(text) => Value::String(
+            text.trim().to_lowercase().chars().map(|c| if c == ' ' || c == '-' { '_' } else { c }).collect(),
+        ),
+        other => other,
+    };
+    T::deserialize(value).map_err(|error| {
+        let message = error.to_string();
+        let expected = message.find("expected").map_or("an unknown value", |at| &message[at..]);
+        D::Error::custom(format!("an unknown value: {expected}"))
+    })
+}
+
+/// A list of words as an app may send it: a JSON array of strings, or one
+/// string of items separated by `,` or `;` (`"lactose, glúten"`); null is
+/// empty. Items are trimmed; empty ones dropped.
+pub fn list<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let items = match Value::deserialize(deserializer)? {
+        Value::Null => Vec::new(),
+        Value::String(text) => text.split([',', ';']).map(str::to_string).collect(),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(text) => Ok(text),
+                Value::Number(n) => Ok(n.to_string()),
+                _ => Err(D::Error::custom("expected a list of words, got an item that is not text")),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(D::Error::custom("expected a list of words or one string of them")),
+    };
+    Ok(items.into_iter().map(|item| item.trim().to_string()).filter(|item| !item.is_empty()).collect())
+}
+
 #[cfg(test)]
 mod tests {
     #[derive(serde::Deserialize, Debug)]
@@ -43,6 +89,32 @@ mod tests {
         age: u32,
         #[serde(deserialize_with = "super::number")]
         weight: f64,
+    }
+
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    #[serde(rename_all = "snake_case")]
+    enum Level {
+        #[serde(alias = "moderado")]
+        Moderate,
+        LoseWeight,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    struct Words {
+        #[serde(deserialize_with = "super::word")]
+        level: Level,
+        #[serde(default, deserialize_with = "super::list")]
+        items: Vec<String>,
+    }
+
+    #[test]
+    fn words_come_in_any_case_and_lists_as_lists_or_one_string() {
+        let words: Words = serde_json::from_str(r#"{"level": "Moderado", "items": "lactose, glúten;"}"#).unwrap();
+        assert_eq!((words.level, words.items), (Level::Moderate, vec!["lactose".into(), "glúten".into()]));
+        let words: Words = serde_json::from_str(r#"{"level": "Lose Weight", "items": ["ovo"]}"#).unwrap();
+        assert_eq!((words.level, words.items), (Level::LoseWeight, vec!["ovo".to_string()]));
+        let error = serde_json::from_str::<Words>(r#"{"level": "Secreto"}"#).unwrap_err().to_string();
+        assert!(error.contains("expected one of") && !error.to_lowercase().contains("secreto"), "{error}");
     }
 
     #[test]

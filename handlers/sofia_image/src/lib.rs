@@ -10,7 +10,7 @@
 //! `totals` (computed here from the items), with `detections`, `provider`,
 //! `model` and `meal_type`.
 
-use quern_ai::{ChatRequest, Message, Part, chat_json};
+use quern_ai::{ChatRequest, Message, Part, chat_json_or_text};
 use quern_nutrition::{Food, ModelFoods, SYSTEM_PROMPT, Totals, check, totals};
 use quern_sdk::http::{failure_from_error, post, snippet};
 use quern_sdk::{Failure, Handler, JobInfo, config, fail};
@@ -43,7 +43,13 @@ const MEAL_TYPES_PT: &[(&str, &str)] = &[
     ("lanche", "snack"),
     ("lanche_da_tarde", "snack"),
     ("lanche da tarde", "snack"),
+    ("lanche_da_manha", "snack"),
+    ("lanche da manha", "snack"),
+    ("lanche da manhã", "snack"),
 ];
+
+/// The longest meal name passed on as the app wrote it.
+const MAX_MEAL_CHARS: usize = 40;
 
 /// The image, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,14 +116,24 @@ impl Handler for SofiaImage {
             }
         };
         quern_sdk::progress(40, "asking the vision model");
-        let (answer, reply) = chat_json::<ModelFoods>(&request(&image, meal_type.as_deref(), &detections), check)?;
+        // Prose where JSON was asked for is still the analysis the seed
+        // returned (`foods`): kept, with no items to sum.
+        let (answer, reply) =
+            chat_json_or_text::<ModelFoods>(&request(&image, meal_type.as_deref(), &detections), check)?;
+        let items = match answer {
+            Ok(answer) => answer.foods,
+            Err(error) => {
+                quern_sdk::warn!("the model answered prose, kept as `foods`: {error}");
+                Vec::new()
+            }
+        };
         quern_sdk::progress(100, "done");
         Ok(Output {
             foods: reply.content.trim().to_string(),
             yolo_detections: yolo_body,
             timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            totals: totals(&answer.foods),
-            items: answer.foods,
+            totals: totals(&items),
+            items,
             detections,
             yolo,
             meal_type,
@@ -146,20 +162,30 @@ fn is_base64(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || matches!(byte, b'+' | b'/' | b'=' | b'-' | b'_' | b'\n' | b'\r')
 }
 
-/// The meal type in English, from English or Portuguese (`almoco`, `jantar`, …).
+/// The meal type in English, from English or Portuguese (`almoco`,
+/// `jantar`, …); a meal the app names otherwise (`pos_treino`, `brunch`) is
+/// passed on in its words, which the model reads; an empty one is none.
+/// Never a failed job for a value the model could read.
 pub fn checked_meal_type(input: &Input) -> Result<Option<String>, Failure> {
     let Some(meal) = input.meal_type.as_deref() else { return Ok(None) };
     let meal = meal.trim().to_lowercase();
+    if meal.is_empty() {
+        return Ok(None);
+    }
     if let Some(english) = MEAL_TYPES.iter().find(|m| **m == meal) {
         return Ok(Some(english.to_string()));
     }
-    match MEAL_TYPES_PT.iter().find(|(pt, _)| *pt == meal) {
-        Some((_, english)) => Ok(Some(english.to_string())),
-        None => Err(fail(format!(
-            "invalid input: `mealType` is not a meal: use one of {} (or almoco, jantar, lanche, cafe_da_manha)",
-            MEAL_TYPES.join(", ")
-        ))),
+    if let Some((_, english)) = MEAL_TYPES_PT.iter().find(|(pt, _)| *pt == meal) {
+        return Ok(Some(english.to_string()));
     }
+    if meal.chars().count() > MAX_MEAL_CHARS || meal.chars().any(char::is_control) {
+        return Err(fail(format!(
+            "invalid input: `mealType` is not a meal's name: use one of {} (or almoco, jantar, lanche, cafe_da_manha), \
+             or a name of at most {MAX_MEAL_CHARS} characters",
+            MEAL_TYPES.join(", ")
+        )));
+    }
+    Ok(Some(meal.replace('_', " ")))
 }
 
 /// YOLO's detections with its body as received, or why there are none.
@@ -274,8 +300,13 @@ mod tests {
         assert_eq!(checked_meal_type(&input(None, None, Some("lunch"))).unwrap().as_deref(), Some("lunch"));
         assert_eq!(checked_meal_type(&input(None, None, Some("Almoço"))).unwrap().as_deref(), Some("lunch"));
         assert_eq!(checked_meal_type(&input(None, None, Some("jantar"))).unwrap().as_deref(), Some("dinner"));
-        let error = checked_meal_type(&input(None, None, Some("brunch"))).unwrap_err().expect_permanent();
-        assert!(error.contains("`mealType` is not a meal") && !error.contains("brunch"), "{error}");
+        // Issue 39: `""`, "lanche da manhã" and "pos_treino" are read, never a failed job.
+        assert_eq!(checked_meal_type(&input(None, None, Some(""))).unwrap(), None);
+        assert_eq!(checked_meal_type(&input(None, None, Some("Lanche da Manhã"))).unwrap().as_deref(), Some("snack"));
+        assert_eq!(checked_meal_type(&input(None, None, Some("pos_treino"))).unwrap().as_deref(), Some("pos treino"));
+        let long = "x".repeat(41);
+        let error = checked_meal_type(&input(None, None, Some(&long))).unwrap_err().expect_permanent();
+        assert!(error.contains("`mealType` is not a meal's name") && !error.contains(&long), "{error}");
     }
 
     #[test]

@@ -2,20 +2,26 @@
 //! far and optional context (the user's goals, today's meals) → a reply in
 //! the user's language. Plain text out, so no JSON mode here; the reply is
 //! checked to be non-empty. The reply is `response`, as the seed's worker
-//! returns it; fields the app adds (`userId`, a turn's `timestamp`) are ignored.
+//! returns it. Nothing the app sends is dropped: a `context` of words, and
+//! fields not read here, go to the model as context (ids aside); a turn's
+//! role may be `bot` (see `quern_ai::turn_role`).
 
-use quern_ai::{ChatRequest, Turn, chat, conversation};
+use quern_ai::{ChatRequest, Turn, chat, conversation, facts};
 use quern_sdk::serde_json::{Map, Value};
 use quern_sdk::{Failure, Handler, JobInfo, retry};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Deserialize)]
 pub struct Input {
+    #[serde(alias = "text")]
     pub message: String,
     #[serde(default)]
     pub history: Vec<Turn>,
-    /// Facts about the user the assistant may use: a JSON object.
-    pub context: Option<Map<String, Value>>,
+    /// Facts about the user the assistant may use: a JSON object, or words.
+    pub context: Option<Value>,
+    /// Everything else the app sent goes to the model as context (ids aside).
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -50,7 +56,8 @@ impl Handler for UnifiedAssistant {
 
 /// The chat request, or a permanent failure naming the bad field.
 pub fn request(input: &Input) -> Result<ChatRequest, Failure> {
-    let context = input.context.as_ref().map(|facts| ("What the app knows about the user", facts));
+    let facts = facts(input.context.as_ref(), &input.rest);
+    let context = (!facts.is_empty()).then_some(("What the app knows about the user", &facts));
     let messages = conversation(PROMPT, context, &input.history, &input.message)?;
     Ok(ChatRequest { temperature: Some(0.6), ..ChatRequest::new(messages) })
 }
@@ -95,5 +102,21 @@ mod tests {
             reason(request(&input(r#"{"message": "oi", "history": [{"role": "system", "content": "x"}]}"#)))
                 .contains("`history[0].role`")
         );
+    }
+
+    /// Issue 39: a history role `bot`, a string `context`, and fields the
+    /// handler does not read all reach the model; ids do not.
+    #[test]
+    fn nothing_the_app_sends_is_dropped() {
+        let request = request(&input(
+            r#"{"message": "E agora?", "history": [{"role": "Bot", "content": "Olá!"}], "context": "gestante",
+                "objetivo": "perder peso", "userId": "u-1"}"#,
+        ))
+        .unwrap();
+        let body = request.body("m");
+        assert_eq!(body["messages"][1]["role"], "assistant");
+        let system = body["messages"][0]["content"].as_str().unwrap();
+        assert!(system.contains(r#""notes":"gestante""#) && system.contains(r#""objetivo":"perder peso""#), "{system}");
+        assert!(!system.contains("u-1"), "{system}");
     }
 }

@@ -53,7 +53,6 @@ async fn invalid_input_fails_permanently_naming_the_field() {
         (json!({"history": []}), "missing field `message`"),
         (json!({"message": ""}), "`message` is empty"),
         (json!({"message": "oi", "history": [{"role": "tool", "content": "x"}]}), "`history[0].role`"),
-        (json!({"message": "oi", "context": "not an object"}), "field `context`: expected a map, got a string"),
     ] {
         let run = harness.run(input).await;
         assert!(run.failure().contains(needle), "{}", run.failure());

@@ -8,9 +8,9 @@
 //! webhook delivers it, and drops nothing the caller sent: fields it does
 //! not know go to the model as context.
 
-use quern_ai::{ChatRequest, Turn, chat, conversation};
+use quern_ai::{ChatRequest, Turn, chat, conversation, facts};
 use quern_sdk::serde_json::{Map, Value};
-use quern_sdk::{Failure, Handler, JobInfo, fail, retry};
+use quern_sdk::{Failure, Handler, JobInfo, retry};
 use quern_whatsapp::{MAX_TEXT_CHARS, e164_digits, send, text_body};
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +23,7 @@ pub struct Input {
     #[serde(alias = "text")]
     pub message: Text,
     #[serde(default)]
-    pub history: Vec<HistoryTurn>,
+    pub history: Vec<Turn>,
     pub context: Option<Value>,
     /// Everything else the caller sent.
     #[serde(flatten)]
@@ -35,15 +35,6 @@ pub struct Input {
 pub enum Text {
     Plain(String),
     Cloud { body: String },
-}
-
-/// A turn as an app may spell it: `bot`, `sofia` or `model` for the
-/// assistant, `human` for the user.
-#[derive(Debug, Deserialize)]
-pub struct HistoryTurn {
-    pub role: String,
-    #[serde(alias = "text", alias = "message")]
-    pub content: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -99,39 +90,12 @@ pub fn request(input: &Input) -> Result<ChatRequest, Failure> {
     let message = match &input.message {
         Text::Plain(text) | Text::Cloud { body: text } => text,
     };
-    let history = input
-        .history
-        .iter()
-        .enumerate()
-        .map(|(i, turn)| {
-            let role = match turn.role.trim().to_lowercase().as_str() {
-                "user" | "human" | "usuario" | "usuário" => "user",
-                "assistant" | "bot" | "sofia" | "model" | "ai" | "assistente" => "assistant",
-                _ => return Err(fail(format!("invalid input: `history[{i}].role` must be `user` or `assistant`"))),
-            };
-            Ok(Turn { role: role.into(), content: turn.content.clone() })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let facts = context(input);
+    let mut rest = input.rest.clone();
+    rest.retain(|key, _| !ENVELOPE_FIELDS.contains(&key.as_str()));
+    let facts = facts(input.context.as_ref(), &rest);
     let context = (!facts.is_empty()).then_some(("What the app knows about the user", &facts));
-    let messages = conversation(PROMPT, context, &history, message)?;
+    let messages = conversation(PROMPT, context, &input.history, message)?;
     Ok(ChatRequest { temperature: Some(0.6), ..ChatRequest::new(messages) })
-}
-
-/// The caller's context (an object, or words under `notes`) with every
-/// field the handler does not read itself.
-fn context(input: &Input) -> Map<String, Value> {
-    let mut facts = match &input.context {
-        Some(Value::Object(object)) => object.clone(),
-        Some(Value::Null) | None => Map::new(),
-        Some(other) => Map::from_iter([("notes".to_string(), other.clone())]),
-    };
-    for (key, value) in &input.rest {
-        if !ENVELOPE_FIELDS.contains(&key.as_str()) && !value.is_null() {
-            facts.entry(key.clone()).or_insert_with(|| value.clone());
-        }
-    }
-    facts
 }
 
 quern_sdk::export_handler!(WhatsappAiAssistant);
