@@ -138,6 +138,8 @@ async fn the_service_role_enqueues_through_analysis_jobs_reads_the_cache_and_del
     let output = migrate_supabase(&db.url);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
+    // A worker has served sofia_text (its heartbeat records the types).
+    db.store.note_types(&["sofia_text".to_string()], chrono::Utc::now()).await.unwrap();
     // The seed's enqueue-analysis: insert({type, input, priority, user_id}).select().single().
     let mut wakeups = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
     wakeups.listen("quern_jobs").await.unwrap();
@@ -280,5 +282,71 @@ async fn seed_004_s_job_views_and_monitoring_queries_run_over_quern_s_jobs() {
         sqlx::query_as("SELECT position, id FROM pending_jobs_queue").fetch_all(&mut *conn).await.unwrap();
     assert_eq!(queued, [(1, ids[1]), (2, ids[2])], "in the order workers claim them: priority 1 first");
     drop(conn);
+    db.cleanup().await;
+}
+
+/// The view behaves like the seed's table (seed 000's
+/// 20260117_create_async_jobs_system.sql): an unknown type is refused as its
+/// `CHECK (type IN (…))` refused it, `updated_at` moves on every update as
+/// its `update_analysis_jobs_updated_at` trigger moved it, `user_id` is a
+/// uuid, and the service role writes `analysis_cache` (upserts, hit counts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_behaves_like_the_seed_s_table() {
+    use sqlx::Row;
+    let db = Db::postgres().await;
+    let Raw::Postgres(admin) = &db.raw else { unreachable!() };
+    stand_in_for_supabase(admin).await;
+    let output = migrate_supabase(&db.url);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    db.store.note_types(&["sofia_text".to_string()], chrono::Utc::now()).await.unwrap();
+    let alice = Uuid::new_v4();
+    let schema = db.url.split("search_path%3D").nth(1).unwrap().to_string();
+    let as_service = |statement: String| {
+        let schema = schema.clone();
+        async move {
+            let mut tx = admin.begin().await.unwrap();
+            sqlx::query("SET LOCAL ROLE service_role").execute(&mut *tx).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}")))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let rows = sqlx::query(sqlx::AssertSqlSafe(statement)).fetch_all(&mut *tx).await;
+            if rows.is_ok() {
+                tx.commit().await.unwrap();
+            }
+            rows
+        }
+    };
+    let refused = as_service(format!(
+        "INSERT INTO analysis_jobs (type, input, user_id) VALUES ('sofia_videos', '{{}}', '{alice}')"
+    ))
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("'sofia_videos' is not a job type any worker serves"), "{refused}");
+    let rows = as_service(format!(
+        "INSERT INTO analysis_jobs (type, input, user_id) VALUES ('sofia_text', '{{\"text\": \"ovo\"}}', '{alice}') \
+         RETURNING id, user_id, updated_at"
+    ))
+    .await
+    .unwrap();
+    let (id, user, created): (Uuid, Uuid, chrono::DateTime<chrono::Utc>) =
+        (rows[0].get("id"), rows[0].get("user_id"), rows[0].get("updated_at"));
+    assert_eq!(user, alice, "user_id reads as the seed's uuid");
+    let rows = as_service(format!("UPDATE analysis_jobs SET priority = 2 WHERE id = '{id}' RETURNING updated_at"))
+        .await
+        .unwrap();
+    let updated: chrono::DateTime<chrono::Utc> = rows[0].get("updated_at");
+    assert!(updated > created, "updated_at moved: {created} → {updated}");
+
+    // The seed's worker, as a canary, upserts its cache and counts a hit.
+    let upsert = "INSERT INTO analysis_cache (cache_key, type, response, expires_at) \
+                  VALUES ('sofia_text:k', 'sofia_text', '{\"foods\": \"ovo\"}', now() + interval '1 day') \
+                  ON CONFLICT (cache_key) DO UPDATE SET hit_count = analysis_cache.hit_count + 1, last_hit_at = now()";
+    as_service(upsert.to_string()).await.unwrap();
+    as_service(upsert.to_string()).await.unwrap();
+    let rows =
+        as_service("SELECT hit_count FROM analysis_cache WHERE cache_key = 'sofia_text:k'".to_string()).await.unwrap();
+    assert_eq!(rows[0].get::<i64, _>("hit_count"), 1);
     db.cleanup().await;
 }

@@ -130,6 +130,9 @@ struct Shared {
     claims: AtomicU64,
     claimed: AtomicU64,
     started_at: chrono::DateTime<Utc>,
+    /// The types last recorded as served (quern_job_types), so the heartbeat
+    /// writes them only when they change.
+    types_noted: Mutex<Vec<String>>,
 }
 
 pub struct Worker {
@@ -198,6 +201,7 @@ impl Worker {
             claims: AtomicU64::new(0),
             claimed: AtomicU64::new(0),
             started_at: Utc::now(),
+            types_noted: Mutex::default(),
             completer,
             queue,
             registry,
@@ -414,7 +418,15 @@ impl Shared {
             concurrency: self.settings.concurrency as i32,
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        self.queue.store().upsert_worker(&row).await
+        self.queue.store().upsert_worker(&row).await?;
+        let mut types = self.registry.job_types();
+        types.sort();
+        let noted = self.types_noted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if types != noted {
+            self.queue.store().note_types(&types, row.last_heartbeat_at).await?;
+            *self.types_noted.lock().unwrap_or_else(|e| e.into_inner()) = types;
+        }
+        Ok(())
     }
 
     /// Hands an end to the completer and waits for its commit; the job stays

@@ -42,6 +42,9 @@ pub trait FleetStore: Send + Sync {
 
     async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError>;
 
+    /// Records that a worker serves these job types, as of `now`.
+    async fn note_types(&self, types: &[String], now: DateTime<Utc>) -> Result<(), StoreError>;
+
     /// Removes a worker's row: it stopped cleanly and is not missed.
     async fn remove_worker(&self, id: &str) -> Result<(), StoreError>;
 

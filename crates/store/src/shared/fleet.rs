@@ -30,6 +30,19 @@ impl<B: Backend> FleetStore for B {
         Ok(())
     }
 
+    async fn note_types(&self, types: &[String], now: DateTime<Utc>) -> Result<(), StoreError> {
+        for job_type in types {
+            self.execute(
+                Role::Relaxed,
+                "INSERT INTO quern_job_types (type, last_seen_at) VALUES ($1, $2) \
+                 ON CONFLICT (type) DO UPDATE SET last_seen_at = excluded.last_seen_at",
+                &[job_type.into(), now.into()],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         let rows = self
             .fetch(
