@@ -3,6 +3,10 @@
 //! days written by the model. Every meal's and day's totals are summed here
 //! from the foods and checked against the targets; a plan more than 20 % off
 //! a day's target is sent back once to be fixed.
+//!
+//! Over 400 lines on purpose: the profile's forgiving reading, the targets,
+//! the plan's checks and the prompt are one flow; the last quarter is unit
+//! tests.
 
 use quern_ai::{ChatRequest, Message, chat_json};
 use quern_sdk::serde_json::{Map, Value};
