@@ -124,8 +124,10 @@ async fn the_seed_s_alert_plan_is_the_default_postgres() {
     the_seed_s_alert_plan_is_the_default(Db::postgres().await).await;
 }
 
-/// Seeds 001/002 mean by latency the time a user waits: a job that waited
-/// 40 s in the queue and ran 1 s is slow; the run time is said beside it.
+/// Seed 002's "17.2.4 Alert if p95 latency > 30s", with latency as seed
+/// 001 measures it ("AC-2.5: Métricas de latência (gateway vs worker vs
+/// total)"; "Total time (p95)"): a job that waited 40 s in the queue and ran
+/// 1 s is slow; the run time is said beside it.
 async fn latency_is_enqueue_to_end_and_the_run_time_is_said_beside_it(db: Db) {
     let alerts = Alerts::new(AlertSettings::default());
     let queue = Queue::new(db.store.clone(), QueueSettings::default());
@@ -158,7 +160,9 @@ async fn latency_is_enqueue_to_end_and_the_run_time_is_said_beside_it(db: Db) {
     db.cleanup().await;
 }
 
-/// The seed's "worker offline" however the workers stopped: a worker that
+/// Seed 002's "17.2.2 Alert if worker offline > 5min" (seed 001: "AC-3.2:
+/// Alertas se fila > 50 jobs ou worker offline > 5min") however the workers
+/// stopped: a worker that
 /// stops cleanly removes its row, and the alert still fires once none has
 /// been seen for the set time; it resolves when one beats again.
 async fn worker_offline_fires_when_no_worker_is_seen_however_they_stopped(db: Db) {

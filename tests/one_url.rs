@@ -9,11 +9,11 @@ use support::db::Db;
 use support::server::{Options, Server, read};
 use support::{Reply, Upstream};
 
-/// The hook's one client also cancels with
-/// `supabase.from('analysis_jobs').update({ status: 'cancelled' })`, seed
-/// 000): PostgREST, GoTrue and Storage are passed through by the functions'
-/// rule: method, path, query and body as sent; only the headers each API
-/// reads; the answer's own headers (PostgREST's `Content-Range`) back.
+/// The hook's one client also cancels (seed 000's useAsyncAnalysis:
+/// `.from('analysis_jobs')` … `.update({ status: 'cancelled' })`): PostgREST,
+/// GoTrue and Storage are passed through by the functions' rule: method,
+/// path, query and body as sent; only the headers each API reads; the
+/// answer's own headers (PostgREST's `Content-Range`) back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_s_other_supabase_apis_reach_its_project_through_quern() {
     let project = Upstream::start(

@@ -13,17 +13,24 @@ use serde_json::json;
 use support::db::{Db, Raw, stand_in_for_supabase};
 use uuid::Uuid;
 
+/// A fresh schema with Supabase stood in for and `quern migrate --supabase` applied.
+async fn migrated() -> Db {
+    let db = Db::postgres().await;
+    let Raw::Postgres(admin) = &db.raw else { unreachable!() };
+    stand_in_for_supabase(admin).await;
+    let output = migrate_supabase(&db.url);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    db
+}
+
 fn migrate_supabase(url: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_quern")).args(["migrate", "--supabase"]).env("DATABASE_URL", url).output().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owners_read_and_cancel_their_own_jobs_through_analysis_jobs() {
-    let db = Db::postgres().await;
+    let db = migrated().await;
     let Raw::Postgres(admin) = &db.raw else { unreachable!() };
-    stand_in_for_supabase(admin).await;
-    let output = migrate_supabase(&db.url);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let again = migrate_supabase(&db.url);
     assert!(again.status.success(), "applying it twice is harmless: {}", String::from_utf8_lossy(&again.stderr));
 
@@ -116,27 +123,29 @@ async fn supabase_migrations_are_refused_where_supabase_is_not() {
 
 /// Runs `statements` in one transaction as the service role, in the test's schema.
 async fn as_service_role(db: &Db, statements: &[&str]) -> Vec<sqlx::postgres::PgRow> {
+    try_as_service_role(db, statements).await.unwrap()
+}
+
+/// [`as_service_role`], the transaction rolled back when a statement fails.
+async fn try_as_service_role(db: &Db, statements: &[&str]) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
     let Raw::Postgres(admin) = &db.raw else { unreachable!() };
     let schema = db.url.split("search_path%3D").nth(1).unwrap().to_string();
-    let mut tx = admin.begin().await.unwrap();
-    sqlx::query("SET LOCAL ROLE service_role").execute(&mut *tx).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}"))).execute(&mut *tx).await.unwrap();
+    let mut tx = admin.begin().await?;
+    sqlx::query("SET LOCAL ROLE service_role").execute(&mut *tx).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}"))).execute(&mut *tx).await?;
     let mut rows = Vec::new();
     for statement in statements {
-        rows = sqlx::query(sqlx::AssertSqlSafe(statement.to_string())).fetch_all(&mut *tx).await.unwrap();
+        rows = sqlx::query(sqlx::AssertSqlSafe(statement.to_string())).fetch_all(&mut *tx).await?;
     }
-    tx.commit().await.unwrap();
-    rows
+    tx.commit().await?;
+    Ok(rows)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_role_enqueues_through_analysis_jobs_reads_the_cache_and_deleted_users_take_their_jobs() {
     use sqlx::Row;
-    let db = Db::postgres().await;
+    let db = migrated().await;
     let Raw::Postgres(admin) = &db.raw else { unreachable!() };
-    stand_in_for_supabase(admin).await;
-    let output = migrate_supabase(&db.url);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
     // A worker has served sofia_text (its heartbeat records the types).
     db.store.note_types(&["sofia_text".to_string()], chrono::Utc::now()).await.unwrap();
@@ -218,11 +227,8 @@ async fn the_service_role_enqueues_through_analysis_jobs_reads_the_cache_and_del
 /// over quern's jobs, and its monitoring queries as written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_004_s_job_views_and_monitoring_queries_run_over_quern_s_jobs() {
-    let db = Db::postgres().await;
+    let db = migrated().await;
     let Raw::Postgres(admin) = &db.raw else { unreachable!() };
-    stand_in_for_supabase(admin).await;
-    let output = migrate_supabase(&db.url);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(migrate_supabase(&db.url).status.success(), "applying it twice is harmless");
     let queue = Queue::new(db.store.clone(), QueueSettings::default());
     let mut ids = Vec::new();
@@ -293,30 +299,11 @@ async fn seed_004_s_job_views_and_monitoring_queries_run_over_quern_s_jobs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_view_behaves_like_the_seed_s_table() {
     use sqlx::Row;
-    let db = Db::postgres().await;
-    let Raw::Postgres(admin) = &db.raw else { unreachable!() };
-    stand_in_for_supabase(admin).await;
-    let output = migrate_supabase(&db.url);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let db = migrated().await;
     db.store.note_types(&["sofia_text".to_string()], chrono::Utc::now()).await.unwrap();
     let alice = Uuid::new_v4();
-    let schema = db.url.split("search_path%3D").nth(1).unwrap().to_string();
-    let as_service = |statement: String| {
-        let schema = schema.clone();
-        async move {
-            let mut tx = admin.begin().await.unwrap();
-            sqlx::query("SET LOCAL ROLE service_role").execute(&mut *tx).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL search_path TO {schema}")))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            let rows = sqlx::query(sqlx::AssertSqlSafe(statement)).fetch_all(&mut *tx).await;
-            if rows.is_ok() {
-                tx.commit().await.unwrap();
-            }
-            rows
-        }
-    };
+    let shared = &db;
+    let as_service = |statement: String| async move { try_as_service_role(shared, &[&statement]).await };
     let refused = as_service(format!(
         "INSERT INTO analysis_jobs (type, input, user_id) VALUES ('sofia_videos', '{{}}', '{alice}')"
     ))

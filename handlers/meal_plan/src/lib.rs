@@ -407,9 +407,11 @@ mod tests {
         assert!(reason(&input).contains("`profile.height_cm` is outside 120 to 230") && !reason(&input).contains("17"));
     }
 
-    /// Issue: a profile with `restricoes: ["lactose"]` left the prompt
-    /// saying "Dietary restrictions: none": for a nutrition app, a safety
-    /// defect. Portuguese names, any case, and nothing dropped.
+    /// Seed 000's processors take what the app sent whole (`async function
+    /// processUnifiedAssistant(input: any)`); a profile with `restricoes:
+    /// ["lactose"]` once left the prompt saying "Dietary restrictions: none":
+    /// for a nutrition app, a safety defect. Portuguese names, any case, and
+    /// nothing dropped.
     #[test]
     fn a_brazilian_form_s_profile_reaches_the_prompt_whole() {
         let input: Input = quern_sdk::parse_input(

@@ -129,8 +129,9 @@ async fn model_failures_fall_through_retry_or_fail_for_the_right_reasons() {
     harness.respond("POST", GEMINI, CannedResponse::error(HttpErrorKind::Timeout, "no answer"));
     assert!(harness.run(json!({"imageUrl": "https://m/b.jpg"})).await.retry().0.contains("timed out"));
 
-    // Prose twice: the seed kept the model's words in `foods`
-    // (`foods: choices[0].message.content`), and so does quern, with no
+    // Prose twice: seed 000's processSofiaImage kept the model's words
+    // (`foods: geminiResponse.data.choices[0].message.content`) and YOLO's
+    // body (`yolo_detections: yoloResponse.data`); so does quern, with no
     // items to sum rather than a failed job.
     let harness = self::harness();
     harness.respond("POST", YOLO, detections());

@@ -106,6 +106,13 @@ pub fn e164_digits(number: &str, field: &str) -> Result<String, Failure> {
     }
 }
 
+/// The digits of a message's sender (`from`), as the Cloud API writes them
+/// (without `+`) or as an app may (with it).
+pub fn sender_digits(from: &str) -> Result<String, Failure> {
+    let from = from.trim();
+    e164_digits(&if from.starts_with('+') { from.to_string() } else { format!("+{from}") }, "from")
+}
+
 /// The host could not deliver the request. Retried only if it never left.
 pub fn sending_failed(error: &Error) -> Failure {
     match error {

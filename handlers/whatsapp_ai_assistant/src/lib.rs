@@ -11,7 +11,7 @@
 use quern_ai::{ChatRequest, Turn, chat, conversation, facts};
 use quern_sdk::serde_json::{Map, Value};
 use quern_sdk::{Failure, Handler, JobInfo, retry};
-use quern_whatsapp::{MAX_TEXT_CHARS, e164_digits, send, text_body};
+use quern_whatsapp::{MAX_TEXT_CHARS, send, sender_digits, text_body};
 use serde::{Deserialize, Serialize};
 
 /// `{from | to | phone, message | text, history?, context?}`; `text` may be
@@ -63,8 +63,7 @@ impl Handler for WhatsappAiAssistant {
     type Output = Output;
 
     fn handle(_job: &JobInfo, input: Input) -> Result<Output, Failure> {
-        let from = input.from.trim();
-        let to = e164_digits(&if from.starts_with('+') { from.to_string() } else { format!("+{from}") }, "from")?;
+        let to = sender_digits(&input.from)?;
         let request = request(&input)?;
         quern_sdk::progress(10, "thinking");
         let reply = chat(&request)?;

@@ -8,7 +8,7 @@
 use quern_ai::{ChatRequest, Message, Part, chat_json};
 use quern_nutrition::{Food, ModelFoods, SYSTEM_PROMPT, Totals, check, totals};
 use quern_sdk::{Failure, Handler, JobInfo, fail};
-use quern_whatsapp::{e164_digits, media_data_url, send, text_body};
+use quern_whatsapp::{media_data_url, send, sender_digits, text_body};
 use serde::{Deserialize, Serialize};
 
 pub const MAX_TEXT_CHARS: usize = 4000;
@@ -68,8 +68,7 @@ impl Handler for WhatsappNutritionWebhook {
     type Output = Output;
 
     fn handle(_job: &JobInfo, input: Input) -> Result<Output, Failure> {
-        let from = input.from.trim();
-        let to = e164_digits(&if from.starts_with('+') { from.to_string() } else { format!("+{from}") }, "from")?;
+        let to = sender_digits(&input.from)?;
         let mut input = input;
         if let Some(media) = input.image.take() {
             quern_sdk::progress(5, "fetching the photo");
