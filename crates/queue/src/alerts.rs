@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 
 use crate::leader::Leader;
 use crate::stats;
-use crate::telemetry::{ALERTS_ACTIVE, ALERTS_FIRED, WORKERS_OFFLINE};
+use crate::telemetry::{ALERTS_ACTIVE, ALERTS_FIRED, WORKERS_OFFLINE, WORKERS_UNSEEN};
 use quern_store::{JobStatus, Store, StoreError, WorkerRow};
 
 /// The kinds of alert, as named in metrics, webhooks and the rules file.
@@ -181,7 +181,7 @@ impl Alerts {
                     active.insert(key, alert);
                 }
             }
-            for kind in [QUEUE_BACKLOG, WORKER_OFFLINE, FAILURE_RATE] {
+            for kind in [QUEUE_BACKLOG, WORKER_OFFLINE, FAILURE_RATE, SLOW_JOBS] {
                 let count = active.keys().filter(|(k, _)| k == kind).count();
                 metrics::gauge!(ALERTS_ACTIVE, "alert" => kind).set(count as f64);
             }
@@ -227,6 +227,7 @@ impl Alerts {
             seen.heartbeat.unwrap_or(since)
         };
         let unseen = (now - last_seen).to_std().unwrap_or_default();
+        metrics::gauge!(WORKERS_UNSEEN).set(unseen.as_secs_f64());
         if offline < workers.len() {
             // Some worker runs: each silent one is its own alert.
             for worker in workers.iter().filter(|worker| silent(worker) > settings.worker_offline) {

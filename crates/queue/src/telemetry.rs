@@ -13,6 +13,8 @@ pub const JOBS_RETRIED: &str = "quern_jobs_retried_total";
 pub const JOBS_CANCELLED: &str = "quern_jobs_cancelled_total";
 pub const JOB_DURATION: &str = "quern_job_duration_seconds";
 pub const JOB_PICKUP: &str = "quern_job_pickup_latency_seconds";
+pub const JOB_LATENCY: &str = "quern_job_latency_seconds";
+pub const WORKERS_UNSEEN: &str = "quern_workers_unseen_seconds";
 pub const QUEUE_DEPTH: &str = "quern_queue_jobs";
 pub const CACHE_HITS: &str = "quern_cache_hits_total";
 pub const CACHE_MISSES: &str = "quern_cache_misses_total";
@@ -33,10 +35,18 @@ pub fn describe() {
     describe_counter!(JOBS_CANCELLED, "Jobs cancelled, by type.");
     describe_histogram!(JOB_DURATION, Unit::Seconds, "Time one attempt ran in a worker, by type.");
     describe_histogram!(JOB_PICKUP, Unit::Seconds, "Time from a job being due to a worker claiming it, by type.");
+    describe_histogram!(
+        JOB_LATENCY,
+        Unit::Seconds,
+        "Time from enqueue to the end of jobs that completed, waiting included (the latency the slow_jobs alert judges), by type."
+    );
     describe_gauge!(QUEUE_DEPTH, "Unfinished jobs, by type and status (pending, processing).");
     describe_counter!(CACHE_HITS, "Enqueues answered from the result cache, by type.");
     describe_counter!(CACHE_MISSES, "Enqueues of cacheable types that missed the cache, by type.");
-    describe_gauge!(ALERTS_ACTIVE, "Alerts firing now, by alert (queue_backlog, worker_offline, failure_rate).");
+    describe_gauge!(
+        ALERTS_ACTIVE,
+        "Alerts firing now, by alert (queue_backlog, worker_offline, failure_rate, slow_jobs)."
+    );
     describe_counter!(ALERTS_FIRED, "Alerts that started, by alert.");
     describe_histogram!(COMPLETION_BATCH, "Attempt ends a worker wrote with one statement and one commit.");
     describe_histogram!(
@@ -44,6 +54,10 @@ pub fn describe() {
         "Enqueues from separate callers written with one commit (only batches of two or more)."
     );
     describe_gauge!(WORKERS_OFFLINE, "Workers whose last heartbeat is older than the offline threshold.");
+    describe_gauge!(
+        WORKERS_UNSEEN,
+        "Seconds since any worker was last seen beating (since the judge started, when none ever was)."
+    );
     describe_counter!(
         CANARY_ROLLBACKS,
         "Canaries rolled back by themselves for failing more than the active version, by type."

@@ -36,7 +36,7 @@ use uuid::Uuid;
 use super::Queue;
 use super::cache_key::cache_key;
 use super::completer::{Completer, Completion, CompletionSettings};
-use crate::telemetry::{JOB_DURATION, JOB_PICKUP, JOBS_COMPLETED, JOBS_FAILED, JOBS_RETRIED};
+use crate::telemetry::{JOB_DURATION, JOB_LATENCY, JOB_PICKUP, JOBS_COMPLETED, JOBS_FAILED, JOBS_RETRIED};
 use quern_runtime::registry::Registry;
 use quern_runtime::{JobSpec, Outcome, RunOptions};
 use quern_store::{AttemptEnd, CacheWrite, Claim, EndWritten, Job, Progress, StoreError, Transition, WorkerRow};
@@ -431,8 +431,9 @@ impl Shared {
 
     /// Hands an end to the completer and waits for its commit; the job stays
     /// held (its lease renewed) until then.
-    async fn finish(&self, end: AttemptEnd, job_type: &str, elapsed: Duration) {
+    async fn finish(&self, end: AttemptEnd, job_type: &str, elapsed: Duration, created_at: chrono::DateTime<Utc>) {
         let (job_id, counted) = (end.job_id, outcome_metric(&end.transition));
+        let completes = matches!(end.transition, Transition::Complete { .. });
         let completion = self.completer.finish(end).await;
         if let Completion::Written(EndWritten::Recorded | EndWritten::Cancelled) = completion {
             self.ended.fetch_add(1, Ordering::Relaxed);
@@ -442,6 +443,10 @@ impl Shared {
                 if let Some(name) = counted {
                     metrics::counter!(name, "type" => job_type.to_string()).increment(1);
                     metrics::histogram!(JOB_DURATION, "type" => job_type.to_string()).record(elapsed.as_secs_f64());
+                }
+                if completes {
+                    let latency = (Utc::now() - created_at).to_std().unwrap_or_default();
+                    metrics::histogram!(JOB_LATENCY, "type" => job_type.to_string()).record(latency.as_secs_f64());
                 }
             }
             Completion::Written(EndWritten::Cancelled) => {
@@ -554,7 +559,7 @@ async fn run_job_in_span(shared: Arc<Shared>, job: Job, slot: OwnedSemaphorePerm
     lock(&shared.running_since).remove(&job.id);
     drop(slot);
     shared.slot_freed.notify_one();
-    shared.finish(end, &job.job_type, elapsed).await;
+    shared.finish(end, &job.job_type, elapsed, job.created_at).await;
 }
 
 /// Gives a claimed job that never started back to `pending` (shutdown).
@@ -570,7 +575,7 @@ async fn release_unstarted(shared: Arc<Shared>, job: Job) {
         ended_at: now,
         transition: Transition::Release,
     };
-    shared.finish(end, &job.job_type, Duration::ZERO).await;
+    shared.finish(end, &job.job_type, Duration::ZERO, job.created_at).await;
 }
 
 /// The counter a recorded attempt end adds to.
