@@ -44,13 +44,15 @@ ENV PORT=3001 \
     ENABLE_CACHE=true \
     CACHE_TTL_HOURS=24 \
     LOG_LEVEL=info \
-    QUERN_HANDLER_ENV=YOLO_URL,OLLAMA_URL,OLLAMA_MODEL,OLLAMA_VISION_MODEL,GEMINI_API_KEY,GEMINI_BASE_URL,GEMINI_MODEL,OPENAI_BASE_URL,OPENAI_API_KEY,OPENAI_MODEL,WHATSAPP_API_URL,WHATSAPP_TOKEN,WHATSAPP_PHONE_NUMBER_ID,WHATSAPP_TIMEOUT_MS
+    QUERN_HANDLER_ENV=YOLO_URL,OLLAMA_URL,OLLAMA_MODEL,OLLAMA_VISION_MODEL,GEMINI_API_KEY,GEMINI_BASE_URL,GEMINI_MODEL,OPENAI_BASE_URL,OPENAI_API_KEY,OPENAI_MODEL,WHATSAPP_API_URL,WHATSAPP_TOKEN,WHATSAPP_PHONE_NUMBER_ID,WHATSAPP_TIMEOUT_MS,WHATSAPP_APP_SECRET,WHATSAPP_VERIFY_TOKEN
 # Set at run time, never baked in:
 #   DATABASE_URL          postgres://… (Supabase: the pooler's session URL); SQLite in the data dir without it
 #   QUERN_JWT_SECRET      Supabase's JWT secret (or QUERN_JWKS_URL for asymmetric keys)
 #   WORKER_ID             this worker's name (default: <hostname>-<pid>)
 #   YOLO_URL, OLLAMA_URL, GEMINI_API_KEY, …   the variables QUERN_HANDLER_ENV above offers the shipped
-#                         handlers (each reads those its manifest lists); QUERN_VAR_<NAME> offers another
+#                         handlers (each reads those its manifest lists); QUERN_VAR_<NAME> offers another.
+#                         WHATSAPP_APP_SECRET and WHATSAPP_VERIFY_TOKEN are read by the gateway to check
+#                         Meta's webhook calls; no shipped manifest grants them to a handler
 
 USER nonroot
 WORKDIR /var/lib/quern
