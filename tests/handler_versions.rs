@@ -108,7 +108,9 @@ fn unlimited(mut env: Vec<(&'static str, String)>) -> Options {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_that_would_not_load_are_refused_and_the_serving_version_stays() {
     let db = Db::sqlite().await;
-    let server = Server::start_with(&db, unlimited(vec![("QUERN_MAX_UPLOAD_MB", "1".into())])).await;
+    let claimant = ("sofia_image", "echo.wasm", "type = \"sofia_image\"\nfunction = \"sofia-image-analysis\"\n".into());
+    let options = Options { components: vec![claimant], ..unlimited(vec![("QUERN_MAX_UPLOAD_MB", "1".into())]) };
+    let server = Server::start_with(&db, options).await;
     let (ops, user) = (server.service_token(), server.token("alice"));
     let serving = push(&server, &ops, echo(), 100).await;
 
@@ -116,7 +118,7 @@ async fn uploads_that_would_not_load_are_refused_and_the_serving_version_stays()
     assert_eq!((refused.status.as_u16(), refused.code()), (403, "forbidden"), "{}", refused.text);
     // (case, component, manifest, status, code, what the error says)
     type Case = (&'static str, Vec<u8>, String, u16, &'static str, &'static str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 7] = [
         ("not wasm", b"#!/bin/sh\necho hi\n".to_vec(), PROBE.into(), 400, "not_a_component", "magic bytes"),
         (
             "another world",
@@ -136,6 +138,23 @@ async fn uploads_that_would_not_load_are_refused_and_the_serving_version_stays()
             "max_attempts",
         ),
         ("other type", echo(), "type = \"other\"\n".into(), 400, "invalid_manifest", "declares type `other`"),
+        // One legacy function, one type; quern's own routes are no one's.
+        (
+            "claimed function",
+            echo(),
+            "type = \"probe\"\nfunction = \"sofia-image-analysis\"\n".into(),
+            409,
+            "function_claimed",
+            "already claimed by type `sofia_image`",
+        ),
+        (
+            "quern's own function",
+            echo(),
+            "type = \"probe\"\nfunction = \"get-analysis-status\"\n".into(),
+            400,
+            "invalid_manifest",
+            "a route quern serves itself",
+        ),
     ];
     for (case, component, manifest, status, code, says) in cases {
         let answer = upload(&server, &ops, "probe", component, &manifest).await;

@@ -101,3 +101,46 @@ async fn the_app_s_other_supabase_apis_reach_its_project_through_quern() {
     alone.finish().await;
     db.cleanup().await;
 }
+
+/// What the customer's project answers is inert on quern's origin, which the
+/// dashboard shares: no cookie, no HSTS, no header its `Connection` names,
+/// and a sandbox CSP with nosniff on an HTML page; the project learns the
+/// client's address as quern judged it, not as the client wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_project_s_answers_cannot_act_on_quern_s_origin() {
+    let project = Upstream::start(
+        Vec::new(),
+        Reply::new(200, "<script>fetch('/dashboard')</script>")
+            .header("content-type", "text/html")
+            .header("set-cookie", "quern_dashboard=stolen; Path=/")
+            .header("strict-transport-security", "max-age=0")
+            .header("connection", "x-hop")
+            .header("x-hop", "hop-only"),
+    )
+    .await;
+    let db = Db::sqlite().await;
+    let server =
+        Server::start_with(&db, Options { env: vec![("SUPABASE_URL", project.url(""))], ..Options::default() }).await;
+    let answer = read(
+        server
+            .client
+            .get(format!("{}/storage/v1/object/public/site/page.html", server.base))
+            .header("x-forwarded-for", "6.6.6.6")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    for name in ["set-cookie", "strict-transport-security", "x-hop"] {
+        assert!(answer.headers.get(name).is_none(), "{name} relayed: {:?}", answer.headers);
+    }
+    assert_eq!(answer.headers["content-security-policy"], "sandbox");
+    assert_eq!(answer.headers["x-content-type-options"], "nosniff");
+    let seen = project.received();
+    let forwarded: Vec<&str> =
+        seen[0].headers.iter().filter(|(name, _)| name == "x-forwarded-for").map(|(_, v)| v.as_str()).collect();
+    assert_eq!(forwarded, ["127.0.0.1"], "quern's judgement of the client, not the client's own claim");
+    server.finish().await;
+    db.cleanup().await;
+}

@@ -23,6 +23,7 @@ pub enum ErrorCode {
     DatabaseUnavailable,
     DoesNotLoad,
     Forbidden,
+    FunctionClaimed,
     FunctionTimeout,
     FunctionUnreachable,
     FunctionUnreadable,

@@ -59,7 +59,7 @@ pub async fn serve(
         // The customer's own webhook checks the provider's signature itself.
         signature = manifest.webhook.as_ref().map(|webhook| webhook.header.to_ascii_lowercase());
     }
-    forward(&state, Api::Functions, &path, signature.as_deref(), request).await
+    forward(&state, Api::Functions, &path, signature.as_deref(), &client, request).await
 }
 
 /// Where a legacy function is answered.

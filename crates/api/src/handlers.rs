@@ -106,6 +106,7 @@ pub struct UploadForm {
         (status = 400, description = "Not a component, a manifest that does not parse, names another type or reads a variable this host does not offer, a missing part", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
+        (status = 409, description = "The manifest claims a legacy function another type claims", body = ErrorBody),
         (status = 413, description = "Over QUERN_MAX_UPLOAD_MB", body = ErrorBody),
         (status = 415, description = "Not `multipart/form-data`", body = ErrorBody),
         (status = 422, description = "A component of another world, or one that does not compile", body = ErrorBody),
@@ -166,6 +167,18 @@ pub async fn upload(
         return Err(ApiError::bad_request(
             ErrorCode::InvalidManifest,
             format!("the manifest declares type `{}` but was uploaded for `{job_type}`", manifest.job_type),
+        ));
+    }
+    if let Some(function) = &manifest.function
+        && let Some(other) = state.registry.function_claimant(function, &job_type)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::FunctionClaimed,
+            format!(
+                "function = \"{function}\" is already claimed by type `{other}`: one legacy function, one type \
+                 (remove it from one of the manifests)"
+            ),
         ));
     }
     let undeclared = state.registry.runtime().settings().config.undeclared(&manifest.config_keys);

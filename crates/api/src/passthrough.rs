@@ -12,10 +12,12 @@
 //! One rule for all: the request's method, path under the prefix, query and
 //! body go on (a body sent with its length keeps it, not re-framed as
 //! chunked); of its headers only those the API reads (authorization, apikey,
-//! x-client-info, content-type and the API's own, below); the answer comes
-//! back minus hop-by-hop and CORS headers (quern answers CORS by its own
-//! settings). No redirect is followed, so the configured host is the only one
-//! ever contacted.
+//! x-client-info, content-type and the API's own, below), and the client's
+//! address as quern judged it in `X-Forwarded-For`; the answer comes back
+//! minus hop-by-hop, CORS and origin-changing headers (cookies, HSTS), and
+//! inert (a sandbox CSP, nosniff): quern's origin is also the dashboard's.
+//! No redirect is followed, so the configured host is the only one ever
+//! contacted.
 
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ use hyper_util::rt::TokioIo;
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
+use super::limits::ClientIp;
 
 /// The request headers every API reads.
 const PASSED_ON: [&str; 5] = ["authorization", "apikey", "x-client-info", "content-type", "accept"];
@@ -108,14 +111,14 @@ pub fn client(timeout: Duration) -> reqwest::Client {
 }
 
 /// `ANY /rest/v1/{*path}`, `/auth/v1/…`, `/storage/v1/…`, `/realtime/v1/…`.
-pub async fn serve(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+pub async fn serve(State(state): State<AppState>, client: ClientIp, request: Request) -> Result<Response, ApiError> {
     let path = request.uri().path().to_string();
     let api = Api::ALL
         .into_iter()
         .find(|api| path.starts_with(&format!("{}/", api.prefix())))
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NoRoute, "no such API"))?;
     let rest = &path[api.prefix().len() + 1..];
-    forward(&state, api, rest, None, request).await
+    forward(&state, api, rest, None, &client, request).await
 }
 
 /// Streams the request to the customer's project and its answer back;
@@ -125,6 +128,7 @@ pub async fn forward(
     api: Api,
     path: &str,
     extra: Option<&str>,
+    client: &ClientIp,
     mut request: Request,
 ) -> Result<Response, ApiError> {
     let Some(upstream) = &state.settings.functions_upstream else {
@@ -148,6 +152,11 @@ pub async fn forward(
         for value in request.headers().get_all(name) {
             outgoing = outgoing.header(name, value.as_bytes());
         }
+    }
+    // The client's address as quern judged it (its trusted proxies
+    // considered), never what the client wrote itself.
+    if let ClientIp(Some(address)) = client {
+        outgoing = outgoing.header("x-forwarded-for", address.to_string());
     }
     let upgrade = (api == Api::Realtime && wants_websocket(request.headers()))
         .then(|| request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>())
@@ -236,11 +245,30 @@ fn unreadable(error: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::FunctionUnreadable, error.to_string())
 }
 
-/// The upstream's answer headers minus hop-by-hop ones and its CORS headers.
+/// Answer headers never relayed: they would act on quern's own origin (the
+/// dashboard's session cookie, its HSTS), or quern sets them itself.
+const NOT_RELAYED: [&str; 5] =
+    ["set-cookie", "set-cookie2", "strict-transport-security", "content-security-policy", "x-content-type-options"];
+
+/// The upstream's answer headers minus hop-by-hop ones (and those its
+/// `Connection` names), its CORS headers (quern answers CORS itself) and
+/// [`NOT_RELAYED`]. Whatever the upstream serves is then inert on quern's
+/// origin, which the dashboard shares: a sandbox CSP (an HTML or SVG page
+/// runs no script and has no origin) and `nosniff`.
 fn relay_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) {
+    let listed: Vec<String> = from
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(',').map(|name| name.trim().to_ascii_lowercase()))
+        .collect();
     for (name, value) in from {
         let name = name.as_str();
-        if HOP_BY_HOP.contains(&name) || name.starts_with("access-control-") {
+        if HOP_BY_HOP.contains(&name)
+            || NOT_RELAYED.contains(&name)
+            || listed.iter().any(|listed| listed == name)
+            || name.starts_with("access-control-")
+        {
             continue;
         }
         if let (Ok(name), Ok(value)) =
@@ -249,6 +277,8 @@ fn relay_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) {
             to.append(name, value);
         }
     }
+    to.insert(HeaderName::from_static("content-security-policy"), HeaderValue::from_static("sandbox"));
+    to.insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
 }
 
 #[cfg(test)]

@@ -179,6 +179,8 @@ pub enum ManifestError {
         "function = \"{0}\" is not an Edge Function name: use lowercase letters, digits, - and _ (e.g. \"sofia-image-analysis\")"
     )]
     FunctionName(String),
+    #[error("function = \"{0}\" is a route quern serves itself: a manifest cannot claim it")]
+    OwnFunction(String),
     #[error("allowed host `{{{{ {0} }}}}` names a setting the manifest does not read: add \"{0}\" to [config] keys")]
     HostSetting(String),
     #[error("invalid [webhook]: {0}")]
@@ -345,12 +347,22 @@ fn setting_named(rule: &str) -> Option<&str> {
     Some(rule.trim().strip_prefix("{{")?.strip_suffix("}}")?.trim())
 }
 
-/// A Supabase Edge Function's name: lowercase letters, digits, `-` and `_`.
+/// The functions quern serves itself: no manifest may claim them.
+pub const QUERNS_OWN_FUNCTIONS: [&str; 2] = ["enqueue-analysis", "get-analysis-status"];
+
+/// A Supabase Edge Function's name: lowercase letters, digits, `-` and `_`;
+/// never one of [`QUERNS_OWN_FUNCTIONS`].
 pub fn validate_function_name(name: &str) -> Result<(), ManifestError> {
     let valid = (1..=64).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if valid { Ok(()) } else { Err(ManifestError::FunctionName(name.to_string())) }
+    if !valid {
+        return Err(ManifestError::FunctionName(name.to_string()));
+    }
+    if QUERNS_OWN_FUNCTIONS.contains(&name) {
+        return Err(ManifestError::OwnFunction(name.to_string()));
+    }
+    Ok(())
 }
 
 /// Refuses keys that are malformed or that name the host's own secrets.
@@ -404,6 +416,8 @@ mod tests {
         assert_eq!(manifest.function.as_deref(), Some("sofia-image-analysis"));
         let error = Manifest::parse("type = \"a\"\nfunction = \"../admin\"\n").unwrap_err();
         assert!(error.to_string().contains("is not an Edge Function name"), "{error}");
+        let error = Manifest::parse("type = \"a\"\nfunction = \"get-analysis-status\"\n").unwrap_err();
+        assert!(error.to_string().contains("a route quern serves itself"), "{error}");
     }
 
     #[test]

@@ -213,6 +213,16 @@ impl Registry {
         handler
     }
 
+    /// The type, other than `job_type`, whose active version claims the
+    /// legacy function `function` (one route, one type).
+    pub fn function_claimant(&self, function: &str, job_type: &str) -> Option<String> {
+        self.active
+            .load()
+            .values()
+            .find(|h| h.manifest.job_type != job_type && h.manifest.function.as_deref() == Some(function))
+            .map(|h| h.manifest.job_type.clone())
+    }
+
     /// Loads `<type>.wasm` with its `<type>.toml` and makes it active.
     pub fn load_file(&self, wasm_path: &Path) -> Result<Arc<HandlerVersion>, LoadError> {
         let (bytes, manifest) = read_handler_pair(wasm_path)?;
@@ -228,6 +238,14 @@ impl Registry {
     ) -> Result<Arc<HandlerVersion>, LoadError> {
         let content = pair_content_hash(&bytes, &manifest);
         let job_type = manifest.job_type.clone();
+        if let Some(function) = &manifest.function
+            && let Some(other) = self.function_claimant(function, &job_type)
+        {
+            return Err(LoadError::Layout(format!(
+                "{}: function = \"{function}\" is already claimed by type `{other}`: one legacy function, one type",
+                wasm_path.display()
+            )));
+        }
         let version = self.load_pair(wasm_path, bytes, manifest)?;
         let load = DirectoryLoad { path: wasm_path.to_path_buf(), content, version: version.version.clone() };
         self.dir_content.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(job_type, load);
