@@ -228,3 +228,46 @@ impl Connection {
         }
     }
 }
+
+/// A body refused as too large is answered 413 and the client reads that
+/// answer, though it was still sending: the server closes lingering (FIN,
+/// then it drains), never with a reset that could destroy the answer in
+/// flight. Ten times over, on raw sockets that keep writing. (A guard: an
+/// unloaded machine delivers the 413 even to an abrupt close.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_gets_its_413_while_still_being_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = Db::sqlite().await;
+    let server = Server::start_with(&db, Options::default()).await;
+    let token = server.token("alice");
+    let addr = server.base.trim_start_matches("http://").to_string();
+    for round in 0..10 {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let body_len = 4 << 20;
+        let head = format!(
+            "POST /v1/jobs HTTP/1.1\r\nhost: quern\r\nauthorization: Bearer {token}\r\n\
+             content-type: application/json\r\ncontent-length: {body_len}\r\n\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let (mut reader, mut writer) = socket.into_split();
+        // Keep sending the body; the server stops reading at its limit.
+        let sender = tokio::spawn(async move {
+            let chunk = vec![b' '; 64 << 10];
+            let mut sent = 0;
+            while sent < body_len {
+                if writer.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+        });
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), reader.read_to_end(&mut answer)).await;
+        sender.abort();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(read.is_ok(), "round {round}: no end within 20 s");
+        assert!(text.starts_with("HTTP/1.1 413"), "round {round}: the 413 was lost ({read:?}): {text:?}");
+    }
+    server.finish().await;
+    db.cleanup().await;
+}

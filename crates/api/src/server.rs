@@ -291,12 +291,24 @@ struct Watched {
     stream: TcpStream,
     exchange: Arc<Exchange>,
     deadline: Pin<Box<Sleep>>,
+    /// Set once the server has sent its last byte and closes: until then
+    /// what the client still sends is read and dropped (see `poll_shutdown`).
+    lingering: Option<Lingering>,
+}
+
+/// How long, and how much, a closing connection drains.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
+
+struct Lingering {
+    until: Instant,
+    drained: usize,
 }
 
 impl Watched {
     fn new(stream: TcpStream, exchange: Arc<Exchange>) -> Self {
         let deadline = Box::pin(tokio::time::sleep_until(exchange.deadline()));
-        Self { stream, exchange, deadline }
+        Self { stream, exchange, deadline, lingering: None }
     }
 
     /// `Err` once past the deadline; else arms the timer to wake at it.
@@ -353,7 +365,41 @@ impl AsyncWrite for Watched {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
+    /// A lingering close, as nginx makes one: the answer is finished with a
+    /// FIN, then what the client is still sending (the rest of a body refused
+    /// with 413, say) is read and dropped until it closes too, for at most
+    /// [`LINGER`] and [`LINGER_BYTES`]. Closing a socket with unread data
+    /// sends a reset instead, which can destroy the answer in flight, so the
+    /// client would see a broken connection instead of the 413.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        if self.lingering.is_none() {
+            std::task::ready!(Pin::new(&mut self.stream).poll_shutdown(cx))?;
+            let until = Instant::now() + LINGER;
+            self.deadline.as_mut().reset(until);
+            self.lingering = Some(Lingering { until, drained: 0 });
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+                // The client closed too, or the connection broke: done.
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    let read = buf.filled().len();
+                    let lingering = self.lingering.as_mut().expect("set above");
+                    lingering.drained += read;
+                    if lingering.drained > LINGER_BYTES || Instant::now() >= lingering.until {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Pending => {
+                    return match self.deadline.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Ok(())),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
     }
 }
