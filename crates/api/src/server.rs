@@ -16,6 +16,10 @@
 //!
 //! Past the cap, new connections wait in the kernel's backlog until one of
 //! these frees a slot.
+//!
+//! Over 400 lines on purpose: a connection's states (first head, kept
+//! alive, serving, upgraded, lingering) and the socket wrapper that holds
+//! each to its deadline are one mechanism, read together.
 
 use std::future::Future;
 use std::net::SocketAddr;
